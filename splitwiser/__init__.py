@@ -1,0 +1,38 @@
+"""Splitwiser: a single-GPU LLM runtime that runs each request's prompt phase and token phase in
+separate worker processes sharing one device, one copy of the weights and one KV block pool."""
+
+from splitwiser.config import EngineConfig
+from splitwiser.engine.handle import RequestHandle
+from splitwiser.errors import (
+    ConfigError,
+    InvalidRequestError,
+    KVCacheTooSmallError,
+    ModelNotFoundError,
+    PipelineClosedError,
+    SplitwiserError,
+    WorkerCrashedError,
+    WorkerStartupError,
+)
+from splitwiser.outputs import RequestMetrics, RequestOutput
+from splitwiser.pipeline import SequentialPipeline, SplitwiserPipeline
+from splitwiser.sampling import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "EngineConfig",
+    "InvalidRequestError",
+    "KVCacheTooSmallError",
+    "ModelNotFoundError",
+    "PipelineClosedError",
+    "RequestHandle",
+    "RequestMetrics",
+    "RequestOutput",
+    "SamplingParams",
+    "SequentialPipeline",
+    "SplitwiserError",
+    "SplitwiserPipeline",
+    "WorkerCrashedError",
+    "WorkerStartupError",
+]

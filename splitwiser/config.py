@@ -1,0 +1,112 @@
+"""One frozen configuration, validated once. The CLI reads its defaults from here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from splitwiser.errors import ConfigError
+
+KV_HANDOFF_MODES = ("shared", "copy")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+# CPU pools are capped at this size unless num_kv_blocks or kv_cache_bytes says otherwise
+DEFAULT_CPU_KV_BYTES = 1 << 30
+DEFAULT_GPU_KV_FRACTION = 0.3
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but no CUDA GPU is available; use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported; use 'auto', 'cpu' or 'cuda'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None`` means float32 on CPU (exact) and bfloat16 on CUDA."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ConfigError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ConfigError(
+            f"unknown dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'"
+        ) from None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that shapes a pipeline. Values measured at start-up are not patched in here."""
+
+    model: str | None = None  # HF directory, hub id, "random:<preset>", or None: embedded default
+    num_prompt_workers: int = 1
+    num_token_workers: int = 1
+    device: str = "auto"
+    dtype: str | torch.dtype | None = None
+    kv_handoff: str = "shared"  # "shared": block ids only; "copy": K/V bytes through the queue
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # None: sized from kv_cache_bytes
+    kv_cache_bytes: int | None = None  # None: 1 GiB on CPU, 30% of free memory on CUDA
+    max_num_seqs: int = 64  # requests decoded together by one token worker
+    max_prefill_tokens: int = 4096  # token budget of one prefill batch
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    worker_threads: int | None = None  # torch threads per worker; None: cores / workers
+    worker_start_timeout_s: float = 300.0
+    worker_stop_timeout_s: float = 10.0
+    max_worker_restarts: int = 3  # per role, before its requests fail for good
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompt_workers", "num_token_workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("block_size", "max_num_seqs", "max_prefill_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_kv_blocks is not None and (
+            not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1
+        ):
+            raise ConfigError(
+                f"num_kv_blocks must be >= 1 (the pool must hold at least one request), "
+                f"got {self.num_kv_blocks!r}"
+            )
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ConfigError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len!r}")
+        if self.kv_handoff not in KV_HANDOFF_MODES:
+            raise ConfigError(
+                f"kv_handoff must be one of {', '.join(KV_HANDOFF_MODES)}, got {self.kv_handoff!r}"
+            )
+        if self.worker_threads is not None and self.worker_threads < 1:
+            raise ConfigError(f"worker_threads must be >= 1, got {self.worker_threads!r}")
+
+    @property
+    def num_workers(self) -> int:
+        return self.num_prompt_workers + self.num_token_workers
+
+    def threads_per_worker(self) -> int:
+        if self.worker_threads is not None:
+            return self.worker_threads
+        return max(1, (os.cpu_count() or 1) // self.num_workers)

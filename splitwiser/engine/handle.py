@@ -1,0 +1,79 @@
+"""The caller's view of a submitted request: wait for it, or stream its tokens as they come."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from splitwiser.outputs import RequestOutput
+
+
+class RequestHandle:
+    """Returned by ``submit``. Thread-safe; the engine thread fills it, the caller reads it."""
+
+    def __init__(self, request_id: int, cancel=None):
+        self.request_id = request_id
+        self._cond = threading.Condition()
+        self._tokens: list[int] = []
+        self._output: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._cancel = cancel
+
+    # ---- engine side
+    def _push(self, token: int) -> None:
+        with self._cond:
+            self._tokens.append(token)
+            self._cond.notify_all()
+
+    def _finish(self, output: RequestOutput) -> None:
+        with self._cond:
+            self._output = output
+            self._cond.notify_all()
+
+    def _fail(self, error: BaseException) -> None:
+        with self._cond:
+            if self._output is None and self._error is None:
+                self._error = error
+                self._cond.notify_all()
+
+    # ---- caller side
+    def done(self) -> bool:
+        with self._cond:
+            return self._output is not None or self._error is not None
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        """Wait for the request to finish; raises its error (a ``SplitwiserError``) if it failed."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._output or self._error, timeout):
+                raise TimeoutError(f"request {self.request_id} did not finish in {timeout} s")
+            if self._error is not None:
+                raise self._error
+            return self._output
+
+    def stream(self, timeout: float | None = None) -> Iterator[int]:
+        """Yield generated token ids as they arrive; ends when the request finishes."""
+        sent = 0
+        while True:
+            with self._cond:
+                ok = self._cond.wait_for(
+                    lambda: len(self._tokens) > sent or self._output or self._error, timeout
+                )
+                if not ok:
+                    raise TimeoutError(f"request {self.request_id}: no token within {timeout} s")
+                if self._error is not None:
+                    raise self._error
+                new = self._tokens[sent:]
+                finished = self._output is not None
+            yield from new
+            sent += len(new)
+            if finished and sent >= len(self._tokens):
+                return
+
+    __iter__ = stream
+
+    def cancel(self) -> None:
+        """Stop generating; ``result()`` then returns what was generated (finish_reason "abort")."""
+        if self._cancel is None or self.done():
+            return
+        self._cancel(self.request_id)
+

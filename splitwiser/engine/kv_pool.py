@@ -1,0 +1,60 @@
+"""The KV block pool: ONE dedicated allocation, made once by the parent and mapped by every worker.
+
+Layout ``[num_layers, 2 (key, value), num_blocks * block_size, num_kv_heads, head_dim]``: a token's
+*slot* is ``block_id * block_size + offset``, so writing and reading a request's K/V is an index
+operation on its block ids. On CPU the storage lives in shared memory; on CUDA it is one
+caching-allocator segment shared through a CUDA IPC handle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_model_config(cls, config, block_size: int, dtype: torch.dtype) -> KVLayout:
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        return cls(config.num_hidden_layers, num_kv_heads, head_dim, block_size, dtype)
+
+    @property
+    def bytes_per_token(self) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+
+def allocate_pool(layout: KVLayout, num_blocks: int, device: torch.device) -> torch.Tensor:
+    """Allocate the pool as one tensor; on CPU move it to shared memory once."""
+    shape = (layout.num_layers, 2, num_blocks * layout.block_size, layout.num_kv_heads, layout.head_dim)
+    pool = torch.zeros(shape, dtype=layout.dtype, device=device)
+    if device.type == "cpu":
+        pool.share_memory_()
+    return pool
+
+
+def slots_for(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Pool slots of token positions ``[start, end)`` of a request that owns ``block_ids``."""
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+def gather_kv(pool: torch.Tensor, layer: int, slots: torch.Tensor) -> torch.Tensor:
+    """K/V of one request at ``slots``: ``[2, num_kv_heads, len, head_dim]`` (contiguous)."""
+    return pool[layer, :, slots].transpose(1, 2).contiguous()

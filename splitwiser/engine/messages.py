@@ -1,0 +1,108 @@
+"""Every message between the parent and its workers. Small and typed: ids, not tensors.
+
+Parent -> worker travels on a ``multiprocessing`` queue per worker (puts never block the parent);
+worker -> parent on a pipe per worker (one writer per channel, so a killed worker cannot wedge a
+lock that other workers need). The only tensor field is ``kv_copy``, used by the copy handoff that
+exists to measure what the shared handoff saves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from splitwiser.sampling import SamplingParams
+
+
+@dataclass
+class RequestSpec:
+    """What a worker needs to know about a request."""
+
+    request_id: int
+    params: SamplingParams
+    seed: int  # base seed of the per-token generators (drawn by the parent when params.seed is None)
+    max_new_tokens: int  # params.max_new_tokens capped by the model's context
+
+
+# ---------------------------------------------------------------- parent -> workers
+
+
+@dataclass
+class PrefillMsg:
+    """Prefill these prompts (one packed forward pass)."""
+
+    requests: list[RequestSpec]
+    token_ids: list[list[int]]  # each request's prompt
+    block_ids: list[list[int]]  # each request's blocks, enough for prompt + all new tokens
+
+
+@dataclass
+class HandoffMsg:
+    """A prefilled request joins a token worker's batch. Its prompt's K/V already sit in its blocks."""
+
+    request: RequestSpec
+    block_ids: list[int]
+    prompt_len: int  # tokens cached in the blocks
+    first_token: int  # sampled by the prompt worker, not yet cached
+    published_at: float  # time.monotonic() when the prompt worker published the prefill
+    kv_copy: torch.Tensor | None = None  # copy handoff only: [layers, 2, prompt_len, kv_heads, head_dim]
+
+
+@dataclass
+class AbortMsg:
+    """Stop decoding these requests (a stop string matched, or the caller cancelled)."""
+
+    request_ids: list[int]
+
+
+@dataclass
+class ShutdownMsg:
+    """Finish the current step and exit."""
+
+
+# ---------------------------------------------------------------- workers -> parent
+
+
+@dataclass
+class ReadyMsg:
+    """The worker mapped the weights and the pool and is ready for work."""
+
+    name: str
+    pid: int
+    uss_before_weights: int  # bytes of private memory before the model was unpickled
+    uss_after_weights: int  # ... and after: the difference is what mapping the weights cost
+    num_params_shared: int  # parameters whose storage is shared with the parent
+    num_params: int
+
+
+@dataclass
+class PrefillDoneMsg:
+    """A prefill batch finished; its K/V are complete (the kernels finished before this was sent)."""
+
+    request_ids: list[int]
+    first_tokens: list[int]
+    published_at: float
+    kv_copies: list[torch.Tensor] | None = None  # copy handoff only, one per request
+    batch_tokens: int = 0
+    compute_s: float = 0.0
+
+
+@dataclass
+class TokensMsg:
+    """One decode step's output."""
+
+    request_ids: list[int]
+    tokens: list[int]
+    finished: list[bool]  # the worker is done with the request and its blocks
+    released: list[int] = field(default_factory=list)  # aborted requests it no longer touches
+    handoff_s: dict[int, float] = field(default_factory=dict)  # admitted this step: publish -> admit
+    step_s: float = 0.0
+
+
+@dataclass
+class WorkerErrorMsg:
+    """A batch failed with an exception; its requests fail with this message."""
+
+    request_ids: list[int]
+    error: str

@@ -1,0 +1,88 @@
+"""Runs the two phases on a Hugging Face model whose attention is the paged one.
+
+``prefill`` and ``decode`` are kept apart: prefill packs whole prompts and attends over their fresh
+K/V; decode packs one token per request and attends over each request's slots in the pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from splitwiser.engine.attention import ATTN_IMPLEMENTATION, PagedBatch
+from splitwiser.engine.kv_pool import slots_for
+
+
+@dataclass
+class PrefillSeq:
+    token_ids: list[int]
+    block_ids: list[int]  # the request's blocks in the pool (ignored when writing to a staging buffer)
+
+
+@dataclass
+class DecodeSeq:
+    token_id: int  # the last generated token, not yet in the cache
+    position: int  # its position == number of tokens already cached
+    block_ids: list[int]
+
+
+def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch a loaded model to paged attention (weights untouched, no copy)."""
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device):
+        self.model = prepare_model(model)
+        self.block_size = block_size
+        self.device = device
+
+    def _long(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def prefill(
+        self, seqs: list[PrefillSeq], kv_target: torch.Tensor, contiguous_slots: bool = False
+    ) -> torch.Tensor:
+        """Run whole prompts; write their K/V into ``kv_target``; return last-token logits [B, vocab].
+
+        With ``contiguous_slots`` the K/V go to slots 0..total_tokens-1 of ``kv_target`` (a staging
+        buffer for the copy handoff) instead of the requests' blocks.
+        """
+        starts, input_ids, positions, slots = [0], [], [], []
+        for seq in seqs:
+            n = len(seq.token_ids)
+            input_ids += seq.token_ids
+            positions += range(n)
+            if not contiguous_slots:
+                slots += slots_for(seq.block_ids, 0, n, self.block_size)
+            starts.append(starts[-1] + n)
+        if contiguous_slots:
+            slots = list(range(starts[-1]))
+        batch = PagedBatch(True, kv_target, self._long(slots), starts, None)
+        last = self._long([s - 1 for s in starts[1:]])
+        return self._forward(input_ids, positions, batch, last)
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[DecodeSeq], kv_pool: torch.Tensor) -> torch.Tensor:
+        """One step for every running request: append its token's K/V, return logits [B, vocab]."""
+        bs = self.block_size
+        slots = [s.block_ids[s.position // bs] * bs + s.position % bs for s in seqs]
+        context = [self._long(slots_for(s.block_ids, 0, s.position + 1, bs)) for s in seqs]
+        batch = PagedBatch(False, kv_pool, self._long(slots), list(range(len(seqs) + 1)), context)
+        last = self._long(list(range(len(seqs))))
+        return self._forward([s.token_id for s in seqs], [s.position for s in seqs], batch, last)
+
+    def _forward(self, input_ids, positions, batch: PagedBatch, last: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids=self._long(input_ids).unsqueeze(0),  # [1, total_tokens]
+            position_ids=self._long(positions).unsqueeze(0),  # [1, total_tokens]
+            use_cache=False,
+            logits_to_keep=last,
+            paged_batch=batch,
+        )
+        return out.logits[0].float()  # [num_reqs, vocab]

@@ -1,0 +1,96 @@
+"""Owning worker processes: spawn, readiness handshake, shutdown message, join, terminate, kill."""
+
+from __future__ import annotations
+
+import time
+from multiprocessing.connection import wait
+
+import torch.multiprocessing as mp  # registers the tensor reductions (shm / CUDA IPC)
+from multiprocessing.reduction import ForkingPickler
+
+from splitwiser.engine import messages as m
+from splitwiser.engine.worker import WorkerConfig, worker_main
+from splitwiser.errors import WorkerStartupError
+
+# NOTE: spawn, never fork: CUDA cannot survive fork, and a forked child running multi-threaded
+# torch on CPU can deadlock in MKL.
+_CTX = mp.get_context("spawn")
+
+
+class WorkerProc:
+    """One worker process and its two channels, seen from the parent."""
+
+    def __init__(self, cfg: WorkerConfig, model, kv_pool):
+        self.cfg = cfg
+        # the weights and the pool travel as shared handles (shm fds on CPU, CUDA IPC on GPU)
+        payload = bytes(ForkingPickler.dumps((model, kv_pool)))
+        self.in_queue = _CTX.Queue()
+        self.conn, child_conn = _CTX.Pipe(duplex=False)
+        self.process = _CTX.Process(
+            target=worker_main,
+            name=cfg.name,
+            args=(cfg, payload, self.in_queue, child_conn),
+            daemon=True,  # never outlives the parent
+        )
+        self.process.start()
+        child_conn.close()
+        self.ready: m.ReadyMsg | None = None
+        self.load = 0  # prompt worker: batches in flight; token worker: live requests
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def send(self, msg) -> None:
+        self.in_queue.put(msg)
+
+    def is_alive(self) -> bool:
+        return self.process.is_alive()
+
+    def stop(self, timeout_s: float) -> None:
+        """Ask politely, then terminate, then kill; always release the channels."""
+        if self.process.is_alive():
+            try:
+                self.in_queue.put(m.ShutdownMsg())
+            except (OSError, ValueError):
+                pass
+            self.process.join(timeout_s)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(2.0)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        # NOTE: a dead reader leaves the queue's feeder thread blocked; don't wait for it at exit
+        self.in_queue.cancel_join_thread()
+        self.in_queue.close()
+        self.conn.close()
+        self.process.close()
+
+
+def wait_ready(workers: list[WorkerProc], timeout_s: float) -> None:
+    """Block until every worker sent its ``ReadyMsg``; raise if one dies or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    pending = {w.conn: w for w in workers if w.ready is None}
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            names = ", ".join(w.name for w in pending.values())
+            raise WorkerStartupError(f"workers not ready after {timeout_s:.0f} s: {names}")
+        sentinels = {w.process.sentinel: w for w in pending.values()}
+        for obj in wait(list(pending) + list(sentinels), timeout=left):
+            w = pending.get(obj) or sentinels[obj]
+            if obj in pending and w.conn.poll():
+                try:
+                    msg = w.conn.recv()
+                except EOFError:
+                    msg = None
+                if isinstance(msg, m.ReadyMsg):
+                    w.ready = msg
+                    del pending[w.conn]
+                    continue
+            if not w.process.is_alive():
+                raise WorkerStartupError(
+                    f"worker {w.name} exited during start-up (exit code {w.process.exitcode}); "
+                    f"its error is printed above"
+                )

@@ -1,0 +1,86 @@
+"""Parent-side scheduling: FCFS prefill batches under a token budget, token-worker placement.
+
+Pure logic, no processes: the engine feeds it requests and worker loads and sends what it returns.
+Blocks for a request's whole lifetime (prompt + all new tokens) are reserved at admission, so a
+running request never waits for memory and nothing is ever preempted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from splitwiser.engine.block_manager import BlockAllocator
+from splitwiser.engine.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        block_size: int,
+        max_prefill_tokens: int,
+        max_batches_per_prompt_worker: int = 2,
+    ):
+        self.allocator = allocator
+        self.block_size = block_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_batches_per_prompt_worker = max_batches_per_prompt_worker
+        self.waiting: deque[Request] = deque()
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def requeue_front(self, reqs: list[Request]) -> None:
+        """Put requests back at the head (their prompt worker died); they keep their blocks."""
+        for req in reversed(reqs):
+            req.status = RequestStatus.WAITING
+            req.prompt_worker = None
+            self.waiting.appendleft(req)
+
+    def _admit(self, req: Request) -> bool:
+        if req.block_ids is not None:
+            return True
+        num_blocks = req.num_blocks_needed(self.block_size)
+        if not self.allocator.can_allocate(num_blocks):
+            return False
+        req.block_ids = self.allocator.allocate(num_blocks)
+        return True
+
+    def next_prefill_batch(self) -> list[Request]:
+        """FCFS: the head of the queue first, then as many followers as the budget and pool allow."""
+        batch: list[Request] = []
+        num_tokens = 0
+        while self.waiting:
+            req = self.waiting[0]
+            too_long = batch and num_tokens + req.num_prompt_tokens > self.max_prefill_tokens
+            if too_long or not self._admit(req):
+                break
+            self.waiting.popleft()
+            batch.append(req)
+            num_tokens += req.num_prompt_tokens
+        return batch
+
+    def schedule(self, prompt_worker_loads: dict[int, int]) -> list[tuple[int, list[Request]]]:
+        """Batches for the prompt workers with room, least loaded first: ``[(worker, batch)]``."""
+        out = []
+        for worker in sorted(prompt_worker_loads, key=prompt_worker_loads.get):
+            if prompt_worker_loads[worker] >= self.max_batches_per_prompt_worker:
+                continue
+            batch = self.next_prefill_batch()
+            if not batch:
+                break
+            for req in batch:
+                req.status = RequestStatus.PREFILLING
+                req.prompt_worker = worker
+            out.append((worker, batch))
+        return out
+
+    @staticmethod
+    def pick_token_worker(token_worker_loads: dict[int, int]) -> int:
+        """The token worker with the fewest live requests."""
+        return min(token_worker_loads, key=token_worker_loads.get)
+
+    def free(self, req: Request) -> None:
+        if req.block_ids is not None:
+            self.allocator.free(req.block_ids)
+            req.block_ids = None

@@ -1,0 +1,223 @@
+"""The worker processes: a prompt worker runs batched prefill, a token worker runs continuous-batch
+decode. Both map the parent's weights and KV pool (shared memory on CPU, CUDA IPC on GPU)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from splitwiser.engine import messages as m
+from splitwiser.engine.kv_pool import slots_for
+from splitwiser.engine.model_runner import DecodeSeq, ModelRunner, PrefillSeq
+from splitwiser.sampling import sample_token, token_generator
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str  # "prompt" or "token"
+    index: int
+    device: str
+    block_size: int
+    kv_handoff: str  # "shared" or "copy"
+    num_threads: int
+    max_num_seqs: int  # token worker: running requests per decode step
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"splitwiser-{self.role}-{self.index}"
+
+
+def _uss() -> int:
+    return psutil.Process().memory_full_info().uss
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def worker_main(cfg: WorkerConfig, payload: bytes, in_queue, out_conn) -> None:
+    """Entry point of a spawned worker. ``payload`` pickles (model, kv_pool) as shared handles."""
+    try:
+        with open("/proc/self/comm", "w") as f:  # visible in `ps`: sw-prompt-0, sw-token-1
+            f.write(f"sw-{cfg.role}-{cfg.index}"[:15])
+    except OSError:
+        pass
+    torch.set_num_threads(cfg.num_threads)
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    uss_before = _uss()
+    model, kv_pool = pickle.loads(payload)  # maps the parent's storages: no copy
+    params = list(model.parameters())
+    for p in params:  # touch every page so USS shows whether the weights are private or shared
+        p.sum()
+    runner = ModelRunner(model, cfg.block_size, device)
+    out_conn.send(
+        m.ReadyMsg(
+            name=cfg.name,
+            pid=os.getpid(),
+            uss_before_weights=uss_before,
+            uss_after_weights=_uss(),
+            num_params_shared=sum(p.is_shared() for p in params),
+            num_params=len(params),
+        )
+    )
+    loop = PromptWorker if cfg.role == "prompt" else TokenWorker
+    loop(cfg, runner, kv_pool, in_queue, out_conn, device).run()
+
+
+class PromptWorker:
+    def __init__(self, cfg, runner: ModelRunner, kv_pool, in_queue, out_conn, device):
+        self.cfg, self.runner, self.kv_pool = cfg, runner, kv_pool
+        self.in_queue, self.out_conn, self.device = in_queue, out_conn, device
+
+    def run(self) -> None:
+        while True:
+            msg = self.in_queue.get()  # 1) receive
+            if isinstance(msg, m.ShutdownMsg):
+                return
+            try:
+                self.out_conn.send(self.prefill(msg))
+            except Exception:
+                ids = [r.request_id for r in msg.requests]
+                self.out_conn.send(m.WorkerErrorMsg(ids, traceback.format_exc(limit=4)))
+
+    def prefill(self, msg: m.PrefillMsg) -> m.PrefillDoneMsg:
+        t0 = time.monotonic()
+        seqs = [PrefillSeq(t, b) for t, b in zip(msg.token_ids, msg.block_ids)]
+        copy = self.cfg.kv_handoff == "copy"
+        if copy:  # K/V go to a private staging buffer and then through the queue
+            layers, _, _, kv_heads, head_dim = self.kv_pool.shape
+            total = sum(len(t) for t in msg.token_ids)
+            target = torch.empty(
+                (layers, 2, total, kv_heads, head_dim), dtype=self.kv_pool.dtype, device=self.device
+            )
+        else:  # K/V go straight into the requests' blocks
+            target = self.kv_pool
+        logits = self.runner.prefill(seqs, target, contiguous_slots=copy)  # [B, vocab]
+        first = [
+            sample_token(logits[i], r.params, token_generator(r.params, r.seed, 0, self.device))
+            for i, r in enumerate(msg.requests)
+        ]
+        kv_copies = None
+        if copy:
+            kv_copies, start = [], 0
+            for t in msg.token_ids:
+                kv_copies.append(target[:, :, start : start + len(t)].clone())
+                start += len(t)
+        # NOTE: publish only after the prefill kernels finished: the token worker reads the blocks at once
+        _synchronize(self.device)
+        now = time.monotonic()
+        return m.PrefillDoneMsg(
+            request_ids=[r.request_id for r in msg.requests],
+            first_tokens=first,
+            published_at=now,
+            kv_copies=kv_copies,
+            batch_tokens=sum(len(t) for t in msg.token_ids),
+            compute_s=now - t0,
+        )
+
+
+@dataclass
+class _RunningSeq:
+    spec: m.RequestSpec
+    block_ids: list[int]
+    num_cached: int  # tokens whose K/V are in the blocks
+    last_token: int  # generated, not yet cached
+    num_generated: int
+
+
+class TokenWorker:
+    def __init__(self, cfg, runner: ModelRunner, kv_pool, in_queue, out_conn, device):
+        self.cfg, self.runner, self.kv_pool = cfg, runner, kv_pool
+        self.in_queue, self.out_conn, self.device = in_queue, out_conn, device
+        self.running: dict[int, _RunningSeq] = {}
+        self.pending: deque[m.HandoffMsg] = deque()
+        self.eos = set(cfg.eos_token_ids)
+
+    def run(self) -> None:
+        while True:
+            # 1) receive: block while idle, otherwise take what arrived since the last step
+            if self._receive(block=not self.running and not self.pending):
+                return
+            # 2) admit handed-off requests at the step boundary
+            released: list[int] = []
+            handoff_s = self._admit()
+            if not self.running:
+                continue
+            # 3) run one decode step, 4) publish its tokens
+            try:
+                self.out_conn.send(self._step(handoff_s, released))
+            except Exception:
+                ids = list(self.running)
+                self.running.clear()
+                self.out_conn.send(m.WorkerErrorMsg(ids, traceback.format_exc(limit=4)))
+
+    def _receive(self, block: bool) -> bool:
+        """Drain the queue; True when asked to shut down."""
+        while True:
+            try:
+                msg = self.in_queue.get(timeout=None) if block else self.in_queue.get_nowait()
+            except queue.Empty:
+                return False
+            block = False
+            if isinstance(msg, m.ShutdownMsg):
+                return True
+            if isinstance(msg, m.HandoffMsg):
+                self.pending.append(msg)
+            elif isinstance(msg, m.AbortMsg):
+                self._abort(msg.request_ids)
+
+    def _abort(self, request_ids: list[int]) -> None:
+        ids = set(request_ids)
+        self.pending = deque(h for h in self.pending if h.request.request_id not in ids)
+        for rid in ids:
+            self.running.pop(rid, None)
+        # NOTE: acknowledged at once: this worker no longer touches their blocks
+        self.out_conn.send(m.TokensMsg([], [], [], released=sorted(ids)))
+
+    def _admit(self) -> dict[int, float]:
+        handoff_s = {}
+        while self.pending and len(self.running) < self.cfg.max_num_seqs:
+            h = self.pending.popleft()
+            if h.kv_copy is not None:  # copy handoff: scatter the received K/V into the blocks
+                slots = torch.tensor(
+                    slots_for(h.block_ids, 0, h.prompt_len, self.cfg.block_size), device=self.device
+                )
+                self.kv_pool[:, :, slots] = h.kv_copy.to(self.device)
+            rid = h.request.request_id
+            self.running[rid] = _RunningSeq(h.request, h.block_ids, h.prompt_len, h.first_token, 1)
+            handoff_s[rid] = time.monotonic() - h.published_at
+        return handoff_s
+
+    def _step(self, handoff_s: dict[int, float], released: list[int]) -> m.TokensMsg:
+        t0 = time.monotonic()
+        seqs = list(self.running.values())
+        logits = self.runner.decode(
+            [DecodeSeq(s.last_token, s.num_cached, s.block_ids) for s in seqs], self.kv_pool
+        )  # [B, vocab]
+        ids, tokens, finished = [], [], []
+        for i, s in enumerate(seqs):
+            p = s.spec.params
+            tok = sample_token(logits[i], p, token_generator(p, s.spec.seed, s.num_generated, self.device))
+            s.num_cached += 1
+            s.last_token = tok
+            s.num_generated += 1
+            done = s.num_generated >= s.spec.max_new_tokens or tok in p.stop_token_ids
+            done = done or (not p.ignore_eos and tok in self.eos)
+            if done:
+                del self.running[s.spec.request_id]
+            ids.append(s.spec.request_id)
+            tokens.append(tok)
+            finished.append(done)
+        return m.TokensMsg(ids, tokens, finished, released, handoff_s, time.monotonic() - t0)

@@ -1,0 +1,79 @@
+"""Prompt validation, detokenisation and stop conditions, shared by both pipelines."""
+
+from __future__ import annotations
+
+from splitwiser.errors import InvalidRequestError
+from splitwiser.sampling import SamplingParams
+
+
+def eos_token_ids(model) -> tuple[int, ...]:
+    """The ids that end generation, as ``generate()`` sees them (generation config first)."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    if ids is None:
+        ids = model.config.eos_token_id
+    if ids is None:
+        return ()
+    return tuple(ids) if isinstance(ids, (list, tuple)) else (ids,)
+
+
+def stop_reason(
+    token: int, num_generated: int, max_new_tokens: int, params: SamplingParams, eos: tuple[int, ...]
+) -> str | None:
+    """Why a request ends after its ``num_generated``-th token, or ``None`` if it goes on."""
+    if token in params.stop_token_ids or (not params.ignore_eos and token in eos):
+        return "stop"
+    if num_generated >= max_new_tokens:
+        return "length"
+    return None
+
+
+class PromptChecker:
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+
+    def token_ids(self, prompt: str | list[int]) -> list[int]:
+        """Tokenise and validate a prompt (a string or a list of token ids)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty; pass at least one token of text")
+            ids = list(self.tokenizer(prompt).input_ids)
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise InvalidRequestError("a token-id prompt must be a list of integers")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"token id {bad[0]} is outside the model's vocabulary [0, {self.vocab_size})"
+                )
+        else:
+            raise InvalidRequestError(
+                f"a prompt is a string or a list of token ids, got {type(prompt).__name__}"
+            )
+        if not ids:
+            raise InvalidRequestError("the prompt is empty; pass at least one token")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the model's context is {self.max_model_len} "
+                f"tokens; shorten the prompt to at most {self.max_model_len - 1} tokens"
+            )
+        return ids
+
+    def max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        """``max_new_tokens`` capped so prompt + output fit the context (finish_reason "length")."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(
+                f"sampling_params must be a SamplingParams, got {type(params).__name__}"
+            )
+        return min(params.max_new_tokens, self.max_model_len - prompt_len)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def apply_stop_strings(self, token_ids: list[int], stop: tuple[str, ...]) -> tuple[str, bool]:
+        """The text so far, cut before the first stop string; and whether one matched."""
+        text = self.decode(token_ids)
+        cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+        return (text[: min(cuts)], True) if cuts else (text, False)
