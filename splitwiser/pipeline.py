@@ -159,7 +159,8 @@ class SequentialPipeline:
     def _one(self, request_id, prompt, ids, params: SamplingParams, arrival) -> RequestOutput:
         gen_config = copy.deepcopy(self.model.generation_config)
         if params.ignore_eos:
-            gen_config.eos_token_id = None
+            # NOTE: not None: generate() refills None from the model's defaults
+            gen_config.eos_token_id = []
         if params.stop_token_ids:
             gen_config.eos_token_id = list(params.stop_token_ids) + (
                 [] if params.ignore_eos else list(self.eos_token_ids)

@@ -29,7 +29,9 @@ def _looks_like_path(spec: str) -> bool:
 def load_model(spec: str | None, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     """Load once in the calling process; workers later map these tensors instead of reloading."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     if spec is None:
         path = str(ensure_default_model())
         name, source = "default", path

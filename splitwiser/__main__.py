@@ -1,0 +1,3 @@
+from splitwiser.cli import main
+
+main()

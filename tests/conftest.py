@@ -1,0 +1,112 @@
+"""Shared fixtures: small real Hugging Face models built on the spot (no download), and
+helpers that snapshot what a pipeline could leave behind (processes, /dev/shm segments)."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+import torch
+
+from splitwiser.models.default import build_tokenizer
+
+ARCHS = ("llama", "qwen2", "opt")
+
+
+def _config(arch: str, vocab_size: int, eos: int, init: float, hidden: int, layers: int):
+    from transformers import LlamaConfig, OPTConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    if arch == "llama":  # GQA: 4 query heads share 2 key/value heads
+        return LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           initializer_range=init, **common)
+    if arch == "qwen2":
+        return Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           initializer_range=init, tie_word_embeddings=True, **common)
+    if arch == "opt":
+        return OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, max_position_embeddings=256,
+                         word_embed_proj_dim=hidden, init_std=init, **common)
+    raise ValueError(arch)
+
+
+def build_model_dir(path, arch: str, *, init: float = 0.02, hidden: int = 64, layers: int = 2,
+                    vocab_size: int | None = None, seed: int = 0) -> str:
+    """Save a random-weight model of ``arch`` with the embedded tokenizer into ``path``."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer()
+    vocab = vocab_size or len(tokenizer)
+    config = _config(arch, vocab, tokenizer.eos_token_id, init, hidden, layers)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, str]:
+    return {a: build_model_dir(tmp_path_factory.mktemp(a), a) for a in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def reference_models(model_dirs):
+    """The same models loaded in this process, for ``generate()`` references."""
+    from transformers import AutoModelForCausalLM
+
+    return {a: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+            for a, d in model_dirs.items()}
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos: bool = False) -> list[int]:
+    """The reference: ``generate(do_sample=False)`` on one prompt alone."""
+    import copy
+
+    gen = copy.deepcopy(model.generation_config)
+    if not eos:
+        gen.eos_token_id = []  # None would be refilled from the model's defaults
+    gen.max_new_tokens = max_new_tokens
+    gen.do_sample = False
+    with torch.inference_mode():
+        ids = torch.tensor([prompt_ids])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+    return out[0, len(prompt_ids):].tolist()
+
+
+class Leftovers:
+    """What exists now, to compare with what exists after a pipeline is gone."""
+
+    def __init__(self):
+        self.children = self._children()
+        self.shm = set(os.listdir("/dev/shm"))
+
+    @staticmethod
+    def _children() -> set[int]:
+        out = set()
+        for p in psutil.Process().children(recursive=True):
+            try:
+                # multiprocessing's resource tracker is a per-interpreter singleton, not a worker
+                if "resource_tracker" not in " ".join(p.cmdline()):
+                    out.add(p.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def new_children(self) -> set[int]:
+        return self._children() - self.children
+
+    def new_shm(self) -> set[str]:
+        return set(os.listdir("/dev/shm")) - self.shm
+
+    def assert_clean(self) -> None:
+        assert self.new_children() == set(), "worker processes left behind"
+        assert self.new_shm() == set(), "shared-memory segments left behind"
+
+
+@pytest.fixture
+def leftovers() -> Leftovers:
+    return Leftovers()

@@ -1,0 +1,63 @@
+"""The contract: greedy float32 tokens equal ``generate(do_sample=False)``, for Llama (GQA), Qwen2 and
+OPT, in real worker processes, alone and 32 at once, 1+1 and 2+2 workers, both handoff modes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from splitwiser import SamplingParams, SplitwiserPipeline
+from tests.conftest import ARCHS, hf_greedy
+
+# 1 token, around and at exact multiples of the block size (16), several blocks
+PROMPT_LENS = [1, 2, 7, 15, 16, 17, 31, 32, 33, 48, 50, 64, 65, 80, 100, 127]
+MAX_NEW = 20
+
+
+def _prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    lens = [PROMPT_LENS[i % len(PROMPT_LENS)] for i in range(n)]
+    return [[rng.randrange(1, 1000) for _ in range(k)] for k in lens]
+
+
+@pytest.fixture(scope="module")
+def references(reference_models):
+    prompts = _prompts(32, seed=1)
+    return prompts, {
+        arch: [hf_greedy(model, p, MAX_NEW) for p in prompts]
+        for arch, model in reference_models.items()
+    }
+
+
+CASES = [(arch, 1, 1, "shared") for arch in ARCHS] + [(arch, 2, 2, "copy") for arch in ARCHS] + [
+    ("llama", 2, 2, "shared"),
+    ("llama", 1, 1, "copy"),
+]
+
+
+@pytest.mark.parametrize("arch, num_prompt, num_token, handoff", CASES)
+def test_greedy_equals_generate(model_dirs, references, arch, num_prompt, num_token, handoff):
+    prompts, refs = references
+    params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+    with SplitwiserPipeline(
+        model_dirs[arch],
+        num_prompt_workers=num_prompt,
+        num_token_workers=num_token,
+        device="cpu",
+        dtype="float32",
+        kv_handoff=handoff,
+    ) as pipe:
+        alone = pipe.generate([prompts[3]], params)[0]  # one request on an idle pipeline
+        together = pipe.generate(prompts, params)  # 32 concurrent requests
+        stats = pipe.stats()
+    assert alone.token_ids == refs[arch][3]
+    for i, out in enumerate(together):
+        assert out.token_ids == refs[arch][i], f"prompt {i} ({len(prompts[i])} tokens) differs"
+        assert out.finish_reason == "length"
+        assert out.prompt_token_ids == prompts[i]
+        m = out.metrics
+        assert len(m.token_times) == MAX_NEW and m.ttft_s > 0 and m.e2e_s >= m.ttft_s
+        assert m.handoff_s is not None and m.handoff_s >= 0
+        assert (m.kv_bytes_copied > 0) == (handoff == "copy")
+    assert stats["num_free_blocks"] == stats["num_kv_blocks"]  # every block back in the pool

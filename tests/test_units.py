@@ -1,0 +1,131 @@
+"""Pure logic, no processes: allocator, scheduler, sampling, stop rules, metrics, config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitwiser import ConfigError, EngineConfig, InvalidRequestError, SamplingParams
+from splitwiser.engine.block_manager import BlockAllocator
+from splitwiser.engine.kv_pool import slots_for
+from splitwiser.engine.request import Request, RequestStatus
+from splitwiser.engine.scheduler import Scheduler
+from splitwiser.outputs import RequestMetrics
+from splitwiser.prompts import stop_reason
+from splitwiser.sampling import sample_token, token_generator
+
+
+def _req(rid: int, prompt_len: int, max_new: int = 4) -> Request:
+    params = SamplingParams(max_new_tokens=max_new)
+    return Request(rid, None, [1] * prompt_len, params, 0, max_new, RequestMetrics(0.0))
+
+
+def test_allocator_allocates_and_frees_exactly_once():
+    alloc = BlockAllocator(4)
+    a = alloc.allocate(3)
+    assert len(set(a)) == 3 and alloc.num_free == 1
+    assert not alloc.can_allocate(2)
+    with pytest.raises(RuntimeError):
+        alloc.allocate(2)
+    alloc.free(a)
+    assert alloc.num_free == 4
+    with pytest.raises(RuntimeError, match="freed twice"):
+        alloc.free(a[:1])
+
+
+def test_blocks_needed_excludes_the_last_token():
+    # 16 prompt + 1 new token: the new token is never cached, so one block is enough
+    assert _req(0, 16, 1).num_blocks_needed(16) == 1
+    assert _req(0, 16, 2).num_blocks_needed(16) == 2
+    assert _req(0, 1, 1).num_blocks_needed(16) == 1
+
+
+def test_slots_follow_block_table():
+    assert slots_for([3, 7], 14, 18, 16) == [62, 63, 112, 113]
+
+
+def test_scheduler_batches_fcfs_under_token_budget():
+    sched = Scheduler(BlockAllocator(100), block_size=16, max_prefill_tokens=100)
+    for i, n in enumerate([60, 30, 30, 200]):
+        sched.add(_req(i, n))
+    plan = sched.schedule({0: 0, 1: 0})
+    assert [[r.request_id for r in b] for _, b in plan] == [[0, 1], [2]]
+    assert all(r.status is RequestStatus.PREFILLING for _, b in plan for r in b)
+    # an over-budget prompt still runs, alone
+    assert [r.request_id for r in sched.next_prefill_batch()] == [3]
+
+
+def test_scheduler_waits_for_blocks_and_keeps_order():
+    alloc = BlockAllocator(3)
+    sched = Scheduler(alloc, block_size=16, max_prefill_tokens=1000)
+    big, small = _req(0, 40), _req(1, 4)  # 3 blocks, 1 block
+    held = alloc.allocate(1)
+    sched.add(big)
+    sched.add(small)
+    assert sched.next_prefill_batch() == []  # the head waits; nothing jumps the queue
+    alloc.free(held)
+    assert [r.request_id for r in sched.next_prefill_batch()] == [0]
+    sched.free(big)
+    assert alloc.num_free == 3
+
+
+def test_scheduler_respects_batches_in_flight_and_picks_least_loaded():
+    sched = Scheduler(BlockAllocator(100), 16, 1000, max_batches_per_prompt_worker=2)
+    sched.add(_req(0, 4))
+    assert sched.schedule({0: 2}) == []  # worker 0 is full: nothing dispatched
+    plan = sched.schedule({0: 2, 1: 1})
+    assert [(w, [r.request_id for r in b]) for w, b in plan] == [(1, [0])]
+    assert Scheduler.pick_token_worker({0: 5, 1: 2, 2: 9}) == 1
+
+
+def test_stop_reason():
+    p = SamplingParams(max_new_tokens=3)
+    assert stop_reason(5, 1, 3, p, (0,)) is None
+    assert stop_reason(0, 1, 3, p, (0,)) == "stop"
+    assert stop_reason(5, 3, 3, p, (0,)) == "length"
+    assert stop_reason(0, 1, 3, SamplingParams(ignore_eos=True), (0,)) is None
+    assert stop_reason(9, 1, 3, SamplingParams(stop_token_ids=(9,)), (0,)) == "stop"
+
+
+def test_sampling_params_validation():
+    for bad in (dict(max_new_tokens=0), dict(max_new_tokens=-1), dict(temperature=-1.0),
+                dict(top_p=0.0), dict(top_k=-1), dict(stop=[""])):
+        with pytest.raises(InvalidRequestError):
+            SamplingParams(**bad)
+    assert SamplingParams(stop="x").stop == ("x",)
+
+
+def test_seeded_sampling_depends_on_seed_and_index_only():
+    logits = torch.randn(1000)
+    p = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    draws = [sample_token(logits, p, token_generator(p, 7, i, "cpu")) for i in range(20)]
+    again = [sample_token(logits, p, token_generator(p, 7, i, "cpu")) for i in range(20)]
+    assert draws == again
+    assert len(set(draws)) > 1  # it does sample
+    top50 = set(torch.topk(logits, 50).indices.tolist())
+    assert set(draws) <= top50
+    assert sample_token(logits, SamplingParams(), None) == int(logits.argmax())
+
+
+def test_metrics_definitions():
+    m = RequestMetrics(arrival_time=10.0, token_times=[10.5, 10.7, 11.0], finish_time=11.0)
+    assert m.ttft_s == pytest.approx(0.5)
+    assert m.e2e_s == pytest.approx(1.0)
+    assert m.tpot_s == pytest.approx((1.0 - 0.5) / 2)
+    assert m.itl_s == pytest.approx([0.2, 0.3])
+    assert RequestMetrics(0.0, [1.0], 1.0).tpot_s is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_prompt_workers=0), "num_prompt_workers"),
+        (dict(num_token_workers=0), "num_token_workers"),
+        (dict(kv_handoff="nvlink"), "kv_handoff"),
+        (dict(num_kv_blocks=0), "num_kv_blocks"),
+        (dict(block_size=0), "block_size"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        EngineConfig(**kwargs)
