@@ -66,6 +66,7 @@ class Engine:
         self._closed = False
         self._fatal: SplitwiserError | None = None
         self.restarts = {"prompt": 0, "token": 0}
+        self.num_retried = 0  # requests prefilled again after their prompt worker died
         self.workers: dict[tuple[str, int], WorkerProc] = {}
         try:
             for role, n in (("prompt", config.num_prompt_workers), ("token", config.num_token_workers)):
@@ -153,6 +154,7 @@ class Engine:
             "num_free_blocks": self.allocator.num_free,
             "num_unfinished": len(self.requests),
             "restarts": dict(self.restarts),
+            "num_retried": self.num_retried,
         }
 
     def close(self) -> None:
@@ -394,6 +396,7 @@ class Engine:
                 if r.status is RequestStatus.PREFILLING and r.prompt_worker == index
             ]
             self.scheduler.requeue_front(sorted(orphans, key=lambda r: r.request_id))
+            self.num_retried += len(orphans)
         else:
             error = WorkerCrashedError(
                 f"{worker.name} died (exit code {code}) while decoding this request"

@@ -1,0 +1,104 @@
+"""Bad input gets a specific error that says what to change; the CLI prints one line, exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from splitwiser import (
+    ConfigError,
+    InvalidRequestError,
+    KVCacheTooSmallError,
+    ModelNotFoundError,
+    SamplingParams,
+    SequentialPipeline,
+    SplitwiserError,
+    SplitwiserPipeline,
+)
+
+
+@pytest.fixture(scope="module")
+def small_pool(model_dirs):
+    # 4 blocks of 16 tokens: room for one short request at a time
+    with SplitwiserPipeline(model_dirs["llama"], device="cpu", num_kv_blocks=4) as pipe:
+        yield pipe
+
+
+def test_empty_prompt(small_pool):
+    for empty in ("", []):
+        with pytest.raises(InvalidRequestError, match="empty"):
+            small_pool.generate([empty])
+
+
+def test_prompt_longer_than_context(small_pool):
+    with pytest.raises(InvalidRequestError, match="context is 256 tokens; shorten"):
+        small_pool.generate([[1] * 300])
+
+
+def test_bad_token_ids(small_pool):
+    with pytest.raises(InvalidRequestError, match="outside the model's vocabulary"):
+        small_pool.generate([[1, 10**7]])
+
+
+def test_bad_max_new_tokens():
+    for bad in (0, -3):
+        with pytest.raises(InvalidRequestError, match="max_new_tokens must be a positive"):
+            SamplingParams(max_new_tokens=bad)
+
+
+def test_request_that_can_never_fit_is_rejected_at_once(small_pool):
+    with pytest.raises(KVCacheTooSmallError, match="needs 7 KV blocks .* has only 4; raise num_kv_blocks"):
+        small_pool.generate([[1] * 90], SamplingParams(max_new_tokens=20))
+    # requests that fit still run, and more of them than the pool holds at once wait their turn
+    outs = small_pool.generate([[1, 2, 3]] * 6, SamplingParams(max_new_tokens=30, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [30] * 6
+    assert small_pool.stats()["num_free_blocks"] == 4
+
+
+def test_unknown_model_path(leftovers):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        SplitwiserPipeline("/no/such/model", device="cpu")
+    with pytest.raises(ModelNotFoundError, match="unknown random preset"):
+        SequentialPipeline("random:gpt-17", device="cpu")
+    leftovers.assert_clean()
+
+
+def test_zero_workers(leftovers):
+    with pytest.raises(ConfigError, match="num_token_workers must be an integer >= 1, got 0"):
+        SplitwiserPipeline(num_token_workers=0)
+    leftovers.assert_clean()
+
+
+def test_bad_dtype():
+    with pytest.raises(ConfigError, match="unknown dtype 'float13'; use 'float32'"):
+        SplitwiserPipeline(dtype="float13", device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_cuda_requested_without_gpu():
+    with pytest.raises(ConfigError, match="no CUDA GPU is available; use device='cpu'"):
+        SplitwiserPipeline(device="cuda")
+
+
+def test_all_errors_share_one_base():
+    for exc in (ConfigError, InvalidRequestError, KVCacheTooSmallError, ModelNotFoundError):
+        assert issubclass(exc, SplitwiserError)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--model", "/no/such/model", "hi"], "does not exist"),
+        (["generate", "--token-workers", "0", "hi"], "num_token_workers must be"),
+        (["generate", "--max-new-tokens", "0", "hi"], "max_new_tokens must be"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(args, message):
+    proc = subprocess.run([sys.executable, "-m", "splitwiser", *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr

@@ -1,0 +1,105 @@
+"""Real worker processes: one copy of the weights, owned processes, recovery from SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import psutil
+import pytest
+
+from splitwiser import SamplingParams, SplitwiserPipeline, WorkerCrashedError
+from tests.conftest import Leftovers, build_model_dir, hf_greedy
+
+
+def _worker_pid(pipe: SplitwiserPipeline, name: str) -> int:
+    return pipe.workers()[name]["pid"]
+
+
+def test_workers_map_the_weights_instead_of_copying(tmp_path, leftovers):
+    # ~80 MB of float32 weights: a private copy would dwarf the interpreter's own growth
+    path = build_model_dir(tmp_path, "llama", hidden=512, layers=4, vocab_size=16384)
+    weight_bytes = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    assert weight_bytes > 60e6
+    with SplitwiserPipeline(path, num_prompt_workers=1, num_token_workers=1, device="cpu") as pipe:
+        info = pipe.workers()
+        assert sorted(info) == ["splitwiser-prompt-0", "splitwiser-token-0"]
+        for name, ready in info.items():
+            assert ready["num_params_shared"] == ready["num_params"] > 0
+            growth = ready["uss_after_weights"] - ready["uss_before_weights"]
+            assert growth < 0.2 * weight_bytes, f"{name} grew {growth / 1e6:.0f} MB of private memory"
+            # and now, with the model in use, the private memory is still far below a copy
+            uss = psutil.Process(ready["pid"]).memory_full_info().uss
+            assert uss - ready["uss_before_weights"] < 0.5 * weight_bytes
+            assert psutil.Process(ready["pid"]).name().startswith("sw-")
+        pipe.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))
+    leftovers.assert_clean()
+
+
+def test_close_leaves_nothing_behind(model_dirs, leftovers):
+    pipe = SplitwiserPipeline(model_dirs["llama"], num_prompt_workers=2, num_token_workers=2,
+                              device="cpu")
+    pids = [r["pid"] for r in pipe.workers().values()]
+    assert len(pids) == 4 and all(psutil.pid_exists(p) for p in pids)
+    pipe.generate([[1, 2, 3]] * 4, SamplingParams(max_new_tokens=3))
+    pipe.close()
+    pipe.close()  # idempotent
+    assert not any(psutil.pid_exists(p) for p in pids)
+    leftovers.assert_clean()
+
+
+def test_exception_inside_with_cleans_up(model_dirs, leftovers):
+    with pytest.raises(KeyError):
+        with SplitwiserPipeline(model_dirs["qwen2"], device="cpu") as pipe:
+            pipe.submit([4, 5, 6], SamplingParams(max_new_tokens=200, ignore_eos=True))
+            raise KeyError("user code failed")
+    leftovers.assert_clean()
+
+
+def _kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_killed_prompt_worker_requests_finish_on_a_restarted_worker(
+    model_dirs, reference_models, leftovers
+):
+    rng = random.Random(3)
+    prompts = [[rng.randrange(1, 1000) for _ in range(120)] for _ in range(24)]
+    refs = [hf_greedy(reference_models["opt"], p, 6) for p in prompts]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    with SplitwiserPipeline(model_dirs["opt"], device="cpu", max_prefill_tokens=240) as pipe:
+        handles = [pipe.submit(p, params) for p in prompts]
+        _kill(_worker_pid(pipe, "splitwiser-prompt-0"))  # mid-run: batches are queued
+        outs = [h.result(timeout=120) for h in handles]
+        assert pipe.stats()["restarts"]["prompt"] == 1
+        assert pipe.stats()["num_retried"] > 0  # the killed worker's batches ran again
+        assert [o.token_ids for o in outs] == refs
+        assert pipe.stats()["num_free_blocks"] == pipe.num_kv_blocks
+    leftovers.assert_clean()
+
+
+def test_killed_token_worker_fails_its_requests_fast_and_recovers(model_dirs, leftovers):
+    long = SamplingParams(max_new_tokens=240, ignore_eos=True)
+    with SplitwiserPipeline(model_dirs["llama"], device="cpu") as pipe:
+        handles = [pipe.submit([7, 8, 9, i + 1], long) for i in range(4)]
+        next(iter(handles[0].stream(timeout=60)))  # decoding has started
+        _kill(_worker_pid(pipe, "splitwiser-token-0"))
+        t0 = time.monotonic()
+        for h in handles:
+            with pytest.raises(WorkerCrashedError, match="splitwiser-token-0 died"):
+                h.result(timeout=10)
+        assert time.monotonic() - t0 < 5
+        # a fresh token worker takes over; new requests succeed
+        out = pipe.generate([[7, 8, 9]], SamplingParams(max_new_tokens=3))[0]
+        assert len(out.token_ids) == 3
+        assert pipe.stats()["restarts"]["token"] == 1
+        assert pipe.stats()["num_free_blocks"] == pipe.num_kv_blocks
+    leftovers.assert_clean()
+
+
+def test_no_worker_outlives_its_pipeline():
+    # runs last in this module: every pipeline above is closed, so no worker may remain
+    names = [p.name() for p in psutil.Process().children(recursive=True)]
+    assert not [n for n in names if n.startswith("sw-")]
