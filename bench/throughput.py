@@ -64,7 +64,9 @@ def main() -> int:
     seq = SequentialPipeline(args.model, device=args.device, dtype=args.dtype)
     rng = random.Random(args.seed)
     vocab = seq.model.config.vocab_size
-    prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.num_requests)]
+    prompts = [
+        [rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.num_requests)
+    ]
     params = SamplingParams(max_new_tokens=args.output_len, ignore_eos=True)
 
     systems = {}

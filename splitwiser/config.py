@@ -32,7 +32,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     except RuntimeError as exc:
         raise ConfigError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda'") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but no CUDA GPU is available; use device='cpu'")
+        raise ConfigError(
+            f"device {name!r} requested but no CUDA GPU is available; use device='cpu'"
+        )
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {name!r} is not supported; use 'auto', 'cpu' or 'cuda'")
     return dev

@@ -12,7 +12,7 @@ class ConfigError(SplitwiserError, ValueError):
 
 
 class ModelNotFoundError(SplitwiserError, FileNotFoundError):
-    """The model is neither a local directory, a ``random:`` preset, nor a hub id in the local cache."""
+    """The model is not a local directory, a ``random:`` preset, or a hub id in the cache."""
 
 
 class InvalidRequestError(SplitwiserError, ValueError):

@@ -42,7 +42,7 @@ class SplitwiserPipeline:
 
     ``model`` is a Hugging Face causal-LM directory, a hub id (offline from the local cache),
     ``"random:<preset>"``, or ``None`` for the embedded default. Other keyword arguments are the
-    fields of :class:`splitwiser.config.EngineConfig`. Use as a context manager, or call ``close()``.
+    fields of :class:`splitwiser.config.EngineConfig`. A context manager; or call ``close()``.
     """
 
     def __init__(
@@ -87,14 +87,14 @@ class SplitwiserPipeline:
 
     def workers(self) -> dict[str, dict]:
         """Live workers: name -> pid and the memory figures of their ready message."""
-        return {
-            w.name: vars(w.ready) for w in self._engine.workers.values() if w.ready is not None
-        }
+        return {w.name: vars(w.ready) for w in self._engine.workers.values() if w.ready is not None}
 
     def stats(self) -> dict:
         return self._engine.stats()
 
-    def submit(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> RequestHandle:
+    def submit(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None
+    ) -> RequestHandle:
         """Queue one request now (online use); wait on or stream the returned handle."""
         return self._engine.submit(prompt, sampling_params or SamplingParams())
 
@@ -189,7 +189,9 @@ class SequentialPipeline:
         finish = time.monotonic()
         tokens = out[0, len(ids) :].tolist()
         max_new = gen_config.max_new_tokens
-        reason = stop_reason(tokens[-1], len(tokens), max_new, params, self.eos_token_ids) or "length"
+        reason = (
+            stop_reason(tokens[-1], len(tokens), max_new, params, self.eos_token_ids) or "length"
+        )
         text, matched = self.checker.apply_stop_strings(tokens, params.stop or ())
         if matched:
             reason = "stop"

@@ -17,7 +17,11 @@ def eos_token_ids(model) -> tuple[int, ...]:
 
 
 def stop_reason(
-    token: int, num_generated: int, max_new_tokens: int, params: SamplingParams, eos: tuple[int, ...]
+    token: int,
+    num_generated: int,
+    max_new_tokens: int,
+    params: SamplingParams,
+    eos: tuple[int, ...],
 ) -> str | None:
     """Why a request ends after its ``num_generated``-th token, or ``None`` if it goes on."""
     if token in params.stop_token_ids or (not params.ignore_eos and token in eos):

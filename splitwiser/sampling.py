@@ -13,7 +13,7 @@ from splitwiser.errors import InvalidRequestError
 class SamplingParams:
     """How to pick tokens for one request (Hugging Face ``generate`` semantics).
 
-    ``temperature == 0`` is greedy decoding. ``top_k == 0`` and ``top_p == 1`` disable those filters.
+    ``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` disable those filters.
     ``seed`` makes sampling reproducible whatever else runs in the same batch. ``stop`` strings end
     the request when they appear in the output text; the text is cut before the stop string.
     """
@@ -74,7 +74,9 @@ def sample_token(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def token_generator(params: SamplingParams, seed: int, index: int, device) -> torch.Generator | None:
+def token_generator(
+    params: SamplingParams, seed: int, index: int, device
+) -> torch.Generator | None:
     """The generator for the ``index``-th generated token of a request.
 
     Seeded from (request seed, token index) alone, so a seeded request samples the same tokens

@@ -19,22 +19,52 @@ def _config(arch: str, vocab_size: int, eos: int, init: float, hidden: int, laye
 
     common = dict(vocab_size=vocab_size, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     if arch == "llama":  # GQA: 4 query heads share 2 key/value heads
-        return LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                           initializer_range=init, **common)
+        return LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            initializer_range=init,
+            **common,
+        )
     if arch == "qwen2":
-        return Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                           initializer_range=init, tie_word_embeddings=True, **common)
+        return Qwen2Config(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            initializer_range=init,
+            tie_word_embeddings=True,
+            **common,
+        )
     if arch == "opt":
-        return OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, max_position_embeddings=256,
-                         word_embed_proj_dim=hidden, init_std=init, **common)
+        return OPTConfig(
+            hidden_size=hidden,
+            ffn_dim=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=hidden,
+            init_std=init,
+            **common,
+        )
     raise ValueError(arch)
 
 
-def build_model_dir(path, arch: str, *, init: float = 0.02, hidden: int = 64, layers: int = 2,
-                    vocab_size: int | None = None, seed: int = 0) -> str:
+def build_model_dir(
+    path,
+    arch: str,
+    *,
+    init: float = 0.02,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab_size: int | None = None,
+    seed: int = 0,
+) -> str:
     """Save a random-weight model of ``arch`` with the embedded tokenizer into ``path``."""
     from transformers import AutoModelForCausalLM
 
@@ -58,8 +88,10 @@ def reference_models(model_dirs):
     """The same models loaded in this process, for ``generate()`` references."""
     from transformers import AutoModelForCausalLM
 
-    return {a: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-            for a, d in model_dirs.items()}
+    return {
+        a: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        for a, d in model_dirs.items()
+    }
 
 
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos: bool = False) -> list[int]:
@@ -74,7 +106,7 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos: bool = Fal
     with torch.inference_mode():
         ids = torch.tensor([prompt_ids])
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
-    return out[0, len(prompt_ids):].tolist()
+    return out[0, len(prompt_ids) :].tolist()
 
 
 class Leftovers:

@@ -50,7 +50,9 @@ def test_bad_max_new_tokens():
 
 
 def test_request_that_can_never_fit_is_rejected_at_once(small_pool):
-    with pytest.raises(KVCacheTooSmallError, match="needs 7 KV blocks .* has only 4; raise num_kv_blocks"):
+    with pytest.raises(
+        KVCacheTooSmallError, match="needs 7 KV blocks .* has only 4; raise num_kv_blocks"
+    ):
         small_pool.generate([[1] * 90], SamplingParams(max_new_tokens=20))
     # requests that fit still run, and more of them than the pool holds at once wait their turn
     outs = small_pool.generate([[1, 2, 3]] * 6, SamplingParams(max_new_tokens=30, ignore_eos=True))
@@ -97,8 +99,9 @@ def test_all_errors_share_one_base():
     ],
 )
 def test_cli_errors_are_one_line_exit_2(args, message):
-    proc = subprocess.run([sys.executable, "-m", "splitwiser", *args], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitwiser", *args], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr

@@ -1,5 +1,6 @@
-"""The contract: greedy float32 tokens equal ``generate(do_sample=False)``, for Llama (GQA), Qwen2 and
-OPT, in real worker processes, alone and 32 at once, 1+1 and 2+2 workers, both handoff modes."""
+"""The contract: greedy float32 tokens equal ``generate(do_sample=False)``, for Llama (GQA),
+Qwen2 and OPT, in real worker processes, alone and 32 at once, 1+1 and 2+2 workers, both
+handoff modes."""
 
 from __future__ import annotations
 
@@ -30,10 +31,14 @@ def references(reference_models):
     }
 
 
-CASES = [(arch, 1, 1, "shared") for arch in ARCHS] + [(arch, 2, 2, "copy") for arch in ARCHS] + [
-    ("llama", 2, 2, "shared"),
-    ("llama", 1, 1, "copy"),
-]
+CASES = (
+    [(arch, 1, 1, "shared") for arch in ARCHS]
+    + [(arch, 2, 2, "copy") for arch in ARCHS]
+    + [
+        ("llama", 2, 2, "shared"),
+        ("llama", 1, 1, "copy"),
+    ]
+)
 
 
 @pytest.mark.parametrize("arch, num_prompt, num_token, handoff", CASES)

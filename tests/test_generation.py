@@ -40,7 +40,9 @@ def test_eos_ends_the_request_like_generate(pipe, eos_model_dir):
     assert out.token_ids == free_run[:6] and out.token_ids[-1] == eos
     assert out.finish_reason == "stop"
     with SequentialPipeline(path, device="cpu") as seq:
-        assert seq.generate([PROMPT], SamplingParams(max_new_tokens=12))[0].token_ids == free_run[:6]
+        assert (
+            seq.generate([PROMPT], SamplingParams(max_new_tokens=12))[0].token_ids == free_run[:6]
+        )
     ignored = pipe.generate([PROMPT], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
     assert ignored.token_ids == free_run and ignored.finish_reason == "length"
 

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from splitwiser import SamplingParams, SplitwiserPipeline, WorkerCrashedError
-from tests.conftest import Leftovers, build_model_dir, hf_greedy
+from tests.conftest import build_model_dir, hf_greedy
 
 
 def _worker_pid(pipe: SplitwiserPipeline, name: str) -> int:
@@ -29,7 +29,9 @@ def test_workers_map_the_weights_instead_of_copying(tmp_path, leftovers):
         for name, ready in info.items():
             assert ready["num_params_shared"] == ready["num_params"] > 0
             growth = ready["uss_after_weights"] - ready["uss_before_weights"]
-            assert growth < 0.2 * weight_bytes, f"{name} grew {growth / 1e6:.0f} MB of private memory"
+            assert growth < 0.2 * weight_bytes, (
+                f"{name} grew {growth / 1e6:.0f} MB of private memory"
+            )
             # and now, with the model in use, the private memory is still far below a copy
             uss = psutil.Process(ready["pid"]).memory_full_info().uss
             assert uss - ready["uss_before_weights"] < 0.5 * weight_bytes
@@ -39,8 +41,9 @@ def test_workers_map_the_weights_instead_of_copying(tmp_path, leftovers):
 
 
 def test_close_leaves_nothing_behind(model_dirs, leftovers):
-    pipe = SplitwiserPipeline(model_dirs["llama"], num_prompt_workers=2, num_token_workers=2,
-                              device="cpu")
+    pipe = SplitwiserPipeline(
+        model_dirs["llama"], num_prompt_workers=2, num_token_workers=2, device="cpu"
+    )
     pids = [r["pid"] for r in pipe.workers().values()]
     assert len(pids) == 4 and all(psutil.pid_exists(p) for p in pids)
     pipe.generate([[1, 2, 3]] * 4, SamplingParams(max_new_tokens=3))

@@ -88,8 +88,14 @@ def test_stop_reason():
 
 
 def test_sampling_params_validation():
-    for bad in (dict(max_new_tokens=0), dict(max_new_tokens=-1), dict(temperature=-1.0),
-                dict(top_p=0.0), dict(top_k=-1), dict(stop=[""])):
+    for bad in (
+        dict(max_new_tokens=0),
+        dict(max_new_tokens=-1),
+        dict(temperature=-1.0),
+        dict(top_p=0.0),
+        dict(top_k=-1),
+        dict(stop=[""]),
+    ):
         with pytest.raises(InvalidRequestError):
             SamplingParams(**bad)
     assert SamplingParams(stop="x").stop == ("x",)

@@ -5,7 +5,7 @@ Each forward packs several requests into one row (``[1, total_tokens]``). Attent
 tokens' K/V into the pool at their slots, then attends per request:
 - prefill: over the request's fresh K/V (exactly what ``generate()`` attends over);
 - decode: over the request's own slots gathered from the pool, so the cost follows live tokens.
-Per request it calls transformers' own SDPA function, so the arithmetic is the one ``generate()`` runs.
+Per request it calls transformers' own SDPA function: the arithmetic ``generate()`` runs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ class PagedBatch:
     """Attention metadata of one packed forward pass."""
 
     is_prefill: bool
-    kv_pool: torch.Tensor  # [layers, 2, slots, kv_heads, head_dim]; the shared pool or a staging buffer
+    kv_pool: (
+        torch.Tensor
+    )  # [layers, 2, slots, kv_heads, head_dim]; the shared pool or a staging buffer
     slot_mapping: torch.Tensor  # [total_tokens] long: where each new token's K/V is written
     query_starts: list[int]  # offset of each request's tokens in the packed row; len = num_reqs + 1
     context_slots: list[torch.Tensor] | None  # decode: each request's slots, oldest first

@@ -12,8 +12,13 @@ from multiprocessing.connection import Pipe, wait
 
 import torch
 
-from splitwiser.config import DEFAULT_CPU_KV_BYTES, DEFAULT_GPU_KV_FRACTION, EngineConfig
-from splitwiser.config import resolve_device, resolve_dtype
+from splitwiser.config import (
+    DEFAULT_CPU_KV_BYTES,
+    DEFAULT_GPU_KV_FRACTION,
+    EngineConfig,
+    resolve_device,
+    resolve_dtype,
+)
 from splitwiser.engine import messages as m
 from splitwiser.engine.block_manager import BlockAllocator
 from splitwiser.engine.handle import RequestHandle
@@ -47,7 +52,9 @@ class Engine:
         self.eos_token_ids = eos_token_ids(self.model)
         model_len = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(config.max_model_len or model_len, model_len)
-        self.checker = PromptChecker(self.tokenizer, self.model.config.vocab_size, self.max_model_len)
+        self.checker = PromptChecker(
+            self.tokenizer, self.model.config.vocab_size, self.max_model_len
+        )
 
         self.layout = KVLayout.from_model_config(self.model.config, config.block_size, self.dtype)
         self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks()
@@ -69,7 +76,10 @@ class Engine:
         self.num_retried = 0  # requests prefilled again after their prompt worker died
         self.workers: dict[tuple[str, int], WorkerProc] = {}
         try:
-            for role, n in (("prompt", config.num_prompt_workers), ("token", config.num_token_workers)):
+            for role, n in (
+                ("prompt", config.num_prompt_workers),
+                ("token", config.num_token_workers),
+            ):
                 for i in range(n):
                     self._spawn(role, i)
             wait_ready(list(self.workers.values()), config.worker_start_timeout_s)
@@ -136,7 +146,8 @@ class Engine:
         if needed > self.num_kv_blocks:
             raise KVCacheTooSmallError(
                 f"request needs {needed} KV blocks ({len(token_ids)} prompt + {max_new} new tokens "
-                f"at block_size {self.config.block_size}) but the pool has only {self.num_kv_blocks}; "
+                f"at block_size {self.config.block_size}) but the pool has only "
+                f"{self.num_kv_blocks}; "
                 f"raise num_kv_blocks / kv_cache_bytes or lower max_new_tokens"
             )
         handle = RequestHandle(request_id, cancel=self._request_abort)
@@ -312,7 +323,7 @@ class Engine:
             self._release(req)
 
     def _release(self, req: Request) -> None:
-        """Free the blocks, then resolve the handle: after generate() returns, all blocks are free."""
+        """Free the blocks, then resolve the handle: so after generate(), all blocks are free."""
         self.scheduler.free(req)
         self.requests.pop(req.request_id, None)
         handle = self.handles.pop(req.request_id)
@@ -373,7 +384,8 @@ class Engine:
             prompts[index].send(
                 m.PrefillMsg(
                     requests=[
-                        m.RequestSpec(r.request_id, r.params, r.seed, r.max_new_tokens) for r in batch
+                        m.RequestSpec(r.request_id, r.params, r.seed, r.max_new_tokens)
+                        for r in batch
                     ],
                     token_ids=[r.prompt_token_ids for r in batch],
                     block_ids=[r.block_ids for r in batch],
@@ -392,7 +404,8 @@ class Engine:
         if role == "prompt":
             # prefill is deterministic and wrote nothing anyone read: run those prompts again
             orphans = [
-                r for r in self.requests.values()
+                r
+                for r in self.requests.values()
                 if r.status is RequestStatus.PREFILLING and r.prompt_worker == index
             ]
             self.scheduler.requeue_front(sorted(orphans, key=lambda r: r.request_id))

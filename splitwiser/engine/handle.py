@@ -56,7 +56,7 @@ class RequestHandle:
         while True:
             with self._cond:
                 ok = self._cond.wait_for(
-                    lambda: len(self._tokens) > sent or self._output or self._error, timeout
+                    lambda n=sent: len(self._tokens) > n or self._output or self._error, timeout
                 )
                 if not ok:
                     raise TimeoutError(f"request {self.request_id}: no token within {timeout} s")
@@ -76,4 +76,3 @@ class RequestHandle:
         if self._cancel is None or self.done():
             return
         self._cancel(self.request_id)
-

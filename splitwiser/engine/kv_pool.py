@@ -43,7 +43,13 @@ class KVLayout:
 
 def allocate_pool(layout: KVLayout, num_blocks: int, device: torch.device) -> torch.Tensor:
     """Allocate the pool as one tensor; on CPU move it to shared memory once."""
-    shape = (layout.num_layers, 2, num_blocks * layout.block_size, layout.num_kv_heads, layout.head_dim)
+    shape = (
+        layout.num_layers,
+        2,
+        num_blocks * layout.block_size,
+        layout.num_kv_heads,
+        layout.head_dim,
+    )
     pool = torch.zeros(shape, dtype=layout.dtype, device=device)
     if device.type == "cpu":
         pool.share_memory_()

@@ -21,7 +21,9 @@ class RequestSpec:
 
     request_id: int
     params: SamplingParams
-    seed: int  # base seed of the per-token generators (drawn by the parent when params.seed is None)
+    seed: (
+        int  # base seed of the per-token generators (drawn by the parent when params.seed is None)
+    )
     max_new_tokens: int  # params.max_new_tokens capped by the model's context
 
 
@@ -39,14 +41,16 @@ class PrefillMsg:
 
 @dataclass
 class HandoffMsg:
-    """A prefilled request joins a token worker's batch. Its prompt's K/V already sit in its blocks."""
+    """A prefilled request joins a token worker's batch; its prompt's K/V sit in its blocks."""
 
     request: RequestSpec
     block_ids: list[int]
     prompt_len: int  # tokens cached in the blocks
     first_token: int  # sampled by the prompt worker, not yet cached
     published_at: float  # time.monotonic() when the prompt worker published the prefill
-    kv_copy: torch.Tensor | None = None  # copy handoff only: [layers, 2, prompt_len, kv_heads, head_dim]
+    kv_copy: torch.Tensor | None = (
+        None  # copy handoff only: [layers, 2, prompt_len, kv_heads, head_dim]
+    )
 
 
 @dataclass
@@ -78,7 +82,7 @@ class ReadyMsg:
 
 @dataclass
 class PrefillDoneMsg:
-    """A prefill batch finished; its K/V are complete (the kernels finished before this was sent)."""
+    """A prefill batch finished; its K/V are complete (kernels finished before the send)."""
 
     request_ids: list[int]
     first_tokens: list[int]
@@ -96,7 +100,9 @@ class TokensMsg:
     tokens: list[int]
     finished: list[bool]  # the worker is done with the request and its blocks
     released: list[int] = field(default_factory=list)  # aborted requests it no longer touches
-    handoff_s: dict[int, float] = field(default_factory=dict)  # admitted this step: publish -> admit
+    handoff_s: dict[int, float] = field(
+        default_factory=dict
+    )  # admitted this step: publish -> admit
     step_s: float = 0.0
 
 

@@ -17,7 +17,9 @@ from splitwiser.engine.kv_pool import slots_for
 @dataclass
 class PrefillSeq:
     token_ids: list[int]
-    block_ids: list[int]  # the request's blocks in the pool (ignored when writing to a staging buffer)
+    block_ids: list[
+        int
+    ]  # the request's blocks in the pool (ignored when writing to a staging buffer)
 
 
 @dataclass
@@ -48,7 +50,7 @@ class ModelRunner:
     def prefill(
         self, seqs: list[PrefillSeq], kv_target: torch.Tensor, contiguous_slots: bool = False
     ) -> torch.Tensor:
-        """Run whole prompts; write their K/V into ``kv_target``; return last-token logits [B, vocab].
+        """Run whole prompts, write their K/V into ``kv_target``, return last logits [B, vocab].
 
         With ``contiguous_slots`` the K/V go to slots 0..total_tokens-1 of ``kv_target`` (a staging
         buffer for the copy handoff) instead of the requests' blocks.

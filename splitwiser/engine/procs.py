@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 
 import torch.multiprocessing as mp  # registers the tensor reductions (shm / CUDA IPC)
-from multiprocessing.reduction import ForkingPickler
 
 from splitwiser.engine import messages as m
 from splitwiser.engine.worker import WorkerConfig, worker_main

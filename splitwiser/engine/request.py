@@ -1,4 +1,4 @@
-"""One request's state in the parent. The phase is a routing decision; the counters are the state."""
+"""One request's state in the parent: the phase is a routing decision, the counters the state."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ class Scheduler:
         return True
 
     def next_prefill_batch(self) -> list[Request]:
-        """FCFS: the head of the queue first, then as many followers as the budget and pool allow."""
+        """FCFS: the head of the queue, then as many followers as the budget and pool allow."""
         batch: list[Request] = []
         num_tokens = 0
         while self.waiting:

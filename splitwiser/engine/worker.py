@@ -115,7 +115,7 @@ class PromptWorker:
             for t in msg.token_ids:
                 kv_copies.append(target[:, :, start : start + len(t)].clone())
                 start += len(t)
-        # NOTE: publish only after the prefill kernels finished: the token worker reads the blocks at once
+        # NOTE: publish only after the prefill kernels finished: the token worker reads at once
         _synchronize(self.device)
         now = time.monotonic()
         return m.PrefillDoneMsg(
@@ -209,7 +209,9 @@ class TokenWorker:
         ids, tokens, finished = [], [], []
         for i, s in enumerate(seqs):
             p = s.spec.params
-            tok = sample_token(logits[i], p, token_generator(p, s.spec.seed, s.num_generated, self.device))
+            tok = sample_token(
+                logits[i], p, token_generator(p, s.spec.seed, s.num_generated, self.device)
+            )
             s.num_cached += 1
             s.last_token = tok
             s.num_generated += 1

@@ -1,4 +1,4 @@
-"""Resolve a model spec (None, ``random:<preset>``, a directory, a hub id) to a model and tokenizer."""
+"""Resolve a model spec (None, ``random:<preset>``, directory, hub id) to model and tokenizer."""
 
 from __future__ import annotations
 

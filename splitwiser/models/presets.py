@@ -1,4 +1,4 @@
-"""``random:<preset>`` models: real architectures' shapes with random weights (for timing, not text)."""
+"""``random:<preset>`` models: real architectures' shapes, random weights (for timing)."""
 
 from __future__ import annotations
 
