@@ -198,6 +198,19 @@ class Engine:
     # ------------------------------------------------------------------ engine thread
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # never leave a caller waiting on a dead engine thread
+            log.exception("engine thread failed")
+            self._fatal = SplitwiserError(f"the engine thread failed: {exc!r}")
+            for req in list(self.requests.values()):
+                self._fail(req, self._fatal)
+            while self._incoming:
+                item = self._incoming.popleft()
+                if item[0] != "abort":
+                    item[1]._fail(self._fatal)
+
+    def _run(self) -> None:
         while not self._stopping:
             # 1) wait for a message, a new request, or a worker's death
             by_conn = {w.conn: w for w in self.workers.values()}
@@ -249,8 +262,13 @@ class Engine:
             if worker.cfg.role == "prompt":
                 worker.load -= 1
             for rid in msg.request_ids:
-                if rid in self.requests:
-                    self._fail(self.requests[rid], SplitwiserError(f"{worker.name}: {msg.error}"))
+                req = self.requests.get(rid)
+                if req is None:
+                    continue
+                if req.owned_by_worker:  # the token worker dropped it with the failed step
+                    req.owned_by_worker = False
+                    worker.load -= 1
+                self._fail(req, SplitwiserError(f"{worker.name}: {msg.error}"))
         elif isinstance(msg, m.ReadyMsg):
             worker.ready = msg
 

@@ -151,13 +151,12 @@ class TokenWorker:
             if self._receive(block=not self.running and not self.pending):
                 return
             # 2) admit handed-off requests at the step boundary
-            released: list[int] = []
             handoff_s = self._admit()
             if not self.running:
                 continue
             # 3) run one decode step, 4) publish its tokens
             try:
-                self.out_conn.send(self._step(handoff_s, released))
+                self.out_conn.send(self._step(handoff_s))
             except Exception:
                 ids = list(self.running)
                 self.running.clear()
@@ -200,7 +199,7 @@ class TokenWorker:
             handoff_s[rid] = time.monotonic() - h.published_at
         return handoff_s
 
-    def _step(self, handoff_s: dict[int, float], released: list[int]) -> m.TokensMsg:
+    def _step(self, handoff_s: dict[int, float]) -> m.TokensMsg:
         t0 = time.monotonic()
         seqs = list(self.running.values())
         logits = self.runner.decode(
@@ -222,4 +221,4 @@ class TokenWorker:
             ids.append(s.spec.request_id)
             tokens.append(tok)
             finished.append(done)
-        return m.TokensMsg(ids, tokens, finished, released, handoff_s, time.monotonic() - t0)
+        return m.TokensMsg(ids, tokens, finished, [], handoff_s, time.monotonic() - t0)
