@@ -104,7 +104,18 @@ def main() -> int:
             k: v["output_throughput"] / base for k, v in systems.items() if k != "sequential"
         },
     }
-    print(json.dumps(result, indent=2))
+    print(
+        f"{'system':<20}{'out tok/s':>11}{'vs seq':>8}{'TTFT p50 ms':>13}{'TPOT p50 ms':>13}"
+        f"{'handoff p50 ms':>16}{'KV bytes copied':>17}  exact"
+    )
+    for name, v in systems.items():
+        ratio = v["output_throughput"] / base
+        handoff = v["median_handoff_ms"]
+        print(
+            f"{name:<20}{v['output_throughput']:>11.1f}{ratio:>7.2f}x{v['median_ttft_ms']:>13.1f}"
+            f"{v['median_tpot_ms']:>13.2f}{'-' if handoff is None else f'{handoff:.2f}':>16}"
+            f"{v['kv_bytes_copied']:>17}  {v.get('tokens_equal_sequential', '-')}"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -16,7 +16,9 @@ class RequestMetrics:
     token_times: list[float] = field(default_factory=list)  # one per generated token
     finish_time: float | None = None
     first_scheduled_time: float | None = None  # the prefill batch was dispatched
-    handoff_s: float | None = None  # prompt worker publish -> token worker admission
+    # prompt worker publish -> token worker admission; includes waiting for the decode step in
+    # progress, and for the copy handoff the scatter of the received K/V into the blocks
+    handoff_s: float | None = None
     kv_bytes_copied: int = 0  # bytes of K/V that travelled through a queue (copy handoff only)
 
     @property

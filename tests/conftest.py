@@ -104,7 +104,7 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos: bool = Fal
     gen.max_new_tokens = max_new_tokens
     gen.do_sample = False
     with torch.inference_mode():
-        ids = torch.tensor([prompt_ids])
+        ids = torch.tensor([prompt_ids], device=model.device)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
     return out[0, len(prompt_ids) :].tolist()
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -100,6 +103,34 @@ def test_killed_token_worker_fails_its_requests_fast_and_recovers(model_dirs, le
         assert pipe.stats()["restarts"]["token"] == 1
         assert pipe.stats()["num_free_blocks"] == pipe.num_kv_blocks
     leftovers.assert_clean()
+
+
+_ORPHAN_SCRIPT = """
+import json, sys
+from splitwiser import SplitwiserPipeline
+pipe = SplitwiserPipeline(sys.argv[1], device="cpu")
+print(json.dumps([w["pid"] for w in pipe.workers().values()]), flush=True)
+sys.stdin.read()  # wait to be killed
+"""
+
+
+def test_workers_exit_when_the_parent_is_killed(model_dirs):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN_SCRIPT, model_dirs["llama"]],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pids = json.loads(proc.stdout.readline())
+        assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+    finally:
+        proc.kill()
+        proc.wait()
+    _, alive = psutil.wait_procs(
+        [psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=10
+    )
+    assert alive == [], "workers outlived their killed parent"
 
 
 def test_no_worker_outlives_its_pipeline():

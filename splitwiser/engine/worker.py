@@ -40,6 +40,19 @@ def _uss() -> int:
     return psutil.Process().memory_full_info().uss
 
 
+def _get(in_queue, block: bool):
+    """The next message; while idle, exit if the parent is gone (never leave an orphan)."""
+    if not block:
+        return in_queue.get_nowait()
+    parent = os.getppid()
+    while True:
+        try:
+            return in_queue.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                raise SystemExit("parent process died") from None
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -83,7 +96,7 @@ class PromptWorker:
 
     def run(self) -> None:
         while True:
-            msg = self.in_queue.get()  # 1) receive
+            msg = _get(self.in_queue, block=True)  # 1) receive
             if isinstance(msg, m.ShutdownMsg):
                 return
             try:
@@ -166,7 +179,7 @@ class TokenWorker:
         """Drain the queue; True when asked to shut down."""
         while True:
             try:
-                msg = self.in_queue.get(timeout=None) if block else self.in_queue.get_nowait()
+                msg = _get(self.in_queue, block)
             except queue.Empty:
                 return False
             block = False
