@@ -18,29 +18,21 @@ def _config(arch: str, vocab_size: int, eos: int, init: float, hidden: int, laye
     from transformers import LlamaConfig, OPTConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-    if arch == "llama":  # GQA: 4 query heads share 2 key/value heads
-        return LlamaConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            initializer_range=init,
-            **common,
-        )
+    # GQA: 4 query heads share 2 key/value heads
+    decoder = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=init,
+        **common,
+    )
+    if arch == "llama":
+        return LlamaConfig(**decoder)
     if arch == "qwen2":
-        return Qwen2Config(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            initializer_range=init,
-            tie_word_embeddings=True,
-            **common,
-        )
+        return Qwen2Config(tie_word_embeddings=True, **decoder)
     if arch == "opt":
         return OPTConfig(
             hidden_size=hidden,

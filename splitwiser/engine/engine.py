@@ -13,8 +13,6 @@ from multiprocessing.connection import Pipe, wait
 import torch
 
 from splitwiser.config import (
-    DEFAULT_CPU_KV_BYTES,
-    DEFAULT_GPU_KV_FRACTION,
     EngineConfig,
     resolve_device,
     resolve_dtype,
@@ -22,7 +20,7 @@ from splitwiser.config import (
 from splitwiser.engine import messages as m
 from splitwiser.engine.block_manager import BlockAllocator
 from splitwiser.engine.handle import RequestHandle
-from splitwiser.engine.kv_pool import KVLayout, allocate_pool
+from splitwiser.engine.kv_pool import KVLayout, allocate_pool, default_num_blocks
 from splitwiser.engine.procs import WorkerProc, wait_ready
 from splitwiser.engine.request import Request, RequestStatus
 from splitwiser.engine.scheduler import Scheduler
@@ -57,7 +55,9 @@ class Engine:
         )
 
         self.layout = KVLayout.from_model_config(self.model.config, config.block_size, self.dtype)
-        self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks()
+        self.num_kv_blocks = config.num_kv_blocks or default_num_blocks(
+            self.layout, self.device, config, self.max_model_len
+        )
         self.kv_pool = allocate_pool(self.layout, self.num_kv_blocks, self.device)
         self.allocator = BlockAllocator(self.num_kv_blocks)
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_prefill_tokens)
@@ -90,17 +90,6 @@ class Engine:
         self._thread.start()
 
     # ------------------------------------------------------------------ set-up
-
-    def _default_num_blocks(self) -> int:
-        budget = self.config.kv_cache_bytes
-        if budget is None and self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * DEFAULT_GPU_KV_FRACTION)
-        elif budget is None:
-            per_seq = self.layout.num_blocks_for(self.max_model_len) * self.layout.bytes_per_block
-            needed = per_seq * self.config.max_num_seqs * self.config.num_token_workers
-            budget = min(DEFAULT_CPU_KV_BYTES, needed)
-        return max(1, budget // self.layout.bytes_per_block)
 
     def _spawn(self, role: str, index: int) -> WorkerProc:
         cfg = WorkerConfig(

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from splitwiser.config import DEFAULT_CPU_KV_BYTES, DEFAULT_GPU_KV_FRACTION
+
 
 @dataclass(frozen=True)
 class KVLayout:
@@ -39,6 +41,19 @@ class KVLayout:
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+
+def default_num_blocks(layout: KVLayout, device: torch.device, config, max_model_len: int) -> int:
+    """Blocks for ``config.kv_cache_bytes``; by default a fraction of free GPU memory, or on CPU
+    enough for every token worker's full batch at full context, capped at 1 GiB."""
+    budget = config.kv_cache_bytes
+    if budget is None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * DEFAULT_GPU_KV_FRACTION)
+    elif budget is None:
+        per_seq = layout.num_blocks_for(max_model_len) * layout.bytes_per_block
+        budget = min(DEFAULT_CPU_KV_BYTES, per_seq * config.max_num_seqs * config.num_token_workers)
+    return max(1, budget // layout.bytes_per_block)
 
 
 def allocate_pool(layout: KVLayout, num_blocks: int, device: torch.device) -> torch.Tensor:
