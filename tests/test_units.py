@@ -41,7 +41,8 @@ def test_blocks_needed_excludes_the_last_token():
 
 
 def test_slots_follow_block_table():
-    assert slots_for([3, 7], 14, 18, 16) == [62, 63, 112, 113]
+    assert slots_for([3, 7, 9], 18, 16).tolist() == [*range(48, 64), 112, 113]
+    assert slots_for([5], 1, 16).tolist() == [80]
 
 
 def test_scheduler_batches_fcfs_under_token_budget():

@@ -71,9 +71,14 @@ def allocate_pool(layout: KVLayout, num_blocks: int, device: torch.device) -> to
     return pool
 
 
-def slots_for(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
-    """Pool slots of token positions ``[start, end)`` of a request that owns ``block_ids``."""
-    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+def slots_for(
+    block_ids: list[int], num_tokens: int, block_size: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Pool slots of token positions ``[0, num_tokens)`` of a request that owns ``block_ids``."""
+    num_blocks = -(-num_tokens // block_size)
+    blocks = torch.tensor(block_ids[:num_blocks], dtype=torch.long, device=device)
+    offsets = torch.arange(block_size, dtype=torch.long, device=device)
+    return (blocks[:, None] * block_size + offsets).flatten()[:num_tokens]
 
 
 def gather_kv(pool: torch.Tensor, layer: int, slots: torch.Tensor) -> torch.Tensor:

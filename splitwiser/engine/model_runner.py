@@ -55,27 +55,34 @@ class ModelRunner:
         With ``contiguous_slots`` the K/V go to slots 0..total_tokens-1 of ``kv_target`` (a staging
         buffer for the copy handoff) instead of the requests' blocks.
         """
-        starts, input_ids, positions, slots = [0], [], [], []
+        starts, input_ids, positions = [0], [], []
         for seq in seqs:
             n = len(seq.token_ids)
             input_ids += seq.token_ids
             positions += range(n)
-            if not contiguous_slots:
-                slots += slots_for(seq.block_ids, 0, n, self.block_size)
             starts.append(starts[-1] + n)
         if contiguous_slots:
-            slots = list(range(starts[-1]))
-        batch = PagedBatch(True, kv_target, self._long(slots), starts, None)
+            slots = torch.arange(starts[-1], device=self.device)
+        else:
+            slots = torch.cat(
+                [
+                    slots_for(s.block_ids, len(s.token_ids), self.block_size, self.device)
+                    for s in seqs
+                ]
+            )
+        batch = PagedBatch(True, kv_target, slots, starts, None)
         last = self._long([s - 1 for s in starts[1:]])
         return self._forward(input_ids, positions, batch, last)
 
     @torch.inference_mode()
     def decode(self, seqs: list[DecodeSeq], kv_pool: torch.Tensor) -> torch.Tensor:
         """One step for every running request: append its token's K/V, return logits [B, vocab]."""
-        bs = self.block_size
-        slots = [s.block_ids[s.position // bs] * bs + s.position % bs for s in seqs]
-        context = [self._long(slots_for(s.block_ids, 0, s.position + 1, bs)) for s in seqs]
-        batch = PagedBatch(False, kv_pool, self._long(slots), list(range(len(seqs) + 1)), context)
+        # each request's slots up to and including the new token's, which is the last one
+        context = [
+            slots_for(s.block_ids, s.position + 1, self.block_size, self.device) for s in seqs
+        ]
+        new_slots = torch.stack([c[-1] for c in context])
+        batch = PagedBatch(False, kv_pool, new_slots, list(range(len(seqs) + 1)), context)
         last = self._long(list(range(len(seqs))))
         return self._forward([s.token_id for s in seqs], [s.position for s in seqs], batch, last)
 

@@ -203,9 +203,7 @@ class TokenWorker:
         while self.pending and len(self.running) < self.cfg.max_num_seqs:
             h = self.pending.popleft()
             if h.kv_copy is not None:  # copy handoff: scatter the received K/V into the blocks
-                slots = torch.tensor(
-                    slots_for(h.block_ids, 0, h.prompt_len, self.cfg.block_size), device=self.device
-                )
+                slots = slots_for(h.block_ids, h.prompt_len, self.cfg.block_size, self.device)
                 self.kv_pool[:, :, slots] = h.kv_copy.to(self.device)
             rid = h.request.request_id
             self.running[rid] = _RunningSeq(h.request, h.block_ids, h.prompt_len, h.first_token, 1)
