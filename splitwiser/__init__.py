@@ -1,6 +1,7 @@
 """Splitwiser: a single-GPU LLM runtime that runs each request's prompt phase and token phase in
 separate worker processes sharing one device, one copy of the weights and one KV block pool."""
 
+from splitwiser.baselines import BatchedPipeline, SequentialPipeline
 from splitwiser.config import EngineConfig
 from splitwiser.engine.handle import RequestHandle
 from splitwiser.errors import (
@@ -14,12 +15,13 @@ from splitwiser.errors import (
     WorkerStartupError,
 )
 from splitwiser.outputs import RequestMetrics, RequestOutput
-from splitwiser.pipeline import SequentialPipeline, SplitwiserPipeline
+from splitwiser.pipeline import SplitwiserPipeline
 from splitwiser.sampling import SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchedPipeline",
     "ConfigError",
     "EngineConfig",
     "InvalidRequestError",

@@ -76,6 +76,9 @@ class EngineConfig:
     worker_start_timeout_s: float = 300.0
     worker_stop_timeout_s: float = 10.0
     max_worker_restarts: int = 3  # per role, before its requests fail for good
+    mps_pipe_dir: str | None = None  # workers connect to the CUDA MPS daemon listening here
+    # (prompt, token) workers' CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; needs mps_pipe_dir
+    mps_thread_percentage: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_prompt_workers", "num_token_workers"):
@@ -101,12 +104,31 @@ class EngineConfig:
             raise ConfigError(
                 f"kv_handoff must be one of {', '.join(KV_HANDOFF_MODES)}, got {self.kv_handoff!r}"
             )
+        if self.mps_thread_percentage is not None:
+            split = tuple(self.mps_thread_percentage)
+            if self.mps_pipe_dir is None:
+                raise ConfigError("mps_thread_percentage needs mps_pipe_dir (an MPS daemon)")
+            if len(split) != 2 or not all(isinstance(p, int) and 1 <= p <= 100 for p in split):
+                raise ConfigError(
+                    f"mps_thread_percentage is two percentages 1..100 (prompt, token), "
+                    f"got {self.mps_thread_percentage!r}"
+                )
         if self.worker_threads is not None and self.worker_threads < 1:
             raise ConfigError(f"worker_threads must be >= 1, got {self.worker_threads!r}")
 
     @property
     def num_workers(self) -> int:
         return self.num_prompt_workers + self.num_token_workers
+
+    def worker_env(self, role: str) -> dict[str, str]:
+        """Environment a worker of ``role`` sets before CUDA starts (MPS connection and share)."""
+        if self.mps_pipe_dir is None:
+            return {}
+        env = {"CUDA_MPS_PIPE_DIRECTORY": self.mps_pipe_dir}
+        if self.mps_thread_percentage is not None:
+            share = self.mps_thread_percentage[0 if role == "prompt" else 1]
+            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(share)
+        return env
 
     def threads_per_worker(self) -> int:
         if self.worker_threads is not None:

@@ -2,8 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from splitwiser.errors import InvalidRequestError
 from splitwiser.sampling import SamplingParams
+
+Prompt = str | list[int]
+
+
+def as_prompt_list(prompts) -> list[Prompt]:
+    """One prompt (a string or a list of token ids) or many, as a list of prompts."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
+
+
+def params_list(prompts: Sequence[Prompt], sampling_params) -> list[SamplingParams]:
+    """One ``SamplingParams`` per prompt from ``None``, one shared value, or a sequence."""
+    if sampling_params is None:
+        sampling_params = SamplingParams()
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * len(prompts)
+    if len(sampling_params) != len(prompts):
+        raise InvalidRequestError(
+            f"pass one SamplingParams or one per prompt; got {len(sampling_params)} for "
+            f"{len(prompts)} prompts"
+        )
+    return list(sampling_params)
 
 
 def eos_token_ids(model) -> tuple[int, ...]:

@@ -101,6 +101,25 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos: bool = Fal
     return out[0, len(prompt_ids) :].tolist()
 
 
+EOS_PROMPT = [5, 9, 200, 31, 7, 64, 12]
+
+
+@pytest.fixture(scope="session")
+def eos_model_dir(tmp_path_factory):
+    """A Llama whose EOS is the 6th token greedy decoding of EOS_PROMPT produces."""
+    from transformers import AutoModelForCausalLM
+
+    path = build_model_dir(tmp_path_factory.mktemp("eos"), "llama")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    free_run = hf_greedy(model, EOS_PROMPT, 12)
+    eos = free_run[5]
+    assert eos not in free_run[:5]
+    model.generation_config.eos_token_id = eos
+    model.config.eos_token_id = eos
+    model.save_pretrained(path)
+    return path, free_run, eos
+
+
 class Leftovers:
     """What exists now, to compare with what exists after a pipeline is gone."""
 

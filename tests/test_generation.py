@@ -4,28 +4,11 @@ the online path (submit, stream, cancel) and the baseline pipeline."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from splitwiser import SamplingParams, SequentialPipeline, SplitwiserPipeline
-from tests.conftest import build_model_dir, hf_greedy
+from tests.conftest import EOS_PROMPT
 
-PROMPT = [5, 9, 200, 31, 7, 64, 12]
-
-
-@pytest.fixture(scope="module")
-def eos_model_dir(tmp_path_factory):
-    """A Llama whose EOS is the 6th token greedy decoding of PROMPT produces."""
-    from transformers import AutoModelForCausalLM
-
-    path = build_model_dir(tmp_path_factory.mktemp("eos"), "llama")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    free_run = hf_greedy(model, PROMPT, 12)
-    eos = free_run[5]
-    assert eos not in free_run[:5]
-    model.generation_config.eos_token_id = eos
-    model.config.eos_token_id = eos
-    model.save_pretrained(path)
-    return path, free_run, eos
+PROMPT = EOS_PROMPT
 
 
 @pytest.fixture(scope="module")

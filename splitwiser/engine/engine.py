@@ -101,6 +101,7 @@ class Engine:
             num_threads=self.config.threads_per_worker(),
             max_num_seqs=self.config.max_num_seqs,
             eos_token_ids=self.eos_token_ids,
+            env=tuple(self.config.worker_env(role).items()),
         )
         worker = WorkerProc(cfg, self.model, self.kv_pool)
         self.workers[(role, index)] = worker

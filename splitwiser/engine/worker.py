@@ -30,6 +30,7 @@ class WorkerConfig:
     num_threads: int
     max_num_seqs: int  # token worker: running requests per decode step
     eos_token_ids: tuple[int, ...]
+    env: tuple[tuple[str, str], ...] = ()  # set before CUDA starts (MPS pipe, thread share)
 
     @property
     def name(self) -> str:
@@ -60,6 +61,8 @@ def _synchronize(device: torch.device) -> None:
 
 def worker_main(cfg: WorkerConfig, payload: bytes, in_queue, out_conn) -> None:
     """Entry point of a spawned worker. ``payload`` pickles (model, kv_pool) as shared handles."""
+    # NOTE: before anything touches CUDA: the driver reads the MPS variables when it initialises
+    os.environ.update(dict(cfg.env))
     try:
         with open("/proc/self/comm", "w") as f:  # visible in `ps`: sw-prompt-0, sw-token-1
             f.write(f"sw-{cfg.role}-{cfg.index}"[:15])

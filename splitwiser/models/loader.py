@@ -26,40 +26,76 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or os.sep in spec and os.path.exists(spec)
 
 
-def load_model(spec: str | None, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    """Load once in the calling process; workers later map these tensors instead of reloading."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+def _resolve(spec: str | None) -> tuple[str | None, str, str]:
+    """(directory or None for a random preset, name, source) of a model spec; raises if unknown."""
     if spec is None:
         path = str(ensure_default_model())
-        name, source = "default", path
-    elif spec.startswith(RANDOM_PREFIX):
+        return path, "default", path
+    if spec.startswith(RANDOM_PREFIX):
         preset = spec[len(RANDOM_PREFIX) :]
         if preset.lower() not in PRESETS:
             raise ModelNotFoundError(
                 f"unknown random preset {preset!r}; choose one of: {', '.join(sorted(PRESETS))}"
             )
-        config = preset_config(preset)
+        return None, spec, "random preset"
+    path = os.path.expanduser(spec)
+    if _looks_like_path(spec) and not os.path.isdir(path):
+        raise ModelNotFoundError(
+            f"model directory {spec!r} does not exist; pass a Hugging Face causal-LM "
+            f"directory, a hub id, 'random:<preset>' or no model for the embedded default"
+        )
+    return path, spec, path
+
+
+def _not_found(spec: str, exc: Exception) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"cannot load model {spec!r}: {str(exc).splitlines()[0]} (a local directory, a hub id "
+        f"in the local cache, 'random:<preset>', or no model for the embedded default)"
+    )
+
+
+def load_tokenizer(spec: str | None):
+    """The tokenizer of a model spec, without loading its weights."""
+    from transformers import AutoTokenizer
+
+    path, _, _ = _resolve(spec)
+    if path is None:
+        return build_tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise _not_found(spec, exc) from exc
+
+
+def load_model_config(spec: str | None):
+    """The model's ``PretrainedConfig``, without loading its weights."""
+    from transformers import AutoConfig
+
+    path, _, _ = _resolve(spec)
+    if path is None:
+        return preset_config(spec[len(RANDOM_PREFIX) :])
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise _not_found(spec, exc) from exc
+
+
+def load_model(spec: str | None, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """Load once in the calling process; workers later map these tensors instead of reloading."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path, name, source = _resolve(spec)
+    if path is None:
+        config = preset_config(spec[len(RANDOM_PREFIX) :])
         torch.manual_seed(0)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        return LoadedModel(model.eval(), build_tokenizer(), spec, "random preset")
-    else:
-        path = os.path.expanduser(spec)
-        if _looks_like_path(spec) and not os.path.isdir(path):
-            raise ModelNotFoundError(
-                f"model directory {spec!r} does not exist; pass a Hugging Face causal-LM "
-                f"directory, a hub id, 'random:<preset>' or no model for the embedded default"
-            )
-        name, source = spec, path
+        return LoadedModel(model.eval(), build_tokenizer(), name, source)
+    tokenizer = load_tokenizer(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None)
     except OSError as exc:
-        raise ModelNotFoundError(
-            f"cannot load model {spec!r}: {str(exc).splitlines()[0]} (a local directory, a hub id "
-            f"in the local cache, 'random:<preset>', or no model for the embedded default)"
-        ) from exc
+        raise _not_found(spec, exc) from exc
     return LoadedModel(model.to(device).eval(), tokenizer, name, source)

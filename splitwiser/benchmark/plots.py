@@ -1,0 +1,102 @@
+"""PNG plots of a run: latency CDFs, throughput bars, telemetry over time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+
+COLORS = {"splitwiser": "tab:blue", "sequential": "tab:red", "batched": "tab:orange"}
+
+
+def _cdf(ax, values: list[float], label: str) -> None:
+    if not values:
+        return
+    xs = sorted(values)
+    ys = [(i + 1) / len(xs) for i in range(len(xs))]
+    xs, ys = [xs[0], *xs], [0.0, *ys]  # start the curve at 0
+    ax.step(xs, ys, where="post", label=label, color=COLORS.get(label))
+
+
+def latency_cdfs(path: Path, runs) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = (("TTFT (ms)", "ttft_s"), ("TPOT (ms)", "tpot_s"), ("E2E latency (ms)", "e2el_s"))
+    for ax, (title, attr) in zip(axes, panels):
+        for name, run in runs.items():
+            vals = [getattr(r, attr) * 1e3 for r in run.records if r.ok]
+            _cdf(ax, [v for v in vals if v is not None and v > 0], name)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(title)
+        ax.set_ylabel("fraction of requests")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle("Latency CDFs (from scheduled arrival)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def throughput_bars(path: Path, summary: dict) -> None:
+    systems = summary["systems"]
+    names = list(systems)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (key, label) in zip(
+        axes, (("output_throughput", "output tokens/s"), ("request_throughput", "requests/s"))
+    ):
+        vals = [systems[n][key] for n in names]
+        bars = ax.bar(names, vals, color=[COLORS.get(n, "tab:gray") for n in names])
+        base = systems.get("sequential", {}).get(key)
+        for bar, v in zip(bars, vals):
+            note = f"{v:.1f}" + (f"\n{v / base:.2f}x seq" if base else "")
+            ax.annotate(note, (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, max(vals) * 1.3 if max(vals) > 0 else 1)
+        ax.grid(True, axis="y", alpha=0.3)
+    wl = summary["workload"]
+    fig.suptitle(f"Throughput: {wl['name']}, {wl['num_requests']} requests, {wl['arrival']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def telemetry_plot(path: Path, runs) -> None:
+    has_gpu = any(run.telemetry.gpu_samples for run in runs.values())
+    panels = [("total CPU %", "cpu_percent"), ("total PSS (MiB)", "pss_mib")]
+    if has_gpu:
+        panels += [("GPU util %", "gpu_util_percent"), ("GPU power (W)", "gpu_power_w"),
+                   ("GPU memory used (MiB)", "gpu_memory_used_mib")]  # fmt: skip
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.6 * len(panels)), sharex=True)
+    for ax, (title, key) in zip(axes, panels):
+        for name, run in runs.items():
+            if key in ("cpu_percent", "pss_mib"):
+                totals: dict[float, float] = {}
+                for row in run.telemetry.samples:
+                    totals[row["time_s"]] = totals.get(row["time_s"], 0.0) + (row[key] or 0.0)
+                xs = sorted(totals)
+                ys = [totals[x] for x in xs]
+            else:
+                pts = [(s["time_s"], s.get(key)) for s in run.telemetry.gpu_samples]
+                xs = [t for t, v in pts if v is not None]
+                ys = [v for _, v in pts if v is not None]
+            ax.plot(xs, ys, label=name, color=COLORS.get(name))
+        ax.set_ylabel(title)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend()
+    axes[-1].set_xlabel("seconds since the system's measured run started")
+    fig.suptitle("Telemetry (this process and its sw-* workers)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(run_dir: Path, summary: dict, runs) -> list[str]:
+    latency_cdfs(run_dir / "latency_cdf.png", runs)
+    throughput_bars(run_dir / "throughput.png", summary)
+    telemetry_plot(run_dir / "telemetry.png", runs)
+    return ["latency_cdf.png", "throughput.png", "telemetry.png"]

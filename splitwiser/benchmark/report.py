@@ -1,0 +1,132 @@
+"""What a run leaves behind: ``<out>/<run-id>/`` with ``summary.json``, ``requests.csv``,
+``telemetry.csv`` and the plots; and the comparison table printed at the end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+from splitwiser.benchmark.metrics import HEADLINE
+
+REQUEST_COLUMNS = (
+    "system", "request_id", "arrival_s", "submit_s", "prompt_len", "output_len",
+    "num_output_tokens", "ttft_ms", "tpot_ms", "mean_itl_ms", "e2el_ms", "finish_s",
+    "handoff_ms", "kv_bytes_copied", "error",
+)  # fmt: skip
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 4)
+
+
+def _request_rows(runs) -> list[dict]:
+    rows = []
+    for name, run in runs.items():
+        for r in sorted(run.records, key=lambda r: r.request_id):
+            itl = r.itl_s
+            rows.append({
+                "system": name, "request_id": r.request_id, "arrival_s": round(r.arrival_s, 6),
+                "submit_s": None if r.submit_s is None else round(r.submit_s, 6),
+                "prompt_len": r.prompt_len, "output_len": r.output_len,
+                "num_output_tokens": r.num_output_tokens, "ttft_ms": _ms(r.ttft_s),
+                "tpot_ms": _ms(r.tpot_s), "mean_itl_ms": _ms(sum(itl) / len(itl)) if itl else None,
+                "e2el_ms": _ms(r.e2el_s),
+                "finish_s": None if r.finish_s is None else round(r.finish_s, 6),
+                "handoff_ms": _ms(r.handoff_s), "kv_bytes_copied": r.kv_bytes_copied,
+                "error": r.error,
+            })  # fmt: skip
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict], columns) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _unique_dir(out: Path, base: str) -> Path:
+    for n in range(1000):
+        path = out / (base if n == 0 else f"{base}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free run directory for {base} under {out}")
+
+
+def write_results(config, summary: dict, runs, run_dir: Path | None, device) -> Path:
+    """Write every file of the run; returns its directory."""
+    if run_dir is None:
+        base = f"{time.strftime('%Y%m%d-%H%M%S')}-{config.workload}-{device.type}"
+        run_dir = _unique_dir(Path(config.out), base)
+    else:
+        run_dir.mkdir(parents=True)
+    summary["run_id"] = run_dir.name
+    _write_csv(run_dir / "requests.csv", _request_rows(runs), REQUEST_COLUMNS)
+    telemetry = [
+        {"system": name, **row} for name, run in runs.items() for row in run.telemetry.samples
+    ]
+    _write_csv(
+        run_dir / "telemetry.csv",
+        telemetry,
+        ("system", "time_s", "process", "cpu_percent", "rss_mib", "uss_mib", "pss_mib"),
+    )
+    gpu = [{"system": n, **row} for n, run in runs.items() for row in run.telemetry.gpu_samples]
+    if gpu:
+        columns = ["system"] + sorted({k for row in gpu for k in row} - {"system"})
+        _write_csv(run_dir / "gpu_telemetry.csv", gpu, columns)
+    files = ["summary.json", "requests.csv", "telemetry.csv"] + (
+        ["gpu_telemetry.csv"] if gpu else []
+    )
+    if config.plots:
+        from splitwiser.benchmark.plots import write_plots
+
+        files += write_plots(run_dir, summary, runs)
+    summary["files"] = files
+    with open(run_dir / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+        f.write("\n")
+    return run_dir
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
+
+
+def comparison_table(summary: dict) -> str:
+    """Metrics per system, then Splitwiser's ratio to each baseline (its value / theirs)."""
+    systems = summary["systems"]
+    names = list(systems)
+    ratio_cols = [f"x {b}" for b in summary["ratios"]]
+    header = ["metric", *names, *ratio_cols]
+    rows = [header]
+    for key, label, _ in HEADLINE:
+        if all(systems[n].get(key) is None for n in names):
+            continue
+        row = [label, *(_fmt(systems[n].get(key)) for n in names)]
+        row += [_fmt(summary["ratios"][b].get(key)) for b in summary["ratios"]]
+        rows.append(row)
+    rows.append(["completed/failed", *(f"{systems[n]['completed']}/{systems[n]['failed']}"
+                                       for n in names), *[""] * len(ratio_cols)])  # fmt: skip
+    sw = systems.get("splitwiser", {})
+    if sw.get("median_handoff_ms") is not None:
+        rows.append(["median handoff ms", _fmt(sw["median_handoff_ms"]),
+                     *[""] * (len(header) - 2)])  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for i, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append("ratios are Splitwiser's value divided by the baseline's")
+    return "\n".join(lines)

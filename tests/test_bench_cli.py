@@ -1,0 +1,119 @@
+"""``splitwiser bench`` end to end in a real subprocess: bad options fail in one line with exit
+code 2 and start nothing; a short run writes a valid summary, the per-request CSV and the plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SHORT = ["--procs", "2", "--num-requests", "6", "--input-len", "24", "--output-len", "6"]
+
+
+def bench(*args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "splitwiser", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--procs", "0"], "--procs must be an integer >= 2"),
+        (["--procs", "1"], "--procs must be an integer >= 2"),
+        (["--procs", "4", "--prompt-procs", "4"], "at least one token worker"),
+        (["--workload", "sharegpt"], "Invalid value for '--workload'"),
+        (["--mps"], "--mps: MPS needs a CUDA GPU"),
+        (["--mps", "--no-mps"], "not both"),
+        (["--mps-split", "70"], "two percentages"),
+        (["--no-mps", "--mps-split", "70,30"], "--mps-split needs MPS"),
+        (["--rate", "0"], "--rate must be positive"),
+        (["--rate", "2", "--trace-speedup", "2", "--workload", "azure-conv"], "not both"),
+        (["--trace-speedup", "2"], "needs a trace workload"),
+        (["--slo", "ttft=5"], "bad --slo entry"),
+        (["--baseline", "vllm"], "unknown baseline 'vllm'"),
+        (["--num-requests", "0"], "--num-requests must be"),
+        (["--model", "/no/such/model"], "does not exist"),
+        (["--device", "cuda"], "no CUDA GPU is available"),
+        (["--input-len", "9000"], "exceeds the context"),
+    ],
+)
+def test_bad_options_fail_in_one_line(args, message, leftovers, tmp_path):
+    proc = bench(*args, "--out", str(tmp_path), timeout=180)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert lines[0].startswith("splitwiser: error:") and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no results written
+    leftovers.assert_clean()
+
+
+def test_short_bench_writes_summary_csv_and_plots(tmp_path, leftovers):
+    proc = bench(*SHORT, "--out", str(tmp_path), "--run-id", "e2e", "--slo", "ttft_ms=60000")
+    assert proc.returncode == 0, proc.stderr
+    assert "x sequential" in proc.stdout and "output tok/s" in proc.stdout  # the table
+    run = tmp_path / "e2e"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["command"].startswith("splitwiser bench --procs 2")
+    assert set(summary["systems"]) == {"splitwiser", "sequential", "batched"}
+    assert set(summary["ratios"]) == {"sequential", "batched"}
+    assert summary["environment"]["mps"]["active"] is False
+    assert summary["config"]["num_prompt_workers"] == 1
+    for name, m in summary["systems"].items():
+        assert (m["completed"], m["failed"]) == (6, 0), name
+        assert m["total_output_tokens"] == 36 and m["total_input_tokens"] == 144
+        assert m["output_throughput"] == pytest.approx(36 / m["duration"])
+        assert m["request_goodput"] == pytest.approx(6 / m["duration"])  # a 60 s SLO holds
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            for stat in ("mean", "median", "p90", "p99"):
+                assert m[f"{stat}_{key}"] > 0, (name, stat, key)
+        assert m["telemetry"]["gpu"] is None and m["telemetry"]["processes"]["driver"]
+    sw = summary["systems"]["splitwiser"]
+    assert {"sw-prompt-0", "sw-token-0"} <= set(sw["telemetry"]["processes"])
+    assert sw["median_handoff_ms"] > 0 and sw["kv_bytes_copied"] == 0
+    assert sw["kv_bytes_not_moved"] == 144 * sw["kv_bytes_per_token"]
+    ratio = summary["ratios"]["sequential"]["output_throughput"]
+    assert ratio == pytest.approx(
+        sw["output_throughput"] / summary["systems"]["sequential"]["output_throughput"]
+    )
+    # greedy float32 on the same prompt ids: the split runtime reproduces generate() exactly
+    assert summary["token_agreement_with_sequential"]["splitwiser"] == 1.0
+    with open(run / "requests.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 18 and {r["system"] for r in rows} == set(summary["systems"])
+    assert all(int(r["num_output_tokens"]) == 6 and not r["error"] for r in rows)
+    for png in ("latency_cdf.png", "throughput.png", "telemetry.png"):
+        data = (run / png).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    assert set(summary["files"]) == {p.name for p in run.iterdir()}
+    leftovers.assert_clean()
+
+
+def test_trace_replay_records_the_workload(tmp_path, leftovers):
+    proc = bench(
+        "--procs", "2", "--workload", "azure-conv", "--num-requests", "5",
+        "--trace-speedup", "20", "--length-scale", "0.05", "--max-context", "256",
+        "--baseline", "sequential", "--mps", "auto", "--no-plots", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (run,) = tmp_path.iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    wl = summary["workload"]
+    assert wl["arrival"] == "trace" and wl["trace_speedup"] == 20.0 and wl["length_scale"] == 0.05
+    assert "Splitwise" in wl["attribution"]
+    # the conversation trace's 2nd request comes 4.31 s after the 1st: 0.216 s at 20x
+    with open(run / "requests.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["system"] == "splitwiser"]
+    assert float(rows[1]["arrival_s"]) == pytest.approx(4.3145791 / 20, abs=1e-4)
+    assert float(rows[1]["submit_s"]) >= float(rows[1]["arrival_s"])
+    assert summary["environment"]["mps"]["reason"].startswith("not used")
+    assert set(summary["systems"]) == {"splitwiser", "sequential"}
+    assert not list(run.glob("*.png"))
+    leftovers.assert_clean()
