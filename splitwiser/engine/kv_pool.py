@@ -82,5 +82,7 @@ def slots_for(
 
 
 def gather_kv(pool: torch.Tensor, layer: int, slots: torch.Tensor) -> torch.Tensor:
-    """K/V of one request at ``slots``: ``[2, num_kv_heads, len, head_dim]`` (contiguous)."""
-    return pool[layer, :, slots].transpose(1, 2).contiguous()
+    """K/V of one request at ``slots``: ``[2, num_kv_heads, len, head_dim]`` (a transposed view of
+    a fresh gather; SDPA's GQA expansion copies it into its own layout anyway)."""
+    # NOTE: index_select, not pool[layer, :, slots]: advanced indexing is ~10x slower on CPU here
+    return pool[layer].index_select(1, slots).transpose(1, 2)
