@@ -1,21 +1,25 @@
-"""CUDA Multi-Process Service (MPS): find the control binary, start a private daemon or use the
-one already running, hand workers their environment, and stop only what was started here.
+"""CUDA Multi-Process Service (MPS): find the control binary, start a private daemon or use one
+already running, hand client processes their environment, and stop only what was started here.
 
 MPS lets the prompt and token workers' kernels run concurrently on one GPU instead of
 time-slicing whole contexts. A CUDA process connects to the daemon named by
 ``CUDA_MPS_PIPE_DIRECTORY`` when CUDA initialises, so that variable (and a worker's
-``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``) must be set before the process touches CUDA.
-This module never changes GPU settings (compute mode); see ``mps/README.md``.
+``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``) must be in its environment before it touches CUDA.
+This module never changes GPU settings such as the compute mode; see ``mps/README.md``.
+
+A daemon started by ``splitwiser mps start`` is recorded in a state file, so that a later
+``splitwiser mps stop`` stops exactly that daemon and nothing else.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
@@ -35,13 +39,18 @@ def find_control_binary() -> str | None:
     return shutil.which(CONTROL_BINARY)
 
 
+def state_file() -> Path:
+    """Where ``splitwiser mps start`` records the daemon it started."""
+    base = os.environ.get("SPLITWISER_CACHE") or os.path.expanduser("~/.cache/splitwiser")
+    return Path(base) / "mps-daemon.json"
+
+
 def parse_split(text: str | None) -> tuple[int, int] | None:
     """``"70,30"`` -> active thread percentages of the prompt and token workers."""
     if text is None:
         return None
-    parts = text.split(",")
     try:
-        split = tuple(int(p) for p in parts)
+        split = tuple(int(p) for p in text.split(","))
     except ValueError:
         split = ()
     if len(split) != 2 or not all(1 <= p <= 100 for p in split):
@@ -78,9 +87,11 @@ def daemon_responds(pipe_dir: str) -> bool:
 
 
 def _daemon_pids() -> set[int]:
+    """Running control daemons (``comm`` holds at most 15 characters of the name)."""
+    names = {CONTROL_BINARY, CONTROL_BINARY[:15]}
     pids = set()
     for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] == CONTROL_BINARY:
+        if proc.info["name"] in names:
             pids.add(proc.pid)
     return pids
 
@@ -90,29 +101,25 @@ class MPSDaemon:
     """A control daemon in use: started here (``owned``) or found running."""
 
     pipe_dir: str
-    log_dir: str
+    log_dir: str | None
     owned: bool
-    pid: int | None = None
-    _tmp_root: str | None = None
+    pid: int | None = None  # the daemon process, when started here
+    root: str | None = None  # the private directory holding pipe/ and log/, when started here
 
     def env(self, thread_percentage: int | None = None) -> dict[str, str]:
         """What a client process needs in its environment before CUDA starts."""
-        env = {"CUDA_MPS_PIPE_DIRECTORY": self.pipe_dir, "CUDA_MPS_LOG_DIRECTORY": self.log_dir}
+        env = {"CUDA_MPS_PIPE_DIRECTORY": self.pipe_dir}
         if thread_percentage is not None:
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(thread_percentage)
         return env
 
     def status(self) -> dict:
-        servers = None
-        if daemon_responds(self.pipe_dir):
+        running = daemon_responds(self.pipe_dir)
+        servers = []
+        if running:
             out = _control(self.pipe_dir, "get_server_list").stdout.split()
             servers = [int(x) for x in out if x.isdigit()]
-        return {
-            "pipe_dir": self.pipe_dir,
-            "owned": self.owned,
-            "running": servers is not None,
-            "server_pids": servers or [],
-        }
+        return asdict(self) | {"running": running, "server_pids": servers}
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Quit the daemon if it was started here; a daemon found running is left alone."""
@@ -123,28 +130,42 @@ class MPSDaemon:
         if self.pid is not None:
             try:
                 proc = psutil.Process(self.pid)
-                proc.wait(timeout_s)
+                try:
+                    proc.wait(timeout_s)
+                except psutil.TimeoutExpired:
+                    proc.kill()
             except psutil.NoSuchProcess:
                 pass
-            except psutil.TimeoutExpired:
-                proc.kill()
-        if self._tmp_root is not None:
-            shutil.rmtree(self._tmp_root, ignore_errors=True)
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
         self.owned = False
 
 
-def start_daemon(pipe_dir: str | None = None, start_timeout_s: float = 10.0) -> MPSDaemon:
-    """Use the daemon listening on ``pipe_dir`` (default: ``$CUDA_MPS_PIPE_DIRECTORY`` or
-    /tmp/nvidia-mps), or start a private one with pipe and log directories of mode 0700."""
+def find_running() -> MPSDaemon | None:
+    """A responding daemon: the one recorded by ``splitwiser mps start``, the one named by
+    ``$CUDA_MPS_PIPE_DIRECTORY``, or the system default (/tmp/nvidia-mps). Never owned."""
+    candidates = []
+    recorded = load_recorded()
+    if recorded is not None:
+        candidates.append(recorded.pipe_dir)
+    candidates += [os.environ.get("CUDA_MPS_PIPE_DIRECTORY"), DEFAULT_PIPE_DIRECTORY]
+    for pipe_dir in candidates:
+        if pipe_dir and daemon_responds(pipe_dir):
+            return MPSDaemon(pipe_dir, os.environ.get("CUDA_MPS_LOG_DIRECTORY"), owned=False)
+    return None
+
+
+def start_daemon(start_timeout_s: float = 10.0) -> MPSDaemon:
+    """Use a daemon already running (see ``find_running``), or start a private one whose pipe
+    and log directories have mode 0700; only a daemon started here comes back ``owned``."""
     if find_control_binary() is None:
         raise MPSUnavailableError(
             f"MPS is not available: {CONTROL_BINARY} is not on PATH (it ships with the NVIDIA "
-            f"driver utilities); run without --mps, or with --mps auto"
+            f"driver utilities)"
         )
-    existing = pipe_dir or os.environ.get("CUDA_MPS_PIPE_DIRECTORY", DEFAULT_PIPE_DIRECTORY)
-    if daemon_responds(existing):
-        log_dir = os.environ.get("CUDA_MPS_LOG_DIRECTORY", "/var/log/nvidia-mps")
-        return MPSDaemon(existing, log_dir, owned=False)
+    running = find_running()
+    if running is not None:
+        return running
     root = tempfile.mkdtemp(prefix="splitwiser-mps-")  # mode 0700
     pipe, log = os.path.join(root, "pipe"), os.path.join(root, "log")
     os.mkdir(pipe, 0o700)
@@ -167,8 +188,36 @@ def start_daemon(pipe_dir: str | None = None, start_timeout_s: float = 10.0) -> 
     control_log = Path(log) / "control.log"
     if control_log.exists():
         detail += control_log.read_text(errors="replace").strip().splitlines()
+    for pid in _daemon_pids() - before:  # a daemon that came up but never answered
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
     shutil.rmtree(root, ignore_errors=True)
     raise MPSUnavailableError(
         f"the MPS control daemon did not start ({detail[-1] if detail else 'no answer'}); "
         f"check the GPU's compute mode (see mps/README.md)"
     )
+
+
+def record(daemon: MPSDaemon) -> None:
+    path = state_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(daemon)) + "\n")
+
+
+def load_recorded() -> MPSDaemon | None:
+    """The daemon ``splitwiser mps start`` recorded, if the record exists."""
+    try:
+        return MPSDaemon(**json.loads(state_file().read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def stop_recorded() -> MPSDaemon | None:
+    """Stop the daemon ``splitwiser mps start`` recorded; returns it, or ``None`` if none was."""
+    daemon = load_recorded()
+    if daemon is not None:
+        daemon.stop()
+        state_file().unlink(missing_ok=True)
+    return daemon

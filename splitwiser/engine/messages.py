@@ -78,6 +78,7 @@ class ReadyMsg:
     uss_after_weights: int  # ... and after: the difference is what mapping the weights cost
     num_params_shared: int  # parameters whose storage is shared with the parent
     num_params: int
+    mps_env: dict[str, str]  # the CUDA_MPS_* variables the worker runs with
 
 
 @dataclass

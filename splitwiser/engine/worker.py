@@ -86,6 +86,7 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_queue, out_conn) -> None:
             uss_after_weights=_uss(),
             num_params_shared=sum(p.is_shared() for p in params),
             num_params=len(params),
+            mps_env={k: v for k, v in os.environ.items() if k.startswith("CUDA_MPS_")},
         )
     )
     loop = PromptWorker if cfg.role == "prompt" else TokenWorker

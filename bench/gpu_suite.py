@@ -1,0 +1,273 @@
+"""The GPU validation suite: one stage per command, each well inside 10 minutes.
+
+    python bench/gpu_suite.py STAGE [--out DIR] [--model M]     (or: bash bench/gpu_suite.sh)
+
+Stages (all write under DIR, default results/gpu/<date>-<device>/):
+  env        nvidia-smi, driver, torch and transformers versions, the MPS binary, a daemon start
+  tests      the GPU tests (pytest -m gpu)
+  handoff    KV handoff latency, shared vs copy, at 128, 1k and 4k prompt tokens
+  bandwidth  the device's copy bandwidth; decode's achieved bandwidth and prefill's TFLOP/s
+  memory     device memory with 2 prompt + 2 token workers against the model's bytes
+  bench-nomps, bench-mps
+             splitwiser bench against sequential and batched on azure-conv (capped), bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from splitwiser import SamplingParams, SplitwiserPipeline, mps
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "random:llama-3.2-1b"
+GIB = 1 << 30
+
+
+def _write(out: Path, name: str, data) -> None:
+    (out / name).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _sh(*args: str) -> str:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{args[0]}: {exc}"
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 1000, (n,), generator=g).tolist()
+
+
+def stage_env(out: Path, model: str) -> None:
+    import transformers
+
+    (out / "nvidia-smi.txt").write_text(_sh("nvidia-smi") + "\n" + _sh("nvidia-smi", "-q"))
+    query = "name,driver_version,memory.total,compute_mode,clocks.max.sm,clocks.max.mem"
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": _sh("nvidia-smi", f"--query-gpu={query}", "--format=csv").strip(),
+        "mps_control_binary": mps.find_control_binary(),
+        "ncu": shutil.which("ncu"),
+    }
+    try:
+        daemon = mps.start_daemon()
+        info["mps_daemon"] = daemon.status()
+        daemon.stop()
+        info["mps_daemon_stopped"] = not mps.daemon_responds(daemon.pipe_dir) or not daemon.owned
+    except mps.MPSUnavailableError as exc:
+        info["mps_daemon"] = f"unavailable: {exc}"
+    _write(out, "env.json", info)
+
+
+def stage_tests(out: Path, model: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rs", "tests/test_gpu.py"],
+        capture_output=True, text=True, cwd=ROOT, timeout=540,
+    )  # fmt: skip
+    (out / "pytest-gpu.log").write_text(proc.stdout + proc.stderr)
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    _write(out, "tests.json", {"returncode": proc.returncode, "summary": summary})
+
+
+def stage_handoff(out: Path, model: str, repeats: int = 12) -> None:
+    """One request at a time, so the token worker is idle and the figure is the handoff alone."""
+    results = {}
+    for mode in ("shared", "copy"):
+        with SplitwiserPipeline(model, device="cuda", kv_handoff=mode) as pipe:
+            for n in (128, 1024, 4096):
+                params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+                pipe.generate([_prompt(n, 0)], params)  # warm-up
+                ms, copied = [], []
+                for i in range(repeats):
+                    o = pipe.generate([_prompt(n, i + 1)], params)[0]
+                    ms.append(o.metrics.handoff_s * 1e3)
+                    copied.append(o.metrics.kv_bytes_copied)
+                results[f"{mode}/{n}"] = {
+                    "kv_handoff": mode,
+                    "prompt_tokens": n,
+                    "median_handoff_ms": statistics.median(ms),
+                    "max_handoff_ms": max(ms),
+                    "kv_bytes_copied_per_request": statistics.median(copied),
+                    "samples_ms": ms,
+                }
+    _write(out, "handoff.json", {"model": model, "dtype": "bfloat16", "results": results})
+
+
+def _cuda_time(fn, iters: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def _copy_bandwidth_gb_s(dev: torch.device, num_bytes: int = 2 * GIB) -> float:
+    """Device-to-device copy: bytes read plus bytes written, per second."""
+    src = torch.empty(num_bytes, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy_s = _cuda_time(lambda: dst.copy_(src), 10)
+    return 2 * num_bytes / copy_s / 1e9
+
+
+def stage_bandwidth(out: Path, model: str) -> None:
+    """gpt-fast's measure: decode moves every weight byte and the live K/V once per step."""
+    from splitwiser.engine.kv_pool import KVLayout, allocate_pool
+    from splitwiser.engine.model_runner import DecodeSeq, ModelRunner, PrefillSeq
+    from splitwiser.models.loader import load_model
+
+    dev = torch.device("cuda")
+    copy_gbs = _copy_bandwidth_gb_s(dev)
+    loaded = load_model(model, dtype=torch.bfloat16, device=dev)
+    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    num_params = sum(p.numel() for p in loaded.model.parameters())
+    layout = KVLayout.from_model_config(loaded.model.config, 16, torch.bfloat16)
+    ctx = 1024
+    blocks_per_seq = ctx // 16 + 1
+    pool = allocate_pool(layout, 64 * blocks_per_seq, dev)
+    runner = ModelRunner(loaded.model, 16, dev)
+    decode = []
+    for batch in (1, 8, 32, 64):
+        seqs = [
+            DecodeSeq(5, ctx, list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)))
+            for i in range(batch)
+        ]
+        step_s = _cuda_time(lambda s=seqs: runner.decode(s, pool), 20)
+        moved = weight_bytes + batch * (ctx + 1) * layout.bytes_per_token
+        decode.append({
+            "batch": batch, "context": ctx, "step_ms": step_s * 1e3,
+            "bytes_per_step": moved, "achieved_gb_s": moved / step_s / 1e9,
+            "fraction_of_copy_bandwidth": moved / step_s / 1e9 / copy_gbs,
+        })  # fmt: skip
+    prefill = []
+    for batch, n in ((1, 512), (4, 1024), (8, 2048)):
+        seqs = [
+            PrefillSeq(_prompt(n, i), list(range(i * 129, (i + 1) * 129))) for i in range(batch)
+        ]
+        big = allocate_pool(layout, batch * 129, dev)
+        step_s = _cuda_time(lambda s=seqs, p=big: runner.prefill(s, p), 5)
+        flops = 2 * num_params * batch * n  # 2 FLOPs per parameter per token
+        prefill.append({"batch": batch, "prompt_tokens": n, "ms": step_s * 1e3,
+                        "achieved_tflop_s": flops / step_s / 1e12})  # fmt: skip
+        del big
+    _write(out, "bandwidth.json", {
+        "model": model, "dtype": "bfloat16", "weight_bytes": weight_bytes,
+        "copy_bandwidth_gb_s": copy_gbs, "decode": decode, "prefill": prefill,
+        "note": "decode bytes = weights + live K/V read once per step; prefill FLOPs exclude "
+                "attention's quadratic term",
+    })  # fmt: skip
+
+
+def stage_memory(out: Path, model: str) -> None:
+    """Device memory with 2 + 2 workers: the weights should be resident once, not five times."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+
+    def used() -> int:
+        return pynvml.nvmlDeviceGetMemoryInfo(handle).used
+
+    def per_process() -> dict:
+        try:
+            procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            return {p.pid: p.usedGpuMemory for p in procs}
+        except pynvml.NVMLError as exc:
+            return {"unavailable": str(exc)}
+
+    before = used()
+    pool_bytes = 4 * GIB
+    with SplitwiserPipeline(
+        model, device="cuda", num_prompt_workers=2, num_token_workers=2, kv_cache_bytes=pool_bytes
+    ) as pipe:
+        pipe.generate([_prompt(256, 0)] * 8, SamplingParams(max_new_tokens=8, ignore_eos=True))
+        during = used()
+        workers = pipe.workers()
+        weight_bytes = sum(p.numel() * p.element_size() for p in pipe._engine.model.parameters())
+        procs = per_process()
+    increase = during - before
+    _write(out, "memory.json", {
+        "model": model, "weight_bytes": weight_bytes, "kv_pool_bytes": pool_bytes,
+        "device_memory_increase_bytes": increase,
+        "increase_minus_pool_over_weights": (increase - pool_bytes) / weight_bytes,
+        "per_process_used_bytes": procs, "workers": workers,
+        "note": "each of the 5 processes also holds a CUDA context (~0.5 GiB); 5 weight copies "
+                "would show as a ratio near 5 plus contexts",
+    })  # fmt: skip
+
+
+def stage_bench(out: Path, model: str, use_mps: bool) -> None:
+    name = "bench-mps" if use_mps else "bench-nomps"
+    args = [
+        sys.executable, "-m", "splitwiser", "bench", "--model", model, "--dtype", "bfloat16",
+        "--device", "cuda", "--procs", "4", "--mps" if use_mps else "--no-mps",
+        "--workload", "azure-conv", "--num-requests", "64", "--length-scale", "0.5",
+        "--max-context", "2048", "--trace-speedup", "4", "--slo", "ttft_ms=1000,tpot_ms=100",
+        "--out", str(out), "--run-id", name,
+    ]  # fmt: skip
+    (out / f"{name}.command").write_text(" ".join(args[2:]).replace("-m splitwiser", "splitwiser"))
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=570)
+    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    print(proc.stdout[-4000:], proc.stderr[-2000:])
+
+
+STAGES = {
+    "env": stage_env,
+    "tests": stage_tests,
+    "handoff": stage_handoff,
+    "bandwidth": stage_bandwidth,
+    "memory": stage_memory,
+    "bench-nomps": lambda out, model: stage_bench(out, model, False),
+    "bench-mps": lambda out, model: stage_bench(out, model, True),
+}
+
+
+def default_out() -> Path:
+    name = "cpu"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0).replace("NVIDIA ", "").replace(" ", "-")
+    return ROOT / "results" / "gpu" / f"{time.strftime('%Y%m%d')}-{name}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stage", choices=[*STAGES, "all"])
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--model", default=MODEL)
+    args = ap.parse_args()
+    if args.stage != "env" and not torch.cuda.is_available():
+        print(f"gpu_suite: error: stage {args.stage!r} needs a CUDA GPU", file=sys.stderr)
+        return 2
+    out = args.out or default_out()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    for stage in STAGES if args.stage == "all" else [args.stage]:
+        t0 = time.monotonic()
+        STAGES[stage](out, args.model)
+        print(f"== {stage}: {time.monotonic() - t0:.1f} s -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

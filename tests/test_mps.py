@@ -1,0 +1,158 @@
+"""MPS management on a host without a GPU: the missing binary is a clear error; against a test
+double of the control binary (tests/fakes/), private 0700 directories, reuse of a running daemon
+without ever stopping it, and no daemon left behind. Plus the environment each worker gets."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from splitwiser import ConfigError, SamplingParams, SplitwiserPipeline, mps
+
+FAKES = str(Path(__file__).parent / "fakes")
+
+
+@pytest.fixture
+def fake_mps(monkeypatch, tmp_path):
+    """The test double first on PATH, temp dirs and the state file under tmp_path."""
+    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("SPLITWISER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    return tmp_path
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_missing_binary_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert mps.find_control_binary() is None and mps.find_running() is None
+    with pytest.raises(mps.MPSUnavailableError, match="nvidia-cuda-mps-control is not on PATH"):
+        mps.start_daemon()
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitwiser", "mps", "start"],
+        capture_output=True, text=True, env=dict(os.environ, PATH=str(tmp_path)), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("splitwiser: error: MPS is not available")
+
+
+def test_private_daemon_dirs_are_0700_and_stop_leaves_nothing(fake_mps):
+    daemon = mps.start_daemon()
+    try:
+        assert daemon.owned and daemon.pid is not None and psutil.pid_exists(daemon.pid)
+        assert Path(daemon.root).parent == fake_mps
+        for path in (daemon.root, daemon.pipe_dir, daemon.log_dir):
+            assert _mode(path) == 0o700, path
+        assert mps.daemon_responds(daemon.pipe_dir)
+        assert daemon.env(70) == {
+            "CUDA_MPS_PIPE_DIRECTORY": daemon.pipe_dir,
+            "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "70",
+        }
+    finally:
+        daemon.stop()
+    assert not psutil.pid_exists(daemon.pid) or psutil.Process(daemon.pid).status() == "zombie"
+    assert not Path(daemon.root).exists()
+
+
+def test_a_running_daemon_is_used_and_never_stopped(fake_mps, monkeypatch):
+    ours = mps.start_daemon()
+    try:
+        monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", ours.pipe_dir)
+        found = mps.start_daemon()
+        assert not found.owned and found.pipe_dir == ours.pipe_dir
+        found.stop()  # not ours to stop: a no-op
+        assert mps.daemon_responds(ours.pipe_dir) and psutil.pid_exists(ours.pid)
+    finally:
+        ours.stop()
+
+
+def test_failed_start_is_one_clear_error_and_cleans_up(fake_mps, monkeypatch):
+    monkeypatch.setenv("FAKE_MPS_FAIL", "exclusive compute mode required")
+    with pytest.raises(mps.MPSUnavailableError, match="did not start.*exclusive compute mode"):
+        mps.start_daemon()
+    assert not list(fake_mps.glob("splitwiser-mps-*"))
+
+
+def test_cli_start_status_stop_stops_only_its_own(fake_mps):
+    env = dict(os.environ)
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "splitwiser", "mps", *args],
+                              capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert "started the MPS control daemon" in cli("start")
+    recorded = mps.load_recorded()
+    assert recorded is not None and recorded.owned
+    status = json.loads(cli("status", "--json"))
+    assert status["started_by_splitwiser"]["running"] is True
+    assert status["running"]["pipe_dir"] == recorded.pipe_dir
+    assert "already runs" in cli("start")  # a second start reuses it
+    assert "stopped" in cli("stop")
+    assert not mps.daemon_responds(recorded.pipe_dir) and mps.load_recorded() is None
+    assert "nothing stopped" in cli("stop")
+    assert not psutil.pid_exists(recorded.pid) or psutil.Process(recorded.pid).status() == "zombie"
+
+
+def test_split_parsing():
+    assert mps.parse_split("70,30") == (70, 30)
+    for bad in ("70", "0,50", "70,101", "a,b", "1,2,3"):
+        with pytest.raises(ConfigError, match="two percentages"):
+            mps.parse_split(bad)
+
+
+def test_each_worker_gets_its_role_share_before_cuda(model_dirs, tmp_path, leftovers):
+    with pytest.raises(ConfigError, match="needs mps_pipe_dir"):
+        SplitwiserPipeline(model_dirs["llama"], device="cpu", mps_thread_percentage=(70, 30))
+    with pytest.raises(ConfigError, match="two percentages"):
+        SplitwiserPipeline(
+            model_dirs["llama"], device="cpu", mps_pipe_dir="/x", mps_thread_percentage=(0, 30)
+        )
+    pipe_dir = str(tmp_path)
+    with SplitwiserPipeline(
+        model_dirs["llama"],
+        device="cpu",
+        num_prompt_workers=1,
+        num_token_workers=2,
+        mps_pipe_dir=pipe_dir,
+        mps_thread_percentage=(70, 30),
+    ) as pipe:
+        envs = {name: w["mps_env"] for name, w in pipe.workers().items()}
+        assert pipe.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0].token_ids
+    share = {"prompt": "70", "token": "30"}
+    assert len(envs) == 3
+    for name, env in envs.items():
+        role = name.split("-")[1]
+        assert env == {
+            "CUDA_MPS_PIPE_DIRECTORY": pipe_dir,
+            "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": share[role],
+        }, name
+    with SplitwiserPipeline(model_dirs["llama"], device="cpu") as pipe:
+        assert all(w["mps_env"] == {} for w in pipe.workers().values())
+    leftovers.assert_clean()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip path on hosts without a GPU")
+def test_gpu_tests_skip_without_a_gpu():
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "tests/test_gpu.py"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout
+    assert "passed" not in proc.stdout and "skipped" in proc.stdout
+    assert "needs a CUDA GPU" in proc.stdout
