@@ -1,12 +1,14 @@
 """The contract: greedy float32 tokens equal ``generate(do_sample=False)``, for Llama (GQA),
 Qwen2 and OPT, in real worker processes, alone and 32 at once, 1+1 and 2+2 workers, both
-handoff modes."""
+handoff modes; on CPU, and on CUDA (CUDA IPC) where a GPU is present."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
+import torch
 
 from splitwiser import SamplingParams, SplitwiserPipeline
 from tests.conftest import ARCHS, hf_greedy
@@ -22,13 +24,25 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(1, 1000) for _ in range(k)] for k in lens]
 
 
+NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(
+    scope="module", params=["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_GPU])]
+)
+def device(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def references(reference_models):
+def references(reference_models, device):
+    """``generate()`` on the same device: CUDA kernels round differently from CPU ones."""
     prompts = _prompts(32, seed=1)
-    return prompts, {
-        arch: [hf_greedy(model, p, MAX_NEW) for p in prompts]
-        for arch, model in reference_models.items()
-    }
+    refs = {}
+    for arch, model in reference_models.items():
+        model = model if device == "cpu" else copy.deepcopy(model).to(device)
+        refs[arch] = [hf_greedy(model, p, MAX_NEW) for p in prompts]
+    return prompts, refs
 
 
 CASES = (
@@ -42,14 +56,16 @@ CASES = (
 
 
 @pytest.mark.parametrize("arch, num_prompt, num_token, handoff", CASES)
-def test_greedy_equals_generate(model_dirs, references, arch, num_prompt, num_token, handoff):
+def test_greedy_equals_generate(
+    model_dirs, references, device, arch, num_prompt, num_token, handoff
+):
     prompts, refs = references
     params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
     with SplitwiserPipeline(
         model_dirs[arch],
         num_prompt_workers=num_prompt,
         num_token_workers=num_token,
-        device="cpu",
+        device=device,
         dtype="float32",
         kv_handoff=handoff,
     ) as pipe:

@@ -72,22 +72,26 @@ def mps_session(config: BenchConfig):
         state["reason"] = "disabled (--no-mps)"
         yield None, state
         return
+    daemon, reason = None, None
     if config.device == "cpu" or not _gpu_present():
         where = "cpu" if config.device == "cpu" else "a machine without one"
         reason = f"MPS needs a CUDA GPU; this run is on {where}"
     elif mps.find_control_binary() is None:
         reason = f"{mps.CONTROL_BINARY} is not on PATH"
     else:
-        reason = None
-    if reason is not None:
+        try:
+            daemon = mps.start_daemon()
+        except mps.MPSUnavailableError as exc:
+            reason = str(exc)
+    if daemon is None:
         if config.mps == "on":
             raise mps.MPSUnavailableError(f"--mps: {reason}; run with --no-mps or --mps auto")
         state["reason"] = f"not used: {reason}"
         yield None, state
         return
-    daemon = mps.start_daemon()
     saved = dict(os.environ)
-    os.environ.update(daemon.env())  # this process's CUDA context joins the daemon too
+    # this process's CUDA context joins the daemon too: the baselines run under MPS as well
+    os.environ.update(daemon.env())
     state |= {"active": True, "owned_daemon": daemon.owned, "pipe_dir": daemon.pipe_dir}
     try:
         yield daemon, state
