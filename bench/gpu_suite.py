@@ -10,6 +10,8 @@ Stages (all write under DIR, default results/gpu/<date>-<device>/):
   memory     device memory with 2 prompt + 2 token workers against the model's bytes
   bench-nomps, bench-mps
              splitwiser bench against sequential and batched on azure-conv (capped), bf16
+  profile-nomps, profile-mps
+             splitwiser profile, both phases (to results/profile/<date>-<device>-{nomps,mps})
 """
 
 from __future__ import annotations
@@ -232,6 +234,20 @@ def stage_bench(out: Path, model: str, use_mps: bool) -> None:
     print(proc.stdout[-4000:], proc.stderr[-2000:])
 
 
+def stage_profile(out: Path, model: str, use_mps: bool) -> None:
+    """Both phases under Nsight Compute; the summaries go to results/profile/."""
+    name = f"{out.name}-{'mps' if use_mps else 'nomps'}"
+    dest = ROOT / "results" / "profile" / name
+    args = [
+        sys.executable, "-m", "splitwiser", "profile", "--model", model, "--dtype", "bfloat16",
+        "--phase", "both", "--mps" if use_mps else "--no-mps", "--out", str(dest),
+    ]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=570)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "profile.log").write_text(proc.stdout + proc.stderr)
+    print(proc.stdout[-4000:], proc.stderr[-2000:])
+
+
 STAGES = {
     "env": stage_env,
     "tests": stage_tests,
@@ -240,6 +256,8 @@ STAGES = {
     "memory": stage_memory,
     "bench-nomps": lambda out, model: stage_bench(out, model, False),
     "bench-mps": lambda out, model: stage_bench(out, model, True),
+    "profile-nomps": lambda out, model: stage_profile(out, model, False),
+    "profile-mps": lambda out, model: stage_profile(out, model, True),
 }
 
 

@@ -4,7 +4,8 @@
 #   bash bench/gpu_suite.sh                 # every stage, one after another
 #   bash bench/gpu_suite.sh handoff memory  # some stages (each finishes within 10 minutes)
 #
-# Stages: env tests handoff bandwidth memory bench-nomps bench-mps (see bench/gpu_suite.py).
+# Stages: env tests handoff bandwidth memory bench-nomps bench-mps profile-nomps profile-mps
+# (see bench/gpu_suite.py).
 # Everything lands in results/gpu/<date>-<device>/ (or $GPU_SUITE_OUT), with one log per stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,8 @@ device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1
 out=${GPU_SUITE_OUT:-results/gpu/$(date +%Y%m%d)-${device:-cpu}}
 mkdir -p "$out"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env tests handoff bandwidth memory bench-nomps bench-mps)
+[ ${#stages[@]} -eq 0 ] && stages=(env tests handoff bandwidth memory bench-nomps bench-mps \
+    profile-nomps profile-mps)
 status=0
 for stage in "${stages[@]}"; do
     echo "== $stage"

@@ -76,6 +76,8 @@ class EngineConfig:
     worker_start_timeout_s: float = 300.0
     worker_stop_timeout_s: float = 10.0
     max_worker_restarts: int = 3  # per role, before its requests fail for good
+    # NVTX ranges around each prefill batch and decode step, for Nsight tools (CUDA only)
+    nvtx_ranges: bool = False
     mps_pipe_dir: str | None = None  # workers connect to the CUDA MPS daemon listening here
     # (prompt, token) workers' CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; needs mps_pipe_dir
     mps_thread_percentage: tuple[int, int] | None = None

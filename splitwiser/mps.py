@@ -13,6 +13,7 @@ A daemon started by ``splitwiser mps start`` is recorded in a state file, so tha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -221,3 +222,57 @@ def stop_recorded() -> MPSDaemon | None:
         daemon.stop()
         state_file().unlink(missing_ok=True)
     return daemon
+
+
+def gpu_present() -> bool:
+    """Whether NVML sees a GPU, asked without initialising CUDA in this process."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount() > 0
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library
+        return False
+
+
+@contextlib.contextmanager
+def session(mode: str, device: str):
+    """MPS for one run in ``mode`` (on, off, auto) on ``device`` (auto, cpu, cuda): yields
+    (daemon or None, state for the results) with this process's environment pointing at the
+    daemon; afterwards the environment is restored and a daemon started here is stopped.
+    Enter it before this process touches CUDA."""
+    state = {"requested": mode, "active": False}
+    if mode == "off":
+        state["reason"] = "disabled"
+        yield None, state
+        return
+    daemon, reason = None, None
+    if device == "cpu" or not gpu_present():
+        where = "cpu" if device == "cpu" else "a machine without one"
+        reason = f"MPS needs a CUDA GPU; this run is on {where}"
+    elif find_control_binary() is None:
+        reason = f"{CONTROL_BINARY} is not on PATH"
+    else:
+        try:
+            daemon = start_daemon()
+        except MPSUnavailableError as exc:
+            reason = str(exc)
+    if daemon is None:
+        if mode == "on":
+            raise MPSUnavailableError(f"--mps: {reason}; run with --no-mps or --mps auto")
+        state["reason"] = f"not used: {reason}"
+        yield None, state
+        return
+    saved = dict(os.environ)
+    # this process and every process it starts join the daemon when they initialise CUDA
+    os.environ.update(daemon.env())
+    state |= {"active": True, "owned_daemon": daemon.owned, "pipe_dir": daemon.pipe_dir}
+    try:
+        yield daemon, state
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        daemon.stop()

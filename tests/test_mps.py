@@ -158,22 +158,20 @@ def test_gpu_tests_skip_without_a_gpu():
     assert "needs a CUDA GPU" in proc.stdout
 
 
-def test_bench_mps_session_owns_what_it_starts(fake_mps, monkeypatch):
-    """The bench's MPS step, with a GPU pretended: env set for the run and restored, the daemon
-    it started stopped; `auto` degrades with the daemon's reason, `on` fails with it."""
-    from splitwiser.benchmark import driver
-    from splitwiser.benchmark.config import BenchConfig
-
-    monkeypatch.setattr(driver, "_gpu_present", lambda: True)
-    with driver.mps_session(BenchConfig(mps="on", device="cuda")) as (daemon, state):
+def test_run_mps_session_owns_what_it_starts(fake_mps, monkeypatch):
+    """The MPS step of bench and profile, with a GPU pretended: env set for the run and
+    restored, the daemon it started stopped; `auto` degrades with the daemon's reason, `on`
+    fails with it."""
+    monkeypatch.setattr(mps, "gpu_present", lambda: True)
+    with mps.session("on", "cuda") as (daemon, state):
         assert state["active"] and state["owned_daemon"] and daemon.owned
         assert os.environ["CUDA_MPS_PIPE_DIRECTORY"] == daemon.pipe_dir
     assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
     assert not mps.daemon_responds(daemon.pipe_dir) and not Path(daemon.root).exists()
     monkeypatch.setenv("FAKE_MPS_FAIL", "MPS not supported here")
-    with driver.mps_session(BenchConfig(mps="auto", device="cuda")) as (daemon, state):
+    with mps.session("auto", "cuda") as (daemon, state):
         assert daemon is None and not state["active"]
         assert "MPS not supported here" in state["reason"]
     with pytest.raises(mps.MPSUnavailableError, match="--mps: .*MPS not supported here"):
-        with driver.mps_session(BenchConfig(mps="on", device="cuda")):
+        with mps.session("on", "cuda"):
             pass

@@ -6,7 +6,6 @@ from the figures), replay the workload under telemetry, close it. Then metrics, 
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import platform
@@ -48,57 +47,6 @@ class BenchResult:
     run_dir: Path
     summary: dict
     runs: dict[str, SystemRun]
-
-
-def _gpu_present() -> bool:
-    """Whether NVML sees a GPU, asked without initialising CUDA in this process."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return pynvml.nvmlDeviceGetCount() > 0
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no driver, no library
-        return False
-
-
-@contextlib.contextmanager
-def mps_session(config: BenchConfig):
-    """Yield (daemon or None, state for the results). Runs before this process touches CUDA."""
-    state = {"requested": config.mps, "active": False, "split": config.mps_split}
-    if config.mps == "off":
-        state["reason"] = "disabled (--no-mps)"
-        yield None, state
-        return
-    daemon, reason = None, None
-    if config.device == "cpu" or not _gpu_present():
-        where = "cpu" if config.device == "cpu" else "a machine without one"
-        reason = f"MPS needs a CUDA GPU; this run is on {where}"
-    elif mps.find_control_binary() is None:
-        reason = f"{mps.CONTROL_BINARY} is not on PATH"
-    else:
-        try:
-            daemon = mps.start_daemon()
-        except mps.MPSUnavailableError as exc:
-            reason = str(exc)
-    if daemon is None:
-        if config.mps == "on":
-            raise mps.MPSUnavailableError(f"--mps: {reason}; run with --no-mps or --mps auto")
-        state["reason"] = f"not used: {reason}"
-        yield None, state
-        return
-    saved = dict(os.environ)
-    # this process's CUDA context joins the daemon too: the baselines run under MPS as well
-    os.environ.update(daemon.env())
-    state |= {"active": True, "owned_daemon": daemon.owned, "pipe_dir": daemon.pipe_dir}
-    try:
-        yield daemon, state
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        daemon.stop()
 
 
 def _build(name: str, config: BenchConfig, device, dtype, daemon):
@@ -201,7 +149,8 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
         run_dir = Path(config.out) / config.run_id
         if run_dir.exists():
             raise ConfigError(f"{run_dir} already exists; choose another --run-id")
-    with mps_session(config) as (daemon, mps_state):
+    with mps.session(config.mps, config.device) as (daemon, mps_state):
+        mps_state["split"] = config.mps_split
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         model_config = load_model_config(config.model)

@@ -102,6 +102,7 @@ class Engine:
             max_num_seqs=self.config.max_num_seqs,
             eos_token_ids=self.eos_token_ids,
             env=tuple(self.config.worker_env(role).items()),
+            nvtx=self.config.nvtx_ranges,
         )
         worker = WorkerProc(cfg, self.model, self.kv_pool)
         self.workers[(role, index)] = worker

@@ -3,6 +3,7 @@ decode. Both map the parent's weights and KV pool (shared memory on CPU, CUDA IP
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import queue
@@ -31,6 +32,7 @@ class WorkerConfig:
     max_num_seqs: int  # token worker: running requests per decode step
     eos_token_ids: tuple[int, ...]
     env: tuple[tuple[str, str], ...] = ()  # set before CUDA starts (MPS pipe, thread share)
+    nvtx: bool = False  # NVTX ranges per prefill batch / decode step (CUDA only)
 
     @property
     def name(self) -> str:
@@ -52,6 +54,29 @@ def _get(in_queue, block: bool):
         except queue.Empty:
             if os.getppid() != parent:
                 raise SystemExit("parent process died") from None
+
+
+_NO_RANGE = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _nvtx(role: str, name: str):
+    # nested push/pop ranges: Nsight shows "prompt/prefill b=4 t=2048", and ncu filters a phase
+    # with --nvtx-include "prompt/"
+    torch.cuda.nvtx.range_push(role)
+    torch.cuda.nvtx.range_push(name)
+    try:
+        yield
+    finally:
+        torch.cuda.nvtx.range_pop()
+        torch.cuda.nvtx.range_pop()
+
+
+def phase_range(cfg: WorkerConfig, device: torch.device, name: str):
+    """An NVTX range named by phase and shape when profiling; otherwise a shared no-op."""
+    if cfg.nvtx and device.type == "cuda":
+        return _nvtx(cfg.role, name)
+    return _NO_RANGE
 
 
 def _synchronize(device: torch.device) -> None:
@@ -113,19 +138,20 @@ class PromptWorker:
         t0 = time.monotonic()
         seqs = [PrefillSeq(t, b) for t, b in zip(msg.token_ids, msg.block_ids)]
         copy = self.cfg.kv_handoff == "copy"
+        total = sum(len(t) for t in msg.token_ids)
         if copy:  # K/V go to a private staging buffer and then through the queue
             layers, _, _, kv_heads, head_dim = self.kv_pool.shape
-            total = sum(len(t) for t in msg.token_ids)
             target = torch.empty(
                 (layers, 2, total, kv_heads, head_dim), dtype=self.kv_pool.dtype, device=self.device
             )
         else:  # K/V go straight into the requests' blocks
             target = self.kv_pool
-        logits = self.runner.prefill(seqs, target, contiguous_slots=copy)  # [B, vocab]
-        first = [
-            sample_token(logits[i], r.params, token_generator(r.params, r.seed, 0, self.device))
-            for i, r in enumerate(msg.requests)
-        ]
+        with phase_range(self.cfg, self.device, f"prefill b={len(seqs)} t={total}"):
+            logits = self.runner.prefill(seqs, target, contiguous_slots=copy)  # [B, vocab]
+            first = [
+                sample_token(logits[i], r.params, token_generator(r.params, r.seed, 0, self.device))
+                for i, r in enumerate(msg.requests)
+            ]
         kv_copies = None
         if copy:
             kv_copies, start = [], 0
@@ -140,7 +166,7 @@ class PromptWorker:
             first_tokens=first,
             published_at=now,
             kv_copies=kv_copies,
-            batch_tokens=sum(len(t) for t in msg.token_ids),
+            batch_tokens=total,
             compute_s=now - t0,
         )
 
@@ -217,15 +243,20 @@ class TokenWorker:
     def _step(self, handoff_s: dict[int, float]) -> m.TokensMsg:
         t0 = time.monotonic()
         seqs = list(self.running.values())
-        logits = self.runner.decode(
-            [DecodeSeq(s.last_token, s.num_cached, s.block_ids) for s in seqs], self.kv_pool
-        )  # [B, vocab]
+        with phase_range(self.cfg, self.device, f"decode b={len(seqs)}"):
+            logits = self.runner.decode(
+                [DecodeSeq(s.last_token, s.num_cached, s.block_ids) for s in seqs], self.kv_pool
+            )  # [B, vocab]
+            new = [
+                sample_token(
+                    logits[i], s.spec.params,
+                    token_generator(s.spec.params, s.spec.seed, s.num_generated, self.device),
+                )
+                for i, s in enumerate(seqs)
+            ]  # fmt: skip
         ids, tokens, finished = [], [], []
-        for i, s in enumerate(seqs):
+        for s, tok in zip(seqs, new):
             p = s.spec.params
-            tok = sample_token(
-                logits[i], p, token_generator(p, s.spec.seed, s.num_generated, self.device)
-            )
             s.num_cached += 1
             s.last_token = tok
             s.num_generated += 1

@@ -1,0 +1,53 @@
+"""The ``splitwiser`` command. Errors are one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from splitwiser.cli.bench import bench
+from splitwiser.cli.generate import generate, model
+from splitwiser.cli.mps import mps_group
+from splitwiser.cli.profile import profile
+from splitwiser.errors import SplitwiserError
+
+
+def _fail(message: str) -> None:
+    click.echo(f"splitwiser: error: {message}", err=True)
+    sys.exit(2)
+
+
+class _Group(click.Group):
+    """Every error -- bad usage or a ``SplitwiserError`` -- is one line and exit code 2."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(argv, prog_name, standalone_mode=False, obj={"argv": argv}, **extra)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            _fail(f"{exc.format_message()}{hint}")
+        except click.ClickException as exc:
+            _fail(exc.format_message())
+        except click.Abort:
+            click.echo("splitwiser: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SplitwiserError as exc:
+            _fail(str(exc))
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="splitwiser")
+def main() -> None:
+    """Splitwiser: prompt and token phases in separate worker processes on one device."""
+
+
+for _command in (bench, generate, profile, mps_group, model):
+    main.add_command(_command)

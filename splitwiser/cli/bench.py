@@ -1,0 +1,192 @@
+"""``splitwiser bench``: the comparison driver's command line."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import fields
+
+import click
+
+from splitwiser.benchmark.config import BenchConfig
+from splitwiser.benchmark.workloads import WORKLOADS
+
+
+def _csv_list(text: str) -> tuple[str, ...]:
+    return () if text.strip() == "none" else tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+_BENCH = {f.name: f.default for f in fields(BenchConfig)}
+
+
+@click.command()
+@click.option(
+    "--model",
+    default=None,
+    help="HF directory, hub id or random:<preset>. [default: embedded model]",
+)
+@click.option(
+    "--procs",
+    default=_BENCH["procs"],
+    show_default=True,
+    type=int,
+    help="Worker processes sharing the device (>= 2).",
+)
+@click.option(
+    "--prompt-procs",
+    default=None,
+    type=int,
+    help="How many of them are prompt workers. [default: procs // 2; the rest decode]",
+)
+@click.option(
+    "--mps",
+    "mps_mode",
+    type=click.Choice(["on", "off", "auto"]),
+    is_flag=False,
+    flag_value="on",
+    default=_BENCH["mps"],
+    show_default=True,
+    help="CUDA MPS: --mps requires it, --mps auto uses it where available.",
+)
+@click.option("--no-mps", "no_mps", is_flag=True, help="Run without MPS (same as --mps off).")
+@click.option(
+    "--mps-split",
+    default=None,
+    metavar="P,T",
+    help="Active thread percentages of prompt and token workers under MPS, e.g. 70,30.",
+)
+@click.option(
+    "--kv-handoff",
+    type=click.Choice(["shared", "copy"]),
+    default="shared",
+    show_default=True,
+    help="shared: block ids only; copy: K/V bytes through the queue (for comparison).",
+)
+@click.option(
+    "--workload",
+    type=click.Choice(list(WORKLOADS)),
+    default=_BENCH["workload"],
+    show_default=True,
+    help="Fixed lengths, or the Azure 2023 code / conversation traces.",
+)
+@click.option(
+    "--num-requests",
+    default=_BENCH["num_requests"],
+    show_default=True,
+    type=int,
+    help="Requests per system (trace workloads: the trace's first N).",
+)
+@click.option(
+    "--input-len",
+    default=_BENCH["input_len"],
+    show_default=True,
+    type=int,
+    help="Prompt tokens (fixed workload).",
+)
+@click.option(
+    "--output-len",
+    default=_BENCH["output_len"],
+    show_default=True,
+    type=int,
+    help="Output tokens (fixed workload).",
+)
+@click.option(
+    "--rate",
+    default=None,
+    type=float,
+    help="Poisson arrivals at this many requests/s. [default: all at once]",
+)
+@click.option(
+    "--trace-speedup",
+    default=None,
+    type=float,
+    help="Replay the trace's arrival times divided by this (trace workloads).",
+)
+@click.option(
+    "--max-context",
+    default=None,
+    type=int,
+    help="Cap prompt + output tokens per request. [default: the model's context]",
+)
+@click.option(
+    "--length-scale",
+    default=_BENCH["length_scale"],
+    show_default=True,
+    type=float,
+    help="Multiply trace lengths by this before capping (for small machines).",
+)
+@click.option(
+    "--baseline",
+    "baselines",
+    default="sequential,batched",
+    show_default=True,
+    help="Comma list of sequential, batched; or none.",
+)
+@click.option(
+    "--batch-size",
+    default=_BENCH["batch_size"],
+    show_default=True,
+    type=int,
+    help="Static batch size of the batched baseline.",
+)
+@click.option(
+    "--slo",
+    default=None,
+    metavar="ttft_ms=..,tpot_ms=..",
+    help="SLOs for request_goodput (keys ttft_ms, tpot_ms, e2el_ms).",
+)
+@click.option(
+    "--seed",
+    default=_BENCH["seed"],
+    show_default=True,
+    type=int,
+    help="Seed of prompts and Poisson arrivals.",
+)
+@click.option("--device", default=_BENCH["device"], show_default=True, help="auto, cpu or cuda.")
+@click.option(
+    "--dtype",
+    default=None,
+    help="float32, bfloat16 or float16. [default: float32 on CPU, bfloat16 on CUDA]",
+)
+@click.option(
+    "--num-warmup",
+    default=None,
+    type=int,
+    help="Warm-up requests per system, excluded. [default: max(2, procs)]",
+)
+@click.option(
+    "--out",
+    default=_BENCH["out"],
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Results root; the run writes OUT/<run-id>/.",
+)
+@click.option(
+    "--run-id", default=None, help="Name of the run's folder. [default: date-time-workload-device]"
+)
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@click.pass_context
+def bench(ctx, no_mps, mps_mode, mps_split, baselines, slo, no_plots, **options) -> None:
+    """Replay a workload through Splitwiser and the baselines; print and save the comparison.
+
+    Every system gets the same prompt token ids, forced output lengths and arrival schedule;
+    warm-up requests are excluded from every system alike.
+    """
+    from splitwiser.benchmark import run_bench
+    from splitwiser.benchmark.metrics import parse_slo
+    from splitwiser.benchmark.report import comparison_table
+    from splitwiser.mps import parse_split
+
+    if no_mps and ctx.get_parameter_source("mps_mode") == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("give --mps or --no-mps, not both")
+    config = BenchConfig(
+        mps="off" if no_mps else mps_mode,
+        mps_split=parse_split(mps_split),
+        baselines=_csv_list(baselines),
+        slo=parse_slo(slo),
+        plots=not no_plots,
+        **options,
+    )
+    command = shlex.join(["splitwiser", *ctx.obj["argv"]]) if ctx.obj else None
+    result = run_bench(config, command=command, show=True)
+    click.echo(comparison_table(result.summary))
+    click.echo(f"results: {result.run_dir}")

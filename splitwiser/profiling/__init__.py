@@ -1,0 +1,141 @@
+"""``splitwiser profile``: a short representative workload under Nsight Compute (or Nsight
+Systems), one report per phase, a CSV export and a per-phase summary."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitwiser import mps
+from splitwiser.errors import ConfigError, SplitwiserError
+from splitwiser.profiling import ncu as ncu_lib
+
+
+class ProfilerUnavailableError(SplitwiserError):
+    """No GPU, or the profiler is not installed."""
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    phase: str = "both"  # prompt, token or both
+    model: str | None = None
+    dtype: str | None = None
+    mps: str = "off"
+    num_requests: int = 8
+    prompt_len: int = 512
+    output_len: int = 16
+    kernels: int = 300  # kernels profiled per phase
+    metrics: str = "default"  # default, full, or a comma list of metric names
+    tool: str = "ncu"  # ncu or nsys
+    out: str | None = None  # None: results/profile/<date>-<time>-<phase>
+
+    def __post_init__(self) -> None:
+        if self.phase not in (*ncu_lib.PHASES, "both"):
+            raise ConfigError(f"--phase must be prompt, token or both, got {self.phase!r}")
+        if self.tool not in ("ncu", "nsys"):
+            raise ConfigError(f"--tool must be ncu or nsys, got {self.tool!r}")
+        for name in ("num_requests", "prompt_len", "output_len", "kernels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value!r}")
+        if not self.metrics.strip():
+            raise ConfigError("--metrics is default, full, or a comma list of metric names")
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        return ncu_lib.PHASES if self.phase == "both" else (self.phase,)
+
+
+def find_tool(tool: str) -> str:
+    """The profiler's path, after checking there is a GPU to profile."""
+    if not mps.gpu_present():
+        raise ProfilerUnavailableError(
+            "splitwiser profile needs an NVIDIA GPU and its driver; none was found"
+        )
+    path = shutil.which(tool)
+    if path is None:
+        product = "Nsight Compute" if tool == "ncu" else "Nsight Systems"
+        raise ProfilerUnavailableError(f"{tool} ({product}) is not on PATH; install it or add it")
+    return path
+
+
+def target_command(config: ProfileConfig, workers_out: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "splitwiser.profiling.target",
+           "--num-requests", str(config.num_requests), "--prompt-len", str(config.prompt_len),
+           "--output-len", str(config.output_len), "--workers-out", str(workers_out)]  # fmt: skip
+    if config.model:
+        cmd += ["--model", config.model]
+    if config.dtype:
+        cmd += ["--dtype", config.dtype]
+    return cmd
+
+
+def _run(cmd: list[str], log: Path) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log.write_text(" ".join(cmd) + "\n\n" + proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ProfilerUnavailableError(
+            f"{Path(cmd[0]).name} failed (exit {proc.returncode}): {tail[0]} (log: {log})"
+        )
+    return proc.stdout
+
+
+def run_profile(config: ProfileConfig, command: str | None = None) -> tuple[Path, dict]:
+    """Profile each phase; returns the output folder and the summary written there."""
+    tool = find_tool(config.tool)
+    out = Path(config.out or f"results/profile/{time.strftime('%Y%m%d-%H%M%S')}-{config.phase}")
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"command": command, "config": vars(config).copy(), "phases": {}}
+    with mps.session(config.mps, "cuda") as (_, mps_state):
+        summary["mps"] = mps_state
+        if config.tool == "nsys":
+            target = target_command(config, out / "workers.json")
+            _run(ncu_lib.nsys_command(tool, str(out / "timeline"), target), out / "nsys.log")
+            summary["report"] = "timeline.nsys-rep"
+        for phase in config.phases if config.tool == "ncu" else ():
+            workers = out / f"workers-{phase}.json"
+            report = out / f"profile-{phase}.ncu-rep"
+            cmd = ncu_lib.ncu_command(
+                tool, phase, str(report), config.kernels, config.metrics,
+                target_command(config, workers),
+            )  # fmt: skip
+            _run(cmd, out / f"ncu-{phase}.log")
+            csv_text = _run(ncu_lib.export_command(tool, str(report)), out / f"export-{phase}.log")
+            (out / f"profile-{phase}.csv").write_text(csv_text)
+            roles = {int(pid): role for pid, role in json.loads(workers.read_text()).items()}
+            rows = [r for r in ncu_lib.parse_raw_csv(csv_text) if roles.get(r.pid) == phase]
+            summary["phases"][phase] = ncu_lib.summarize(rows) | {
+                "report": report.name,
+                "csv": f"profile-{phase}.csv",
+            }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return out, summary
+
+
+def summary_table(summary: dict) -> str:
+    cols = (
+        ("kernels", "num_kernels", "{:.0f}"),
+        ("time ms", "duration_ms", "{:.2f}"),
+        ("SM %", "sm_throughput_pct", "{:.1f}"),
+        ("DRAM %", "dram_throughput_pct", "{:.1f}"),
+        ("occupancy %", "achieved_occupancy_pct", "{:.1f}"),
+        ("DRAM read MB", "dram_bytes_read", "{:.1f}"),
+        ("DRAM GB/s", "dram_gb_s", "{:.0f}"),
+    )
+    lines = ["phase   " + "".join(f"{c:>14}" for c, _, _ in cols)]
+    for phase, s in summary["phases"].items():
+        cells = []
+        for _, key, fmt in cols:
+            v = s.get(key)
+            v = v / 1e6 if key == "dram_bytes_read" and v is not None else v
+            cells.append(f"{'-' if v is None else fmt.format(v):>14}")
+        lines.append(f"{phase:<8}" + "".join(cells))
+        for k in s["top_kernels"][:3]:
+            lines.append(f"  {k['share'] or 0:6.1%}  {k['name'][:80]}")
+    return "\n".join(lines)

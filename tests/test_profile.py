@@ -1,0 +1,124 @@
+"""``splitwiser profile`` without a GPU: the ncu command line, the CSV parser on the documented
+sample of ncu's raw page (tests/fixtures/), the per-phase summary, NVTX ranges, and the errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitwiser import ConfigError, mps
+from splitwiser.engine.worker import WorkerConfig, phase_range
+from splitwiser.profiling import (
+    ProfileConfig,
+    ProfilerUnavailableError,
+    find_tool,
+    ncu,
+    target_command,
+)
+
+SAMPLE = (Path(__file__).parent / "fixtures" / "ncu_raw_sample.csv").read_text()
+
+
+def test_ncu_command_profiles_one_phase_in_every_process():
+    target = ["python", "-m", "splitwiser.profiling.target"]
+    cmd = ncu.ncu_command("/opt/ncu", "token", "/out/profile-token.ncu-rep", 300, "default", target)
+    assert cmd[0] == "/opt/ncu" and cmd[-3:] == target
+    joined = " ".join(cmd)
+    assert "--target-processes all" in joined  # the workers are child processes
+    assert "--nvtx --nvtx-include token/" in joined
+    assert "--clock-control none" in joined and "--launch-count 300" in joined
+    assert "--export /out/profile-token.ncu-rep --force-overwrite" in joined
+    metrics = cmd[cmd.index("--metrics") + 1].split(",")
+    for m in ("sm__throughput", "dram__throughput", "dram__bytes_read", "dram__bytes_write"):
+        assert any(x.startswith(m) for x in metrics), m
+    assert "--set" not in cmd
+
+
+def test_metric_choices():
+    assert ncu.metric_args("full")[:2] == ["--set", "full"]
+    custom = ncu.metric_args("l1tex__t_bytes.sum, dram__bytes_read.sum")[1].split(",")
+    assert custom[-1] == "l1tex__t_bytes.sum" and custom.count("dram__bytes_read.sum") == 1
+    assert ncu.export_command("ncu", "r.ncu-rep") == [
+        "ncu", "--import", "r.ncu-rep", "--csv", "--page", "raw", "--print-units", "base",
+    ]  # fmt: skip
+
+
+def test_raw_csv_parser_reads_the_sample():
+    rows = ncu.parse_raw_csv(SAMPLE)
+    assert [r.id for r in rows] == [0, 1, 2, 3, 4]  # the ==PROF== line and units row skipped
+    assert [r.pid for r in rows] == [101, 101, 101, 202, 202]
+    assert rows[0].name.startswith("sm90_xmma_gemm")
+    assert rows[0].metrics[ncu.DRAM_READ] == 26_738_688  # thousands separators
+    assert rows[0].metrics[ncu.DURATION] == 120_320
+    assert ncu.OCCUPANCY not in rows[4].metrics  # "n/a"
+    with pytest.raises(ValueError, match="header"):
+        ncu.parse_raw_csv("==PROF== nothing profiled\n")
+
+
+def test_phase_summary_weights_by_duration():
+    rows = ncu.parse_raw_csv(SAMPLE)
+    prompt = ncu.summarize([r for r in rows if r.pid == 101])
+    assert prompt["num_kernels"] == 3
+    assert prompt["duration_ms"] == pytest.approx((120_320 + 9_680 + 119_680) / 1e6)
+    sm = (120_320 * 88.12 + 9_680 * 18.05 + 119_680 * 87.88) / (120_320 + 9_680 + 119_680)
+    assert prompt["sm_throughput_pct"] == pytest.approx(sm)
+    assert prompt["dram_bytes_read"] == 26_738_688 * 2 + 8_388_608
+    top = prompt["top_kernels"][0]
+    assert top["count"] == 2 and top["name"].startswith("sm90_xmma_gemm")
+    assert top["share"] == pytest.approx((120_320 + 119_680) / 249_680)
+    token = ncu.summarize([r for r in rows if r.pid == 202])
+    assert token["dram_throughput_pct"] > token["sm_throughput_pct"]  # decode: memory-bound
+    assert prompt["sm_throughput_pct"] > prompt["dram_throughput_pct"]  # prefill: compute-bound
+    assert token["achieved_occupancy_pct"] == pytest.approx(47.10)  # only where collected
+
+
+def test_nvtx_ranges_cost_nothing_when_off():
+    cfg = WorkerConfig("token", 0, "cpu", 16, "shared", 1, 8, ())
+    off = phase_range(cfg, torch.device("cpu"), "decode b=4")
+    assert off is phase_range(cfg, torch.device("cpu"), "decode b=8")  # one shared no-op
+    on_cpu = WorkerConfig("token", 0, "cpu", 16, "shared", 1, 8, (), nvtx=True)
+    assert phase_range(on_cpu, torch.device("cpu"), "decode b=4") is off  # CUDA only
+
+
+def test_target_command_and_config_errors(tmp_path):
+    cmd = target_command(ProfileConfig(model="random:llama-3.2-1b"), tmp_path / "w.json")
+    assert cmd[1:3] == ["-m", "splitwiser.profiling.target"]
+    assert cmd[cmd.index("--model") + 1] == "random:llama-3.2-1b"
+    for bad in ({"phase": "decode"}, {"kernels": 0}, {"tool": "perf"}, {"metrics": " "}):
+        with pytest.raises(ConfigError):
+            ProfileConfig(**bad)
+
+
+def test_missing_profiler_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(mps, "gpu_present", lambda: True)  # pretend a GPU, hide the tools
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ProfilerUnavailableError, match=r"ncu \(Nsight Compute\) is not on PATH"):
+        find_tool("ncu")
+    with pytest.raises(ProfilerUnavailableError, match="nsys"):
+        find_tool("nsys")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on hosts without a GPU")
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "needs an NVIDIA GPU"),
+        (["--tool", "nsys", "--phase", "token"], "needs an NVIDIA GPU"),
+        (["--kernels", "0"], "--kernels must be >= 1"),
+        (["--phase", "decode"], "Invalid value for '--phase'"),
+    ],
+)
+def test_cli_errors_without_a_gpu(args, message, tmp_path, leftovers):
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitwiser", "profile", *args, "--out", str(tmp_path / "p")],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ),
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "p").exists()
+    leftovers.assert_clean()
