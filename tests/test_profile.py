@@ -15,7 +15,7 @@ from splitwiser import ConfigError, mps
 from splitwiser.engine.worker import WorkerConfig, phase_range
 from splitwiser.profiling import (
     ProfileConfig,
-    ProfilerUnavailableError,
+    ProfilerError,
     find_tool,
     ncu,
     target_command,
@@ -97,9 +97,9 @@ def test_target_command_and_config_errors(tmp_path):
 def test_missing_profiler_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(mps, "gpu_present", lambda: True)  # pretend a GPU, hide the tools
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(ProfilerUnavailableError, match=r"ncu \(Nsight Compute\) is not on PATH"):
+    with pytest.raises(ProfilerError, match=r"ncu \(Nsight Compute\) is not on PATH"):
         find_tool("ncu")
-    with pytest.raises(ProfilerUnavailableError, match="nsys"):
+    with pytest.raises(ProfilerError, match="nsys"):
         find_tool("nsys")
 
 

@@ -16,8 +16,8 @@ from splitwiser.errors import ConfigError, SplitwiserError
 from splitwiser.profiling import ncu as ncu_lib
 
 
-class ProfilerUnavailableError(SplitwiserError):
-    """No GPU, or the profiler is not installed."""
+class ProfilerError(SplitwiserError):
+    """No GPU, no profiler on PATH, or the profiler's run failed."""
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,11 @@ class ProfileConfig:
 def find_tool(tool: str) -> str:
     """The profiler's path, after checking there is a GPU to profile."""
     if not mps.gpu_present():
-        raise ProfilerUnavailableError(
-            "splitwiser profile needs an NVIDIA GPU and its driver; none was found"
-        )
+        raise ProfilerError("splitwiser profile needs an NVIDIA GPU and its driver; none was found")
     path = shutil.which(tool)
     if path is None:
         product = "Nsight Compute" if tool == "ncu" else "Nsight Systems"
-        raise ProfilerUnavailableError(f"{tool} ({product}) is not on PATH; install it or add it")
+        raise ProfilerError(f"{tool} ({product}) is not on PATH; install it or add it")
     return path
 
 
@@ -80,7 +78,7 @@ def _run(cmd: list[str], log: Path) -> str:
     log.write_text(" ".join(cmd) + "\n\n" + proc.stdout + proc.stderr)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise ProfilerUnavailableError(
+        raise ProfilerError(
             f"{Path(cmd[0]).name} failed (exit {proc.returncode}): {tail[0]} (log: {log})"
         )
     return proc.stdout
