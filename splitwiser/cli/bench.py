@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import fields
 
 import click
 
 from splitwiser.benchmark.config import BenchConfig
 from splitwiser.benchmark.workloads import WORKLOADS
+from splitwiser.cli.common import command_line, mps_options, resolve_mps
 
 
 def _csv_list(text: str) -> tuple[str, ...]:
@@ -37,17 +37,7 @@ _BENCH = {f.name: f.default for f in fields(BenchConfig)}
     type=int,
     help="How many of them are prompt workers. [default: procs // 2; the rest decode]",
 )
-@click.option(
-    "--mps",
-    "mps_mode",
-    type=click.Choice(["on", "off", "auto"]),
-    is_flag=False,
-    flag_value="on",
-    default=_BENCH["mps"],
-    show_default=True,
-    help="CUDA MPS: --mps requires it, --mps auto uses it where available.",
-)
-@click.option("--no-mps", "no_mps", is_flag=True, help="Run without MPS (same as --mps off).")
+@mps_options(_BENCH["mps"], "CUDA MPS: --mps requires it, --mps auto uses it where available.")
 @click.option(
     "--mps-split",
     default=None,
@@ -176,17 +166,14 @@ def bench(ctx, no_mps, mps_mode, mps_split, baselines, slo, no_plots, **options)
     from splitwiser.benchmark.report import comparison_table
     from splitwiser.mps import parse_split
 
-    if no_mps and ctx.get_parameter_source("mps_mode") == click.core.ParameterSource.COMMANDLINE:
-        raise click.UsageError("give --mps or --no-mps, not both")
     config = BenchConfig(
-        mps="off" if no_mps else mps_mode,
+        mps=resolve_mps(ctx, mps_mode, no_mps),
         mps_split=parse_split(mps_split),
         baselines=_csv_list(baselines),
         slo=parse_slo(slo),
         plots=not no_plots,
         **options,
     )
-    command = shlex.join(["splitwiser", *ctx.obj["argv"]]) if ctx.obj else None
-    result = run_bench(config, command=command, show=True)
+    result = run_bench(config, command=command_line(ctx), show=True)
     click.echo(comparison_table(result.summary))
     click.echo(f"results: {result.run_dir}")

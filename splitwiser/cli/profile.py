@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import fields
 
 import click
 
+from splitwiser.cli.common import command_line, mps_options, resolve_mps
 from splitwiser.profiling import ProfileConfig
 
 _PROFILE = {f.name: f.default for f in fields(ProfileConfig)}
@@ -26,17 +26,7 @@ _PROFILE = {f.name: f.default for f in fields(ProfileConfig)}
     help="HF directory, hub id or random:<preset>. [default: embedded model]",
 )
 @click.option("--dtype", default=None, help="float32, bfloat16 or float16. [default: bfloat16]")
-@click.option(
-    "--mps",
-    "mps_mode",
-    type=click.Choice(["on", "off", "auto"]),
-    is_flag=False,
-    flag_value="on",
-    default=_PROFILE["mps"],
-    show_default=True,
-    help="Run the workers under CUDA MPS.",
-)
-@click.option("--no-mps", is_flag=True, help="Same as --mps off.")
+@mps_options(_PROFILE["mps"], "Run the workers under CUDA MPS.")
 @click.option("--num-requests", default=_PROFILE["num_requests"], show_default=True, type=int)
 @click.option("--prompt-len", default=_PROFILE["prompt_len"], show_default=True, type=int)
 @click.option("--output-len", default=_PROFILE["output_len"], show_default=True, type=int)
@@ -72,11 +62,8 @@ def profile(ctx, mps_mode, no_mps, **options) -> None:
     memory-bound decode, per phase, from NVTX-filtered kernels of every worker process."""
     from splitwiser.profiling import run_profile, summary_table
 
-    if no_mps and ctx.get_parameter_source("mps_mode") == click.core.ParameterSource.COMMANDLINE:
-        raise click.UsageError("give --mps or --no-mps, not both")
-    config = ProfileConfig(mps="off" if no_mps else mps_mode, **options)
-    command = shlex.join(["splitwiser", *ctx.obj["argv"]]) if ctx.obj else None
-    out, summary = run_profile(config, command=command)
+    config = ProfileConfig(mps=resolve_mps(ctx, mps_mode, no_mps), **options)
+    out, summary = run_profile(config, command=command_line(ctx))
     if summary["phases"]:
         click.echo(summary_table(summary))
     click.echo(f"results: {out}")
