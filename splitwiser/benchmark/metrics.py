@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from splitwiser.errors import ConfigError
+from splitwiser.outputs import RequestMetrics
 
 PERCENTILES = (50, 90, 99)  # reported as median_, p90_, p99_ (plus mean_ and std_)
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2el_ms")
@@ -48,24 +49,25 @@ class RequestRecord:
         return len(self.token_times_s)
 
     @property
+    def timing(self) -> RequestMetrics:
+        """TTFT, TPOT, ITL and E2E as the runtime defines them, from the scheduled arrival."""
+        return RequestMetrics(self.arrival_s, self.token_times_s, self.finish_s)
+
+    @property
     def ttft_s(self) -> float | None:
-        return self.token_times_s[0] - self.arrival_s if self.token_times_s else None
+        return self.timing.ttft_s
 
     @property
     def e2el_s(self) -> float | None:
-        return None if self.finish_s is None else self.finish_s - self.arrival_s
+        return self.timing.e2e_s
 
     @property
     def tpot_s(self) -> float | None:
-        n = self.num_output_tokens
-        if n < 2 or self.finish_s is None:
-            return None
-        return (self.e2el_s - self.ttft_s) / (n - 1)
+        return self.timing.tpot_s
 
     @property
     def itl_s(self) -> list[float]:
-        t = self.token_times_s
-        return [b - a for a, b in zip(t, t[1:])]
+        return self.timing.itl_s
 
 
 def parse_slo(text: str | None) -> dict[str, float]:
