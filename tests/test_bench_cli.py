@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -116,4 +120,30 @@ def test_trace_replay_records_the_workload(tmp_path, leftovers):
     assert summary["environment"]["mps"]["reason"].startswith("not used")
     assert set(summary["systems"]) == {"splitwiser", "sequential"}
     assert not list(run.glob("*.png"))
+    leftovers.assert_clean()
+
+
+@pytest.mark.parametrize("when", ["workers starting", "workers running"])
+def test_ctrl_c_stops_everything_quietly(when, tmp_path, leftovers):
+    """Ctrl-C reaches the whole process group: exit 130, one line, no worker traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "splitwiser", "bench", "--out", str(tmp_path), "--num-requests",
+         "200"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        names = [c.name() for c in psutil.Process(proc.pid).children(recursive=True)]
+        spawned = [n for n in names if n.startswith("python")] and len(names) >= 3
+        if (when == "workers starting" and spawned) or "sw-token-1" in names:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the workers never reached the '{when}' state")
+    if when == "workers running":
+        time.sleep(2.0)  # into the measured run
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "splitwiser: interrupted"
     leftovers.assert_clean()

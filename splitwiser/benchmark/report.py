@@ -128,5 +128,6 @@ def comparison_table(summary: dict) -> str:
         lines.append("  ".join(cells))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
-    lines.append("ratios are Splitwiser's value divided by the baseline's")
+    if ratio_cols:
+        lines.append("ratios are Splitwiser's value divided by the baseline's")
     return "\n".join(lines)

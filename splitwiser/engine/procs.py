@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
@@ -15,6 +18,30 @@ from splitwiser.errors import WorkerStartupError
 # NOTE: spawn, never fork: CUDA cannot survive fork, and a forked child running multi-threaded
 # torch on CPU can deadlock in MKL.
 _CTX = mp.get_context("spawn")
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Hold Ctrl-C while a worker is spawned; the parent alone handles it, afterwards.
+
+    The child inherits a blocked SIGINT through exec, so a Ctrl-C while it imports torch waits
+    until ``worker_main`` ignores it. In the main thread, where Python raises
+    KeyboardInterrupt, the handler is deferred too: an interrupt in the middle of ``start()``
+    would leave the child a truncated start-up message.
+    """
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    in_main = threading.current_thread() is threading.main_thread()
+    caught = []
+    if in_main:
+        old_handler = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        if in_main:
+            signal.signal(signal.SIGINT, old_handler)
+            if caught and callable(old_handler):
+                old_handler(signal.SIGINT, None)  # deliver it now: KeyboardInterrupt
 
 
 class WorkerProc:
@@ -32,7 +59,8 @@ class WorkerProc:
             args=(cfg, payload, self.in_queue, child_conn),
             daemon=True,  # never outlives the parent
         )
-        self.process.start()
+        with _sigint_held():
+            self.process.start()
         child_conn.close()
         self.ready: m.ReadyMsg | None = None
         self.load = 0  # prompt worker: batches in flight; token worker: live requests
@@ -48,8 +76,9 @@ class WorkerProc:
         return self.process.is_alive()
 
     def stop(self, timeout_s: float) -> None:
-        """Ask politely, then terminate, then kill; always release the channels."""
-        if self.process.is_alive():
+        """Ask politely, then terminate, then kill; always release the channels. A worker still
+        starting up (no ready message yet) holds nothing worth waiting for: terminated at once."""
+        if self.process.is_alive() and self.ready is not None:
             try:
                 self.in_queue.put(m.ShutdownMsg())
             except (OSError, ValueError):

@@ -7,6 +7,7 @@ import contextlib
 import os
 import pickle
 import queue
+import signal
 import time
 import traceback
 from collections import deque
@@ -86,6 +87,10 @@ def _synchronize(device: torch.device) -> None:
 
 def worker_main(cfg: WorkerConfig, payload: bytes, in_queue, out_conn) -> None:
     """Entry point of a spawned worker. ``payload`` pickles (model, kv_pool) as shared handles."""
+    # Ctrl-C reaches the whole process group: the parent handles it and stops its workers.
+    # SIGINT arrives blocked (see WorkerProc): ignore it, then unblock, dropping one pending
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     # NOTE: before anything touches CUDA: the driver reads the MPS variables when it initialises
     os.environ.update(dict(cfg.env))
     try:
