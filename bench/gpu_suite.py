@@ -25,15 +25,29 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from splitwiser import SamplingParams, SplitwiserPipeline, mps
+from splitwiser.config import resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "random:llama-3.2-1b"
 GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Suite:
+    out: Path
+    model: str | None  # None: the embedded default
+    device: torch.device  # cuda; cpu only to smoke-test the handoff and bandwidth stages
+    small: bool = False  # small sizes, for that smoke test
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return resolve_dtype(None, self.device)  # bfloat16 on CUDA
 
 
 def _write(out: Path, name: str, data) -> None:
@@ -53,9 +67,10 @@ def _prompt(n: int, seed: int) -> list[int]:
     return torch.randint(3, 1000, (n,), generator=g).tolist()
 
 
-def stage_env(out: Path, model: str) -> None:
+def stage_env(suite: Suite) -> None:
     import transformers
 
+    out = suite.out
     (out / "nvidia-smi.txt").write_text(_sh("nvidia-smi") + "\n" + _sh("nvidia-smi", "-q"))
     query = "name,driver_version,memory.total,compute_mode,clocks.max.sm,clocks.max.mem"
     info = {
@@ -79,7 +94,8 @@ def stage_env(out: Path, model: str) -> None:
     _write(out, "env.json", info)
 
 
-def stage_tests(out: Path, model: str) -> None:
+def stage_tests(suite: Suite) -> None:
+    out = suite.out
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rs", "tests/test_gpu.py"],
         capture_output=True, text=True, cwd=ROOT, timeout=540,
@@ -89,12 +105,13 @@ def stage_tests(out: Path, model: str) -> None:
     _write(out, "tests.json", {"returncode": proc.returncode, "summary": summary})
 
 
-def stage_handoff(out: Path, model: str, repeats: int = 12) -> None:
+def stage_handoff(suite: Suite) -> None:
     """One request at a time, so the token worker is idle and the figure is the handoff alone."""
     results = {}
+    repeats = 2 if suite.small else 12
     for mode in ("shared", "copy"):
-        with SplitwiserPipeline(model, device="cuda", kv_handoff=mode) as pipe:
-            for n in (128, 1024, 4096):
+        with SplitwiserPipeline(suite.model, device=str(suite.device), kv_handoff=mode) as pipe:
+            for n in (16, 64) if suite.small else (128, 1024, 4096):
                 params = SamplingParams(max_new_tokens=2, ignore_eos=True)
                 pipe.generate([_prompt(n, 0)], params)  # warm-up
                 ms, copied = [], []
@@ -110,11 +127,18 @@ def stage_handoff(out: Path, model: str, repeats: int = 12) -> None:
                     "kv_bytes_copied_per_request": statistics.median(copied),
                     "samples_ms": ms,
                 }
-    _write(out, "handoff.json", {"model": model, "dtype": "bfloat16", "results": results})
+    info = {"model": suite.model, "device": str(suite.device), "dtype": str(suite.dtype)}
+    _write(suite.out, "handoff.json", info | {"results": results})
 
 
-def _cuda_time(fn, iters: int) -> float:
+def _time(fn, iters: int, device: torch.device) -> float:
+    """Seconds per call, after one warm-up call (CUDA events on a GPU)."""
     fn()
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) / iters
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -129,33 +153,33 @@ def _copy_bandwidth_gb_s(dev: torch.device, num_bytes: int = 2 * GIB) -> float:
     """Device-to-device copy: bytes read plus bytes written, per second."""
     src = torch.empty(num_bytes, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    copy_s = _cuda_time(lambda: dst.copy_(src), 10)
+    copy_s = _time(lambda: dst.copy_(src), 10, dev)
     return 2 * num_bytes / copy_s / 1e9
 
 
-def stage_bandwidth(out: Path, model: str) -> None:
+def stage_bandwidth(suite: Suite) -> None:
     """gpt-fast's measure: decode moves every weight byte and the live K/V once per step."""
     from splitwiser.engine.kv_pool import KVLayout, allocate_pool
     from splitwiser.engine.model_runner import DecodeSeq, ModelRunner, PrefillSeq
     from splitwiser.models.loader import load_model
 
-    dev = torch.device("cuda")
-    copy_gbs = _copy_bandwidth_gb_s(dev)
-    loaded = load_model(model, dtype=torch.bfloat16, device=dev)
+    dev, dtype = suite.device, suite.dtype
+    copy_gbs = _copy_bandwidth_gb_s(dev, (64 << 20) if suite.small else 2 * GIB)
+    loaded = load_model(suite.model, dtype=dtype, device=dev)
     weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     num_params = sum(p.numel() for p in loaded.model.parameters())
-    layout = KVLayout.from_model_config(loaded.model.config, 16, torch.bfloat16)
-    ctx = 1024
+    layout = KVLayout.from_model_config(loaded.model.config, 16, dtype)
+    ctx = 128 if suite.small else 1024
     blocks_per_seq = ctx // 16 + 1
     pool = allocate_pool(layout, 64 * blocks_per_seq, dev)
     runner = ModelRunner(loaded.model, 16, dev)
     decode = []
-    for batch in (1, 8, 32, 64):
+    for batch in (1, 4) if suite.small else (1, 8, 32, 64):
         seqs = [
             DecodeSeq(5, ctx, list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)))
             for i in range(batch)
         ]
-        step_s = _cuda_time(lambda s=seqs: runner.decode(s, pool), 20)
+        step_s = _time(lambda s=seqs: runner.decode(s, pool), 20, dev)
         moved = weight_bytes + batch * (ctx + 1) * layout.bytes_per_token
         decode.append({
             "batch": batch, "context": ctx, "step_ms": step_s * 1e3,
@@ -163,25 +187,26 @@ def stage_bandwidth(out: Path, model: str) -> None:
             "fraction_of_copy_bandwidth": moved / step_s / 1e9 / copy_gbs,
         })  # fmt: skip
     prefill = []
-    for batch, n in ((1, 512), (4, 1024), (8, 2048)):
+    for batch, n in ((1, 64), (2, 128)) if suite.small else ((1, 512), (4, 1024), (8, 2048)):
         seqs = [
             PrefillSeq(_prompt(n, i), list(range(i * 129, (i + 1) * 129))) for i in range(batch)
         ]
         big = allocate_pool(layout, batch * 129, dev)
-        step_s = _cuda_time(lambda s=seqs, p=big: runner.prefill(s, p), 5)
+        step_s = _time(lambda s=seqs, p=big: runner.prefill(s, p), 5, dev)
         flops = 2 * num_params * batch * n  # 2 FLOPs per parameter per token
         prefill.append({"batch": batch, "prompt_tokens": n, "ms": step_s * 1e3,
                         "achieved_tflop_s": flops / step_s / 1e12})  # fmt: skip
         del big
-    _write(out, "bandwidth.json", {
-        "model": model, "dtype": "bfloat16", "weight_bytes": weight_bytes,
+    _write(suite.out, "bandwidth.json", {
+        "model": suite.model, "device": str(dev), "dtype": str(dtype), "weight_bytes": weight_bytes,
         "copy_bandwidth_gb_s": copy_gbs, "decode": decode, "prefill": prefill,
         "note": "decode bytes = weights + live K/V read once per step; prefill FLOPs exclude "
                 "attention's quadratic term",
     })  # fmt: skip
 
 
-def stage_memory(out: Path, model: str) -> None:
+def stage_memory(suite: Suite) -> None:
+    out, model = suite.out, suite.model
     """Device memory with 2 + 2 workers: the weights should be resident once, not five times."""
     import pynvml
 
@@ -219,7 +244,8 @@ def stage_memory(out: Path, model: str) -> None:
     })  # fmt: skip
 
 
-def stage_bench(out: Path, model: str, use_mps: bool) -> None:
+def stage_bench(suite: Suite, use_mps: bool) -> None:
+    out, model = suite.out, suite.model
     name = "bench-mps" if use_mps else "bench-nomps"
     args = [
         sys.executable, "-m", "splitwiser", "bench", "--model", model, "--dtype", "bfloat16",
@@ -234,7 +260,8 @@ def stage_bench(out: Path, model: str, use_mps: bool) -> None:
     print(proc.stdout[-4000:], proc.stderr[-2000:])
 
 
-def stage_profile(out: Path, model: str, use_mps: bool) -> None:
+def stage_profile(suite: Suite, use_mps: bool) -> None:
+    out, model = suite.out, suite.model
     """Both phases under Nsight Compute; the summaries go to results/profile/."""
     name = f"{out.name}-{'mps' if use_mps else 'nomps'}"
     dest = ROOT / "results" / "profile" / name
@@ -254,11 +281,14 @@ STAGES = {
     "handoff": stage_handoff,
     "bandwidth": stage_bandwidth,
     "memory": stage_memory,
-    "bench-nomps": lambda out, model: stage_bench(out, model, False),
-    "bench-mps": lambda out, model: stage_bench(out, model, True),
-    "profile-nomps": lambda out, model: stage_profile(out, model, False),
-    "profile-mps": lambda out, model: stage_profile(out, model, True),
+    "bench-nomps": lambda suite: stage_bench(suite, False),
+    "bench-mps": lambda suite: stage_bench(suite, True),
+    "profile-nomps": lambda suite: stage_profile(suite, False),
+    "profile-mps": lambda suite: stage_profile(suite, True),
 }
+
+
+CPU_STAGES = ("handoff", "bandwidth")  # the only ones that also run (as a smoke test) on CPU
 
 
 def default_out() -> Path:
@@ -272,17 +302,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", choices=[*STAGES, "all"])
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--model", default=MODEL, help="a model spec, or 'default' (embedded)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--small", action="store_true", help="small sizes (a CPU smoke test)")
     args = ap.parse_args()
-    if args.stage != "env" and not torch.cuda.is_available():
+    on_cpu = args.device == "cpu" and args.stage in CPU_STAGES
+    if args.stage != "env" and not on_cpu and not torch.cuda.is_available():
         print(f"gpu_suite: error: stage {args.stage!r} needs a CUDA GPU", file=sys.stderr)
         return 2
     out = args.out or default_out()
     out.mkdir(parents=True, exist_ok=True)
+    model = None if args.model == "default" else args.model
+    suite = Suite(out, model, torch.device(args.device), args.small)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     for stage in STAGES if args.stage == "all" else [args.stage]:
         t0 = time.monotonic()
-        STAGES[stage](out, args.model)
+        STAGES[stage](suite)
         print(f"== {stage}: {time.monotonic() - t0:.1f} s -> {out}")
     return 0
 
