@@ -180,6 +180,8 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
     for name, run in runs.items():
         metrics = compute_metrics(run.records, run.duration_s, config.slo)
         metrics["telemetry"] = run.telemetry.summary(metrics["total_output_tokens"])
+        gpu = metrics["telemetry"]["gpu"] or {}
+        metrics["joules_per_output_token"] = gpu.get("joules_per_output_token")
         metrics |= run.extra
         systems[name] = metrics
     summary = {

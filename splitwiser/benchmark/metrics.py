@@ -151,6 +151,7 @@ HEADLINE = (
     ("median_itl_ms", "median ITL ms", False),
     ("median_e2el_ms", "median E2E ms", False),
     ("request_goodput", "goodput req/s", True),
+    ("joules_per_output_token", "joules/output token", False),  # GPU runs (NVML)
 )
 
 

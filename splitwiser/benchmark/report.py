@@ -117,6 +117,11 @@ def comparison_table(summary: dict) -> str:
         rows.append(row)
     rows.append(["completed/failed", *(f"{systems[n]['completed']}/{systems[n]['failed']}"
                                        for n in names), *[""] * len(ratio_cols)])  # fmt: skip
+    for key, label in (("mean_sm_util_percent", "mean SM util %"),
+                       ("max_gpu_memory_used_mib", "max GPU memory MiB")):  # fmt: skip
+        gpu = [(systems[n].get("telemetry") or {}).get("gpu") or {} for n in names]
+        if any(g.get(key) is not None for g in gpu):
+            rows.append([label, *(_fmt(g.get(key)) for g in gpu), *[""] * len(ratio_cols)])
     sw = systems.get("splitwiser", {})
     if sw.get("median_handoff_ms") is not None:
         rows.append(["median handoff ms", _fmt(sw["median_handoff_ms"]),
