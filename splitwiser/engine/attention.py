@@ -26,12 +26,16 @@ class PagedBatch:
     """Attention metadata of one packed forward pass."""
 
     is_prefill: bool
-    kv_pool: (
-        torch.Tensor
-    )  # [layers, 2, slots, kv_heads, head_dim]; the shared pool or a staging buffer
+    # [layers, 2, slots, kv_heads, head_dim]: the shared pool or a staging buffer
+    kv_pool: torch.Tensor
     slot_mapping: torch.Tensor  # [total_tokens] long: where each new token's K/V is written
     query_starts: list[int]  # offset of each request's tokens in the packed row; len = num_reqs + 1
-    context_slots: list[torch.Tensor] | None  # decode: each request's slots, oldest first
+    context_slots: list[torch.Tensor] | None = None  # per-request decode: each one's slots
+    # padded decode: every request's slots padded to the longest context ([B, max_len] long;
+    # padding points into its last block or block 0: masked, and finite since the pool starts
+    # zeroed) and which are real ([B, 1, 1, max_len] bool)
+    padded_slots: torch.Tensor | None = None
+    padded_mask: torch.Tensor | None = None
 
 
 def paged_attention_forward(
@@ -52,6 +56,8 @@ def paged_attention_forward(
     # 1) write the new tokens' K/V into their slots: [total_tokens, kv_heads, head_dim]
     batch.kv_pool[layer, 0].index_copy_(0, batch.slot_mapping, key[0].transpose(0, 1))
     batch.kv_pool[layer, 1].index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1))
+    if batch.padded_slots is not None:
+        return _padded_decode(module, query, batch, layer, dropout, scaling)
     # 2) attend per request
     outputs = []
     starts = batch.query_starts
@@ -68,6 +74,21 @@ def paged_attention_forward(
         )
         outputs.append(out)  # [1, q_len, heads, head_dim]
     return torch.cat(outputs, dim=1), None
+
+
+def _padded_decode(module, query, batch: PagedBatch, layer: int, dropout, scaling):
+    """Decode in one SDPA call per layer: every request's K/V gathered into a batch padded to
+    the longest context, the padding masked out. Few kernels (what a GPU wants); the sums may
+    round differently from ``generate()``'s unpadded ones in the last bits."""
+    num_reqs, max_len = batch.padded_slots.shape
+    pool = batch.kv_pool[layer]  # [2, slots, kv_heads, head_dim]
+    kv = pool.index_select(1, batch.padded_slots.flatten())  # [2, B * max_len, kv_heads, hd]
+    k, v = kv.view(2, num_reqs, max_len, *pool.shape[2:]).transpose(2, 3).unbind(0)
+    q = query[0].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, head_dim]
+    out, _ = sdpa_attention_forward(
+        module, q, k, v, batch.padded_mask, dropout=dropout, scaling=scaling, is_causal=None
+    )  # [B, 1, heads, head_dim]
+    return out.transpose(0, 1), None  # [1, B, heads, head_dim]: one token per request
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)

@@ -103,6 +103,7 @@ class Engine:
             eos_token_ids=self.eos_token_ids,
             env=tuple(self.config.worker_env(role).items()),
             nvtx=self.config.nvtx_ranges,
+            decode_attention=self.config.decode_attention_for(self.device),
         )
         worker = WorkerProc(cfg, self.model, self.kv_pool)
         self.workers[(role, index)] = worker

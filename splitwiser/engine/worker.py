@@ -34,6 +34,7 @@ class WorkerConfig:
     eos_token_ids: tuple[int, ...]
     env: tuple[tuple[str, str], ...] = ()  # set before CUDA starts (MPS pipe, thread share)
     nvtx: bool = False  # NVTX ranges per prefill batch / decode step (CUDA only)
+    decode_attention: str = "per_request"  # or "padded" (see EngineConfig)
 
     @property
     def name(self) -> str:
@@ -107,7 +108,7 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_queue, out_conn) -> None:
     params = list(model.parameters())
     for p in params:  # touch every page so USS shows whether the weights are private or shared
         p.sum()
-    runner = ModelRunner(model, cfg.block_size, device)
+    runner = ModelRunner(model, cfg.block_size, device, cfg.decode_attention)
     out_conn.send(
         m.ReadyMsg(
             name=cfg.name,
