@@ -74,6 +74,20 @@ def sample_token(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def sample_tokens(
+    logits: torch.Tensor, rows: list[tuple[SamplingParams, int, int]], device
+) -> list[int]:
+    """The next token of every row of ``logits`` ``[B, vocab]``; ``rows`` holds each row's
+    (params, seed, index of the token). Greedy rows come from one argmax over the batch (one
+    device sync, not one per request); sampled rows are drawn one by one."""
+    greedy = logits.float().argmax(dim=-1).tolist()
+    out = []
+    for i, (p, seed, n) in enumerate(rows):
+        gen = token_generator(p, seed, n, device)
+        out.append(greedy[i] if p.is_greedy else sample_token(logits[i], p, gen))
+    return out
+
+
 def token_generator(
     params: SamplingParams, seed: int, index: int, device
 ) -> torch.Generator | None:

@@ -19,7 +19,7 @@ import torch
 from splitwiser.engine import messages as m
 from splitwiser.engine.kv_pool import slots_for
 from splitwiser.engine.model_runner import DecodeSeq, ModelRunner, PrefillSeq
-from splitwiser.sampling import sample_token, token_generator
+from splitwiser.sampling import sample_tokens
 
 
 @dataclass(frozen=True)
@@ -154,10 +154,8 @@ class PromptWorker:
             target = self.kv_pool
         with phase_range(self.cfg, self.device, f"prefill b={len(seqs)} t={total}"):
             logits = self.runner.prefill(seqs, target, contiguous_slots=copy)  # [B, vocab]
-            first = [
-                sample_token(logits[i], r.params, token_generator(r.params, r.seed, 0, self.device))
-                for i, r in enumerate(msg.requests)
-            ]
+            rows = [(r.params, r.seed, 0) for r in msg.requests]
+            first = sample_tokens(logits, rows, self.device)
         kv_copies = None
         if copy:
             kv_copies, start = [], 0
@@ -253,13 +251,8 @@ class TokenWorker:
             logits = self.runner.decode(
                 [DecodeSeq(s.last_token, s.num_cached, s.block_ids) for s in seqs], self.kv_pool
             )  # [B, vocab]
-            new = [
-                sample_token(
-                    logits[i], s.spec.params,
-                    token_generator(s.spec.params, s.spec.seed, s.num_generated, self.device),
-                )
-                for i, s in enumerate(seqs)
-            ]  # fmt: skip
+            rows = [(s.spec.params, s.spec.seed, s.num_generated) for s in seqs]
+            new = sample_tokens(logits, rows, self.device)
         ids, tokens, finished = [], [], []
         for s, tok in zip(seqs, new):
             p = s.spec.params
