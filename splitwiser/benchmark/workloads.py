@@ -99,6 +99,15 @@ def read_trace(path: str | Path, limit: int | None = None) -> list[TraceRow]:
     return rows
 
 
+def scale_lengths(
+    context_tokens: int, generated_tokens: int, length_scale: float
+) -> tuple[int, int]:
+    """A trace request's (prompt, output) lengths multiplied by ``length_scale``, both >= 1."""
+    return max(1, round(context_tokens * length_scale)), max(
+        1, round(generated_tokens * length_scale)
+    )
+
+
 def cap_lengths(
     context_tokens: int, generated_tokens: int, max_context: int, length_scale: float = 1.0
 ) -> tuple[int, int]:
@@ -106,8 +115,7 @@ def cap_lengths(
 
     The output keeps at most half of the context; the prompt takes what is left. Both stay >= 1.
     """
-    prompt = max(1, round(context_tokens * length_scale))
-    output = max(1, round(generated_tokens * length_scale))
+    prompt, output = scale_lengths(context_tokens, generated_tokens, length_scale)
     output = min(output, max(1, max_context // 2))
     prompt = min(prompt, max_context - output)
     return prompt, output
@@ -157,10 +165,9 @@ def build_workload(
             for r in rows
         ]
         num_capped = sum(
-            (p, o) != (max(1, round(r.context_tokens * length_scale)),
-                       max(1, round(r.generated_tokens * length_scale)))
-            for r, (p, o) in zip(rows, lengths)
-        )  # fmt: skip
+            capped != scale_lengths(r.context_tokens, r.generated_tokens, length_scale)
+            for r, capped in zip(rows, lengths)
+        )
         trace_times = [r.time_s for r in rows]
         info = {
             "source": path.name,
