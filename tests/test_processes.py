@@ -137,3 +137,21 @@ def test_no_worker_outlives_its_pipeline():
     # runs last in this module: every pipeline above is closed, so no worker may remain
     names = [p.name() for p in psutil.Process().children(recursive=True)]
     assert not [n for n in names if n.startswith("sw-")]
+
+
+def test_a_worker_killed_while_its_pipe_is_full_blocks_nothing(model_dirs, leftovers):
+    # a stopped worker reads nothing: the parent's writer blocks on a full pipe, and must come
+    # free (and leave no channel behind) once the worker is killed
+    pipe = SplitwiserPipeline(model_dirs["llama"], device="cpu")
+    prompt = pipe._engine.workers[("prompt", 0)]
+    os.kill(prompt.process.pid, signal.SIGSTOP)
+    for _ in range(8):
+        prompt.send(b"x" * (1 << 20))
+    time.sleep(0.5)
+    assert prompt._feeder.is_alive()  # stuck in a write the worker never reads
+    _kill(prompt.process.pid)
+    t0 = time.monotonic()
+    pipe.close()
+    assert time.monotonic() - t0 < 10
+    assert not prompt._feeder.is_alive()
+    leftovers.assert_clean()

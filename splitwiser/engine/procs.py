@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import queue
 import signal
 import threading
 import time
@@ -51,26 +52,42 @@ class WorkerProc:
         self.cfg = cfg
         # the weights and the pool travel as shared handles (shm fds on CPU, CUDA IPC on GPU)
         payload = bytes(ForkingPickler.dumps((model, kv_pool)))
-        self.in_queue = _CTX.Queue()
-        self.conn, child_conn = _CTX.Pipe(duplex=False)
+        # NOTE: two plain pipes, no multiprocessing.Queue: a Queue's named semaphores outlive a
+        # killed reader until its feeder thread notices, and that thread can block for good on a
+        # full pipe whose only other reader is the parent itself.
+        child_in, self._send_conn = _CTX.Pipe(duplex=False)
+        self.conn, child_out = _CTX.Pipe(duplex=False)
         self.process = _CTX.Process(
             target=worker_main,
             name=cfg.name,
-            args=(cfg, payload, self.in_queue, child_conn),
+            args=(cfg, payload, child_in, child_out),
             daemon=True,  # never outlives the parent
         )
         with _sigint_held():
             self.process.start()
-        child_conn.close()
+        # the parent keeps no copy of the child's ends: a dead child means EOF / EPIPE at once
+        child_in.close()
+        child_out.close()
         self.ready: m.ReadyMsg | None = None
         self.load = 0  # prompt worker: batches in flight; token worker: live requests
+        # a parent thread writes to the pipe, so the engine loop never blocks on a busy worker
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._feeder = threading.Thread(target=self._feed, name=f"{cfg.name}-feeder", daemon=True)
+        self._feeder.start()
 
     @property
     def name(self) -> str:
         return self.cfg.name
 
     def send(self, msg) -> None:
-        self.in_queue.put(msg)
+        self._outbox.put(msg)
+
+    def _feed(self) -> None:
+        while (msg := self._outbox.get()) is not None:
+            try:
+                self._send_conn.send(msg)
+            except OSError:  # the worker is gone; its death is noticed on the other pipe
+                return
 
     def is_alive(self) -> bool:
         return self.process.is_alive()
@@ -79,10 +96,7 @@ class WorkerProc:
         """Ask politely, then terminate, then kill; always release the channels. A worker still
         starting up (no ready message yet) holds nothing worth waiting for: terminated at once."""
         if self.process.is_alive() and self.ready is not None:
-            try:
-                self.in_queue.put(m.ShutdownMsg())
-            except (OSError, ValueError):
-                pass
+            self.send(m.ShutdownMsg())
             self.process.join(timeout_s)
         if self.process.is_alive():
             self.process.terminate()
@@ -90,9 +104,10 @@ class WorkerProc:
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
-        # NOTE: a dead reader leaves the queue's feeder thread blocked; don't wait for it at exit
-        self.in_queue.cancel_join_thread()
-        self.in_queue.close()
+        # the reader is dead: a write in progress fails with EPIPE, so the feeder ends promptly
+        self._outbox.put(None)
+        self._feeder.join(5.0)
+        self._send_conn.close()
         self.conn.close()
         self.process.close()
 

@@ -45,17 +45,20 @@ def _uss() -> int:
     return psutil.Process().memory_full_info().uss
 
 
-def _get(in_queue, block: bool):
-    """The next message; while idle, exit if the parent is gone (never leave an orphan)."""
-    if not block:
-        return in_queue.get_nowait()
-    parent = os.getppid()
-    while True:
-        try:
-            return in_queue.get(timeout=1.0)
-        except queue.Empty:
+def _get(in_conn, block: bool):
+    """The next message (``queue.Empty`` if none and not blocking); exit when the parent is gone
+    (never leave an orphan)."""
+    if block:
+        parent = os.getppid()
+        while not in_conn.poll(1.0):
             if os.getppid() != parent:
-                raise SystemExit("parent process died") from None
+                raise SystemExit("parent process died")
+    elif not in_conn.poll(0):
+        raise queue.Empty
+    try:
+        return in_conn.recv()
+    except EOFError:
+        raise SystemExit("the parent closed the channel") from None
 
 
 _NO_RANGE = contextlib.nullcontext()
@@ -86,7 +89,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def worker_main(cfg: WorkerConfig, payload: bytes, in_queue, out_conn) -> None:
+def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
     """Entry point of a spawned worker. ``payload`` pickles (model, kv_pool) as shared handles."""
     # Ctrl-C reaches the whole process group: the parent handles it and stops its workers.
     # SIGINT arrives blocked (see WorkerProc): ignore it, then unblock, dropping one pending
@@ -121,17 +124,17 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_queue, out_conn) -> None:
         )
     )
     loop = PromptWorker if cfg.role == "prompt" else TokenWorker
-    loop(cfg, runner, kv_pool, in_queue, out_conn, device).run()
+    loop(cfg, runner, kv_pool, in_conn, out_conn, device).run()
 
 
 class PromptWorker:
-    def __init__(self, cfg, runner: ModelRunner, kv_pool, in_queue, out_conn, device):
+    def __init__(self, cfg, runner: ModelRunner, kv_pool, in_conn, out_conn, device):
         self.cfg, self.runner, self.kv_pool = cfg, runner, kv_pool
-        self.in_queue, self.out_conn, self.device = in_queue, out_conn, device
+        self.in_conn, self.out_conn, self.device = in_conn, out_conn, device
 
     def run(self) -> None:
         while True:
-            msg = _get(self.in_queue, block=True)  # 1) receive
+            msg = _get(self.in_conn, block=True)  # 1) receive
             if isinstance(msg, m.ShutdownMsg):
                 return
             try:
@@ -185,9 +188,9 @@ class _RunningSeq:
 
 
 class TokenWorker:
-    def __init__(self, cfg, runner: ModelRunner, kv_pool, in_queue, out_conn, device):
+    def __init__(self, cfg, runner: ModelRunner, kv_pool, in_conn, out_conn, device):
         self.cfg, self.runner, self.kv_pool = cfg, runner, kv_pool
-        self.in_queue, self.out_conn, self.device = in_queue, out_conn, device
+        self.in_conn, self.out_conn, self.device = in_conn, out_conn, device
         self.running: dict[int, _RunningSeq] = {}
         self.pending: deque[m.HandoffMsg] = deque()
         self.eos = set(cfg.eos_token_ids)
@@ -213,7 +216,7 @@ class TokenWorker:
         """Drain the queue; True when asked to shut down."""
         while True:
             try:
-                msg = _get(self.in_queue, block)
+                msg = _get(self.in_conn, block)
             except queue.Empty:
                 return False
             block = False
