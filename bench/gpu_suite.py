@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from splitwiser import SamplingParams, SplitwiserPipeline, mps
-from splitwiser.config import resolve_dtype
+from splitwiser.config import EngineConfig, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "random:llama-3.2-1b"
@@ -97,7 +97,8 @@ def stage_env(suite: Suite) -> None:
 def stage_tests(suite: Suite) -> None:
     out = suite.out
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rs", "tests/test_gpu.py"],
+        # every gpu-marked test: the CUDA-only ones and the CUDA half of the exactness matrix
+        [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rs", "tests"],
         capture_output=True, text=True, cwd=ROOT, timeout=540,
     )  # fmt: skip
     (out / "pytest-gpu.log").write_text(proc.stdout + proc.stderr)
@@ -172,7 +173,8 @@ def stage_bandwidth(suite: Suite) -> None:
     ctx = 128 if suite.small else 1024
     blocks_per_seq = ctx // 16 + 1
     pool = allocate_pool(layout, 64 * blocks_per_seq, dev)
-    runner = ModelRunner(loaded.model, 16, dev)
+    # the decode attention the pipeline itself uses on this device
+    runner = ModelRunner(loaded.model, 16, dev, EngineConfig().decode_attention_for(dev))
     decode = []
     for batch in (1, 4) if suite.small else (1, 8, 32, 64):
         seqs = [

@@ -27,7 +27,7 @@ DEFAULT_GPU_KV_FRACTION = 0.3
 def resolve_device(device: str | torch.device) -> torch.device:
     name = str(device)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError as exc:
@@ -38,6 +38,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
         )
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {name!r} is not supported; use 'auto', 'cpu' or 'cuda'")
+    if dev.type == "cuda" and dev.index is None:
+        # workers call torch.cuda.set_device, which needs an index
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -84,7 +87,8 @@ class EngineConfig:
     decode_attention: str | None = None
     # NVTX ranges around each prefill batch and decode step, for Nsight tools (CUDA only)
     nvtx_ranges: bool = False
-    mps_pipe_dir: str | None = None  # workers connect to the CUDA MPS daemon listening here
+    # the workers, and on CUDA this process too, connect to the MPS daemon listening here
+    mps_pipe_dir: str | None = None
     # (prompt, token) workers' CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; needs mps_pipe_dir
     mps_thread_percentage: tuple[int, int] | None = None
 

@@ -123,6 +123,27 @@ def test_trace_replay_records_the_workload(tmp_path, leftovers):
     leftovers.assert_clean()
 
 
+def _child_names(pid: int) -> list[str]:
+    names = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            names.append(child.name())
+        except psutil.NoSuchProcess:  # a short-lived helper process, gone already
+            pass
+    return names
+
+
+def _wait_for_workers(pid: int, when: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        names = _child_names(pid)
+        spawned = [n for n in names if n.startswith("python")] and len(names) >= 3
+        if (when == "workers starting" and spawned) or "sw-token-1" in names:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"the workers never reached the '{when}' state")
+
+
 @pytest.mark.parametrize("when", ["workers starting", "workers running"])
 def test_ctrl_c_stops_everything_quietly(when, tmp_path, leftovers):
     """Ctrl-C reaches the whole process group: exit 130, one line, no worker traceback."""
@@ -131,19 +152,16 @@ def test_ctrl_c_stops_everything_quietly(when, tmp_path, leftovers):
          "200"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        names = [c.name() for c in psutil.Process(proc.pid).children(recursive=True)]
-        spawned = [n for n in names if n.startswith("python")] and len(names) >= 3
-        if (when == "workers starting" and spawned) or "sw-token-1" in names:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"the workers never reached the '{when}' state")
-    if when == "workers running":
-        time.sleep(2.0)  # into the measured run
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _wait_for_workers(proc.pid, when)
+        if when == "workers running":
+            time.sleep(2.0)  # into the measured run
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # the test failed before the interrupt: leave nothing running
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "splitwiser: interrupted"
     leftovers.assert_clean()

@@ -29,7 +29,9 @@ def test_cuda_defaults_to_bfloat16_and_sizes_the_pool_from_free_memory(model_dir
         # a fraction of what was free once the weights were loaded (tiny model: ~free_before)
         assert pool_bytes <= DEFAULT_GPU_KV_FRACTION * free_before
         assert pool_bytes >= 0.9 * DEFAULT_GPU_KV_FRACTION * free_before
-        outs = pipe.generate([[1, 2, 3], [4] * 40], SamplingParams(max_new_tokens=8))
+        outs = pipe.generate(
+            [[1, 2, 3], [4] * 40], SamplingParams(max_new_tokens=8, ignore_eos=True)
+        )
         assert [len(o.token_ids) for o in outs] == [8, 8]
 
 

@@ -3,7 +3,9 @@ spawns the workers and routes every message between them on one engine thread.""
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import random
 import threading
 import time
@@ -26,6 +28,7 @@ from splitwiser.engine.request import Request, RequestStatus
 from splitwiser.engine.scheduler import Scheduler
 from splitwiser.engine.worker import WorkerConfig
 from splitwiser.errors import (
+    ConfigError,
     KVCacheTooSmallError,
     PipelineClosedError,
     SplitwiserError,
@@ -38,9 +41,25 @@ from splitwiser.prompts import PromptChecker, eos_token_ids, stop_reason
 log = logging.getLogger("splitwiser")
 
 
+def _join_mps(pipe_dir: str) -> None:
+    """This process allocates the weights and the pool that the workers map over CUDA IPC: it
+    joins the workers' MPS daemon, which CUDA reads when it initialises. The variable stays set
+    for the life of the process, as CUDA's connection does."""
+    if os.environ.get("CUDA_MPS_PIPE_DIRECTORY") == pipe_dir:
+        return
+    if torch.cuda.is_initialized():
+        raise ConfigError(
+            "CUDA was initialised in this process before MPS was configured; create the pipeline "
+            "with mps_pipe_dir before any CUDA work, or set CUDA_MPS_PIPE_DIRECTORY at start-up"
+        )
+    os.environ["CUDA_MPS_PIPE_DIRECTORY"] = pipe_dir
+
+
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        if config.mps_pipe_dir is not None and str(config.device) != "cpu":
+            _join_mps(config.mps_pipe_dir)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         loaded = load_model(config.model, dtype=self.dtype, device=self.device)
@@ -179,7 +198,12 @@ class Engine:
         self._stop_workers()
         self._wake_r.close()
         self._wake_w.close()
+        self.handoff_backlog.clear()
         if self.device.type == "cuda":
+            # the weights and the pool go once no worker holds them: drop this process's own
+            # references, then let torch free what the (now dead) workers had mapped
+            self.model = self.kv_pool = None
+            gc.collect()
             torch.cuda.ipc_collect()
 
     def _stop_workers(self) -> None:

@@ -80,12 +80,13 @@ class WorkerProc:
         return self.cfg.name
 
     def send(self, msg) -> None:
-        self._outbox.put(msg)
+        # pickled here, so a message that cannot travel raises in the sender, not in the feeder
+        self._outbox.put(bytes(ForkingPickler.dumps(msg)))
 
     def _feed(self) -> None:
-        while (msg := self._outbox.get()) is not None:
+        while (data := self._outbox.get()) is not None:
             try:
-                self._send_conn.send(msg)
+                self._send_conn.send_bytes(data)
             except OSError:  # the worker is gone; its death is noticed on the other pipe
                 return
 

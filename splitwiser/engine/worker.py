@@ -89,6 +89,15 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _settle(device: torch.device) -> None:
+    """After a failed step: let kernels already queued finish writing into the requests' blocks
+    before the parent hands those blocks to someone else."""
+    try:
+        _synchronize(device)
+    except Exception:  # a broken context: nothing more will run on it anyway
+        pass
+
+
 def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
     """Entry point of a spawned worker. ``payload`` pickles (model, kv_pool) as shared handles."""
     # Ctrl-C reaches the whole process group: the parent handles it and stops its workers.
@@ -125,6 +134,10 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
     )
     loop = PromptWorker if cfg.role == "prompt" else TokenWorker
     loop(cfg, runner, kv_pool, in_conn, out_conn, device).run()
+    # on CUDA: hand the parent's storages back now (their IPC reference counts), not at
+    # interpreter teardown
+    _settle(device)
+    del runner, model, kv_pool, params
 
 
 class PromptWorker:
@@ -141,6 +154,7 @@ class PromptWorker:
                 self.out_conn.send(self.prefill(msg))
             except Exception:
                 ids = [r.request_id for r in msg.requests]
+                _settle(self.device)
                 self.out_conn.send(m.WorkerErrorMsg(ids, traceback.format_exc(limit=4)))
 
     def prefill(self, msg: m.PrefillMsg) -> m.PrefillDoneMsg:
@@ -148,7 +162,7 @@ class PromptWorker:
         seqs = [PrefillSeq(t, b) for t, b in zip(msg.token_ids, msg.block_ids)]
         copy = self.cfg.kv_handoff == "copy"
         total = sum(len(t) for t in msg.token_ids)
-        if copy:  # K/V go to a private staging buffer and then through the queue
+        if copy:  # K/V go to a private staging buffer and then, through host memory, to the parent
             layers, _, _, kv_heads, head_dim = self.kv_pool.shape
             target = torch.empty(
                 (layers, 2, total, kv_heads, head_dim), dtype=self.kv_pool.dtype, device=self.device
@@ -163,7 +177,8 @@ class PromptWorker:
         if copy:
             kv_copies, start = [], 0
             for t in msg.token_ids:
-                kv_copies.append(target[:, :, start : start + len(t)].clone())
+                # NOTE: a host copy: a CUDA tensor received over IPC cannot be shared onwards
+                kv_copies.append(target[:, :, start : start + len(t)].to("cpu", copy=True))
                 start += len(t)
         # NOTE: publish only after the prefill kernels finished: the token worker reads at once
         _synchronize(self.device)
@@ -210,6 +225,7 @@ class TokenWorker:
             except Exception:
                 ids = list(self.running)
                 self.running.clear()
+                _settle(self.device)
                 self.out_conn.send(m.WorkerErrorMsg(ids, traceback.format_exc(limit=4)))
 
     def _receive(self, block: bool) -> bool:
