@@ -263,8 +263,9 @@ def stage_bench(suite: Suite, use_mps: bool) -> None:
 
 
 def stage_profile(suite: Suite, use_mps: bool) -> None:
+    """Both phases under Nsight Compute; the summaries go to results/profile/. Under MPS ncu may
+    refuse (its release notes list MPS as unsupported): the log then says so."""
     out, model = suite.out, suite.model
-    """Both phases under Nsight Compute; the summaries go to results/profile/."""
     name = f"{out.name}-{'mps' if use_mps else 'nomps'}"
     dest = ROOT / "results" / "profile" / name
     args = [

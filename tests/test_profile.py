@@ -3,6 +3,7 @@ sample of ncu's raw page (tests/fixtures/), the per-phase summary, NVTX ranges, 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,10 +19,27 @@ from splitwiser.profiling import (
     ProfilerError,
     find_tool,
     ncu,
+    run_profile,
+    summary_table,
     target_command,
 )
 
 SAMPLE = (Path(__file__).parent / "fixtures" / "ncu_raw_sample.csv").read_text()
+FAKES = str(Path(__file__).parent / "fakes")
+
+
+@pytest.fixture
+def fake_tools(monkeypatch, tmp_path):
+    """A GPU pretended, the test doubles of ncu and the MPS control binary first on PATH."""
+    monkeypatch.setattr(mps, "gpu_present", lambda: True)
+    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("SPLITWISER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    return tmp_path
 
 
 def test_ncu_command_profiles_one_phase_in_every_process():
@@ -56,8 +74,22 @@ def test_raw_csv_parser_reads_the_sample():
     assert rows[0].metrics[ncu.DRAM_READ] == 26_738_688  # thousands separators
     assert rows[0].metrics[ncu.DURATION] == 120_320
     assert ncu.OCCUPANCY not in rows[4].metrics  # "n/a"
+    assert rows[0].metrics["launch__grid_size"] == 132  # launch attributes are numbers too
+    assert not any("Push/Pop" in k for k in rows[0].metrics)  # the NVTX stack is text
     with pytest.raises(ValueError, match="header"):
         ncu.parse_raw_csv("==PROF== nothing profiled\n")
+
+
+def test_raw_csv_parser_scales_units_and_reads_big_ids():
+    text = "\n".join([
+        '"ID","Process ID","Kernel Name","gpu__time_duration.sum","dram__bytes_read.sum"',
+        '"","","","usecond","Kbyte"',
+        '"1,204","123,456","gemv","2.50","1,024"',
+    ])  # fmt: skip
+    (row,) = ncu.parse_raw_csv(text)
+    assert (row.id, row.pid) == (1204, 123456)
+    assert row.metrics[ncu.DURATION] == pytest.approx(2_500)  # ns
+    assert row.metrics[ncu.DRAM_READ] == pytest.approx(1_024_000)  # bytes
 
 
 def test_phase_summary_weights_by_duration():
@@ -122,3 +154,31 @@ def test_cli_errors_without_a_gpu(args, message, tmp_path, leftovers):
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
     assert not (tmp_path / "p").exists()
     leftovers.assert_clean()
+
+
+def test_run_profile_writes_reports_csv_and_per_phase_summary(fake_tools):
+    """The orchestration around ncu (against its test double): one run and one export per
+    phase, kernels attributed to phases by worker pid, MPS left off under ncu with ``auto``."""
+    out = fake_tools / "prof"
+    _, summary = run_profile(ProfileConfig(mps="auto", out=str(out)), command="splitwiser profile")
+    assert summary["tool"]["name"] == "ncu" and summary["tool"]["version"] == "2025.3.1.0"
+    assert summary["mps"]["requested"] == "auto" and not summary["mps"]["active"]
+    assert "does not support profiling under MPS" in summary["mps"]["reason"]
+    assert summary["phases"]["prompt"]["num_kernels"] == 3  # pid 101 only
+    assert summary["phases"]["token"]["num_kernels"] == 2  # pid 202 only
+    for phase in ("prompt", "token"):
+        assert (out / f"profile-{phase}.ncu-rep").exists()
+        assert ncu.parse_raw_csv((out / f"profile-{phase}.csv").read_text())
+        assert "--nvtx-include" in (out / f"ncu-{phase}.log").read_text()
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["phases"] == summary["phases"] and saved["command"] == "splitwiser profile"
+    table = summary_table(summary)
+    assert table.splitlines()[1].startswith("prompt") and "sm90_xmma_gemm" in table
+
+
+def test_ncu_failing_under_mps_names_the_limitation(fake_tools, monkeypatch):
+    monkeypatch.setenv("FAKE_NCU_FAIL_UNDER_MPS", "1")
+    with pytest.raises(ProfilerError, match="does not support profiling under MPS.*--no-mps"):
+        run_profile(ProfileConfig(mps="on", phase="token", out=str(fake_tools / "prof")))
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ  # the session ended
+    assert not list(fake_tools.rglob("control"))  # and the daemon it started was stopped

@@ -64,6 +64,8 @@ def profile(ctx, mps_mode, no_mps, **options) -> None:
 
     config = ProfileConfig(mps=resolve_mps(ctx, mps_mode, no_mps), **options)
     out, summary = run_profile(config, command=command_line(ctx))
+    for warning in summary["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
     if summary["phases"]:
         click.echo(summary_table(summary))
     click.echo(f"results: {out}")

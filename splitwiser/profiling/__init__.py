@@ -4,6 +4,7 @@ Systems), one report per phase, a CSV export and a per-phase summary."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,10 @@ from splitwiser.profiling import ncu as ncu_lib
 
 class ProfilerError(SplitwiserError):
     """No GPU, no profiler on PATH, or the profiler's run failed."""
+
+
+# Nsight Compute's release notes list profiling with MPS enabled as not supported
+NCU_UNDER_MPS = "Nsight Compute does not support profiling under MPS (a documented limitation)"
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,16 @@ def find_tool(tool: str) -> str:
     return path
 
 
+def tool_version(path: str) -> str | None:
+    """``ncu --version`` / ``nsys --version``: the version number, for the summary."""
+    try:
+        proc = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"(\d{4}\.\d+(?:\.\d+)*)", proc.stdout)
+    return found.group(1) if found else None
+
+
 def target_command(config: ProfileConfig, workers_out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "splitwiser.profiling.target",
            "--num-requests", str(config.num_requests), "--prompt-len", str(config.prompt_len),
@@ -73,15 +88,25 @@ def target_command(config: ProfileConfig, workers_out: Path) -> list[str]:
     return cmd
 
 
-def _run(cmd: list[str], log: Path) -> str:
+def _run(cmd: list[str], log: Path, hint: str = "") -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log.write_text(" ".join(cmd) + "\n\n" + proc.stdout + proc.stderr)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ProfilerError(
-            f"{Path(cmd[0]).name} failed (exit {proc.returncode}): {tail[0]} (log: {log})"
+            f"{Path(cmd[0]).name} failed (exit {proc.returncode}): {tail[0]} (log: {log}){hint}"
         )
     return proc.stdout
+
+
+def _mps_mode(config: ProfileConfig) -> tuple[str, list[str]]:
+    """The MPS mode to run in, and warnings for the summary. ``auto`` leaves MPS off under ncu,
+    which cannot profile it; ``on`` tries, and says why a failure may follow."""
+    if config.tool != "ncu" or config.mps == "off":
+        return config.mps, []
+    if config.mps == "auto":
+        return "off", [f"MPS not used: {NCU_UNDER_MPS}"]
+    return "on", [f"{NCU_UNDER_MPS}; the figures under MPS may be missing or unreliable"]
 
 
 def run_profile(config: ProfileConfig, command: str | None = None) -> tuple[Path, dict]:
@@ -89,9 +114,19 @@ def run_profile(config: ProfileConfig, command: str | None = None) -> tuple[Path
     tool = find_tool(config.tool)
     out = Path(config.out or f"results/profile/{time.strftime('%Y%m%d-%H%M%S')}-{config.phase}")
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"command": command, "config": vars(config).copy(), "phases": {}}
-    with mps.session(config.mps, "cuda") as (_, mps_state):
+    mps_mode, warnings = _mps_mode(config)
+    summary: dict = {
+        "command": command,
+        "config": vars(config).copy(),
+        "tool": {"name": config.tool, "path": tool, "version": tool_version(tool)},
+        "warnings": warnings,
+        "phases": {},
+    }
+    with mps.session(mps_mode, "cuda") as (_, mps_state):
         summary["mps"] = mps_state
+        if mps_mode != config.mps:
+            mps_state |= {"requested": config.mps, "reason": f"not used: {NCU_UNDER_MPS}"}
+        hint = f"; {NCU_UNDER_MPS}: try --no-mps" if mps_state["active"] else ""
         if config.tool == "nsys":
             target = target_command(config, out / "workers.json")
             _run(ncu_lib.nsys_command(tool, str(out / "timeline"), target), out / "nsys.log")
@@ -103,7 +138,7 @@ def run_profile(config: ProfileConfig, command: str | None = None) -> tuple[Path
                 tool, phase, str(report), config.kernels, config.metrics,
                 target_command(config, workers),
             )  # fmt: skip
-            _run(cmd, out / f"ncu-{phase}.log")
+            _run(cmd, out / f"ncu-{phase}.log", hint if config.tool == "ncu" else "")
             csv_text = _run(ncu_lib.export_command(tool, str(report)), out / f"export-{phase}.log")
             (out / f"profile-{phase}.csv").write_text(csv_text)
             roles = {int(pid): role for pid, role in json.loads(workers.read_text()).items()}
@@ -112,6 +147,9 @@ def run_profile(config: ProfileConfig, command: str | None = None) -> tuple[Path
                 "report": report.name,
                 "csv": f"profile-{phase}.csv",
             }
+            if not rows:
+                log = f"ncu-{phase}.log"
+                warnings.append(f"no kernel of the {phase} phase was profiled (see {log})")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out, summary
 

@@ -76,9 +76,19 @@ def _number(text: str) -> float | None:
         return None  # "n/a", empty
 
 
+# the units row, scaled to the summary's base units (ns, bytes); "--print-units base" asks for
+# those already, this keeps a report exported with other settings right
+_SCALE = {
+    "nsecond": 1.0, "usecond": 1e3, "msecond": 1e6, "second": 1e9,
+    "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12,
+    "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 1024.0, "MiB": 1024.0**2, "GiB": 1024.0**3,
+}  # fmt: skip
+
+
 def parse_raw_csv(text: str) -> list[KernelRow]:
     """Rows of ``ncu --import R --csv --page raw``: a header row, a units row, one row per
-    kernel. Lines ncu prints before the header (``==PROF==`` notes) are skipped."""
+    kernel. Lines ncu prints before the header (``==PROF==`` notes) are skipped; columns that
+    are not metrics (NVTX stacks, launch attributes as text) are ignored."""
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
     if start is None:
@@ -89,20 +99,24 @@ def parse_raw_csv(text: str) -> list[KernelRow]:
     for need in ("ID", "Process ID", "Kernel Name"):
         if need not in col:
             raise ValueError(f"the ncu CSV has no {need!r} column")
+    metric_cols = {name: i for name, i in col.items() if "__" in name}  # unit__counter.rollup
+    scale: dict[str, float] = {}
     rows = []
     for rec in reader:
-        if not rec or not rec[col["ID"]].strip().isdigit():
-            continue  # the units row, blank lines
+        if not rec:
+            continue
+        kernel_id = _number(rec[col["ID"]])
+        if kernel_id is None:  # the units row
+            scale = {n: _SCALE.get(rec[i].strip(), 1.0) for n, i in metric_cols.items()
+                     if i < len(rec)}  # fmt: skip
+            continue
         metrics = {}
-        for name, i in col.items():
-            if "__" in name and i < len(rec):  # metric names look like unit__counter.rollup
-                value = _number(rec[i])
-                if value is not None:
-                    metrics[name] = value
-        rows.append(
-            KernelRow(int(rec[col["ID"]]), int(rec[col["Process ID"]]), rec[col["Kernel Name"]],
-                      metrics)
-        )  # fmt: skip
+        for name, i in metric_cols.items():
+            value = _number(rec[i]) if i < len(rec) else None
+            if value is not None:
+                metrics[name] = value * scale.get(name, 1.0)
+        pid = _number(rec[col["Process ID"]])
+        rows.append(KernelRow(int(kernel_id), int(pid or 0), rec[col["Kernel Name"]], metrics))
     return rows
 
 
