@@ -69,7 +69,7 @@ class EngineConfig:
     num_token_workers: int = 1
     device: str = "auto"
     dtype: str | torch.dtype | None = None
-    kv_handoff: str = "shared"  # "shared": block ids only; "copy": K/V bytes through the queue
+    kv_handoff: str = "shared"  # "shared": block ids only; "copy": K/V bytes through the parent
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # None: sized from kv_cache_bytes
     kv_cache_bytes: int | None = None  # None: 1 GiB on CPU, 30% of free memory on CUDA

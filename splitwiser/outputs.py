@@ -19,7 +19,7 @@ class RequestMetrics:
     # prompt worker publish -> token worker admission; includes waiting for the decode step in
     # progress, and for the copy handoff the scatter of the received K/V into the blocks
     handoff_s: float | None = None
-    kv_bytes_copied: int = 0  # bytes of K/V that travelled through a queue (copy handoff only)
+    kv_bytes_copied: int = 0  # bytes of K/V that travelled through the parent (copy handoff only)
 
     @property
     def ttft_s(self) -> float | None:

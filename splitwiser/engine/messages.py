@@ -1,9 +1,10 @@
 """Every message between the parent and its workers. Small and typed: ids, not tensors.
 
-Parent -> worker travels on a ``multiprocessing`` queue per worker (puts never block the parent);
-worker -> parent on a pipe per worker (one writer per channel, so a killed worker cannot wedge a
-lock that other workers need). The only tensor field is ``kv_copy``, used by the copy handoff that
-exists to measure what the shared handoff saves.
+Each worker has two pipes of its own. Parent -> worker: pickled by the sender, written by a
+parent thread (a busy worker never blocks the engine loop); worker -> parent: written by the
+worker, read by the engine loop. One writer per pipe and no locks or named semaphores between
+processes, so a killed worker wedges nothing and leaves nothing behind. The only tensor field is
+``kv_copy``, used by the copy handoff that exists to measure what the shared handoff saves.
 """
 
 from __future__ import annotations

@@ -229,7 +229,7 @@ class TokenWorker:
                 self.out_conn.send(m.WorkerErrorMsg(ids, traceback.format_exc(limit=4)))
 
     def _receive(self, block: bool) -> bool:
-        """Drain the queue; True when asked to shut down."""
+        """Drain the incoming messages; True when asked to shut down."""
         while True:
             try:
                 msg = _get(self.in_conn, block)
