@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from splitwiser import SamplingParams, SplitwiserPipeline, mps
+from splitwiser import SamplingParams, SplitwiserPipeline, mps, profiling
 from splitwiser.config import EngineConfig, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +81,13 @@ def stage_env(suite: Suite) -> None:
         "cuda_available": torch.cuda.is_available(),
         "gpu": _sh("nvidia-smi", f"--query-gpu={query}", "--format=csv").strip(),
         "mps_control_binary": mps.find_control_binary(),
-        "ncu": shutil.which("ncu"),
     }
+    for tool in ("ncu", "nsys"):
+        try:
+            path = profiling.find_tool(tool)
+            info[tool] = {"path": path, "version": profiling.tool_version(path)}
+        except profiling.ProfilerError as exc:
+            info[tool] = f"unavailable: {exc}"
     try:
         daemon = mps.start_daemon()
         info["mps_daemon"] = daemon.status()

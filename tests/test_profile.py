@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitwiser import ConfigError, mps
+from splitwiser import ConfigError, mps, profiling
 from splitwiser.engine.worker import WorkerConfig, phase_range
 from splitwiser.profiling import (
     ProfileConfig,
@@ -129,10 +129,31 @@ def test_target_command_and_config_errors(tmp_path):
 def test_missing_profiler_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(mps, "gpu_present", lambda: True)  # pretend a GPU, hide the tools
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(ProfilerError, match=r"ncu \(Nsight Compute\) is not on PATH"):
+    monkeypatch.delenv("SPLITWISER_NCU", raising=False)
+    monkeypatch.setattr(profiling, "_INSTALL_GLOBS", {"ncu": (), "nsys": ()})
+    with pytest.raises(ProfilerError, match=r"ncu \(Nsight Compute\) was not found on PATH"):
         find_tool("ncu")
     with pytest.raises(ProfilerError, match="nsys"):
         find_tool("nsys")
+    monkeypatch.setenv("SPLITWISER_NCU", str(tmp_path / "nothing"))
+    with pytest.raises(ProfilerError, match="SPLITWISER_NCU=.* is not an executable"):
+        find_tool("ncu")
+
+
+def test_profiler_found_off_path_newest_version_first(monkeypatch, tmp_path):
+    """Installers put ncu under /opt/nvidia/nsight-compute/<version>/, often off PATH."""
+    monkeypatch.setattr(mps, "gpu_present", lambda: True)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.delenv("SPLITWISER_NCU", raising=False)
+    for version in ("2024.3.2", "2025.3.1", "2025.10.0"):
+        tool = tmp_path / "nsight-compute" / version / "ncu"
+        tool.parent.mkdir(parents=True)
+        tool.write_text("#!/bin/sh\n")
+        tool.chmod(0o755)
+    monkeypatch.setattr(
+        profiling, "_INSTALL_GLOBS", {"ncu": (str(tmp_path / "nsight-compute" / "*" / "ncu"),)}
+    )
+    assert find_tool("ncu") == str(tmp_path / "nsight-compute" / "2025.10.0" / "ncu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on hosts without a GPU")

@@ -3,7 +3,9 @@ Systems), one report per phase, a CSV export and a per-phase summary."""
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -56,14 +58,39 @@ class ProfileConfig:
         return ncu_lib.PHASES if self.phase == "both" else (self.phase,)
 
 
+# where NVIDIA's installers put the tools when they are not on PATH; the newest version first
+_INSTALL_GLOBS = {
+    "ncu": ("/opt/nvidia/nsight-compute/*/ncu", "/usr/local/cuda*/bin/ncu",
+            "/usr/local/cuda*/nsight-compute*/ncu"),
+    "nsys": ("/opt/nvidia/nsight-systems/*/bin/nsys", "/usr/local/cuda*/bin/nsys"),
+}  # fmt: skip
+
+
+def _version_key(path: str) -> list[int]:
+    return [int(n) for n in re.findall(r"\d+", path)]
+
+
 def find_tool(tool: str) -> str:
-    """The profiler's path, after checking there is a GPU to profile."""
+    """The profiler's path, after checking there is a GPU to profile: ``$SPLITWISER_<TOOL>``,
+    then PATH, then the installers' default locations."""
     if not mps.gpu_present():
         raise ProfilerError("splitwiser profile needs an NVIDIA GPU and its driver; none was found")
+    override = os.environ.get(f"SPLITWISER_{tool.upper()}")
+    if override:
+        if not os.access(override, os.X_OK):
+            raise ProfilerError(f"SPLITWISER_{tool.upper()}={override} is not an executable")
+        return override
     path = shutil.which(tool)
     if path is None:
+        found = [p for pattern in _INSTALL_GLOBS[tool] for p in glob.glob(pattern)
+                 if os.access(p, os.X_OK)]  # fmt: skip
+        path = max(found, key=_version_key) if found else None
+    if path is None:
         product = "Nsight Compute" if tool == "ncu" else "Nsight Systems"
-        raise ProfilerError(f"{tool} ({product}) is not on PATH; install it or add it")
+        raise ProfilerError(
+            f"{tool} ({product}) was not found on PATH nor under /opt/nvidia or /usr/local/cuda; "
+            f"install it, add it to PATH, or set SPLITWISER_{tool.upper()}"
+        )
     return path
 
 
