@@ -75,11 +75,19 @@ class SplitwiserPipeline:
         return self._engine.submit(prompt, sampling_params or SamplingParams())
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
-        """Generate for every prompt (submitted at once), in the order given."""
+        """Generate for every prompt (submitted at once), in the order given. If a prompt is
+        rejected, or the wait is interrupted, the requests already submitted are cancelled."""
         prompts = as_prompt_list(prompts)
         params = params_list(prompts, sampling_params)
-        handles = [self.submit(p, sp) for p, sp in zip(prompts, params)]
-        return [h.result() for h in handles]
+        handles: list[RequestHandle] = []
+        try:
+            for p, sp in zip(prompts, params):
+                handles.append(self.submit(p, sp))
+            return [h.result() for h in handles]
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
 
     def close(self) -> None:
         """Stop every worker and release the pool. Safe to call twice."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from splitwiser import (
     SplitwiserError,
     SplitwiserPipeline,
 )
+from splitwiser.engine import kv_pool
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +68,53 @@ def test_unknown_model_path(leftovers):
     with pytest.raises(ModelNotFoundError, match="unknown random preset"):
         SequentialPipeline("random:gpt-17", device="cpu")
     leftovers.assert_clean()
+
+
+def test_folder_that_is_not_a_model(tmp_path, model_dirs, leftovers):
+    with pytest.raises(ModelNotFoundError, match="has no config.json"):
+        SplitwiserPipeline(str(tmp_path), device="cpu")
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text(
+        (Path(model_dirs["llama"]) / "config.json").read_text()
+    )
+    with pytest.raises(ModelNotFoundError, match="cannot load model .*config-only"):
+        SplitwiserPipeline(str(config_only), device="cpu")
+    leftovers.assert_clean()
+
+
+def test_a_rejected_prompt_cancels_the_ones_before_it(small_pool, monkeypatch):
+    submitted = []
+    submit = small_pool.submit
+    monkeypatch.setattr(
+        small_pool, "submit", lambda *a: submitted.append(submit(*a)) or submitted[-1]
+    )
+    prompts = [[1, 2, 3], [4, 5, 6], []]  # the third is empty
+    with pytest.raises(InvalidRequestError, match="empty"):
+        small_pool.generate(prompts, SamplingParams(max_new_tokens=40, ignore_eos=True))
+    assert len(submitted) == 2
+    # not left decoding for nobody: both end as aborted, well before their 40 tokens
+    outs = [h.result(timeout=10) for h in submitted]
+    assert [o.finish_reason for o in outs] == ["abort", "abort"]
+    assert small_pool.stats()["num_free_blocks"] == 4
+
+
+def test_cpu_pool_larger_than_free_shared_memory(model_dirs, monkeypatch, leftovers):
+    monkeypatch.setattr(kv_pool, "shm_free_bytes", lambda: 8 << 20)  # an 8 MiB /dev/shm
+    with pytest.raises(ConfigError, match=r"needs 64 MiB of shared memory .* lower kv_cache_bytes"):
+        SplitwiserPipeline(model_dirs["llama"], device="cpu", kv_cache_bytes=64 << 20)
+    leftovers.assert_clean()
+    # by default the pool takes at most half of what is free there
+    with SplitwiserPipeline(model_dirs["llama"], device="cpu") as pipe:
+        layout = kv_pool.KVLayout.from_model_config(pipe._engine.model.config, 16, pipe.dtype)
+        assert pipe.num_kv_blocks * layout.bytes_per_block <= 4 << 20
+
+
+def test_expandable_segments_detected(monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64, expandable_segments:True")
+    assert kv_pool._expandable_segments_on()
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    assert not kv_pool._expandable_segments_on()
 
 
 def test_zero_workers(leftovers):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
@@ -90,8 +91,9 @@ def read_trace(path: str | Path, limit: int | None = None) -> list[TraceRow]:
         if missing:
             raise ConfigError(f"{path}: not an Azure LLM trace, missing columns {sorted(missing)}")
         for rec in reader:
-            # NOTE: timestamps carry 7 fractional digits; fromisoformat reads them (Python >= 3.11)
-            t = datetime.fromisoformat(rec["TIMESTAMP"]).timestamp()
+            # NOTE: timestamps carry 7 fractional digits; before 3.11 fromisoformat takes 6 at most
+            stamp = re.sub(r"(\.\d{6})\d+", r"\1", rec["TIMESTAMP"].strip())
+            t = datetime.fromisoformat(stamp).timestamp()
             start = t if start is None else start
             rows.append(TraceRow(t - start, int(rec["ContextTokens"]), int(rec["GeneratedTokens"])))
             if limit is not None and len(rows) >= limit:

@@ -8,11 +8,16 @@ caching-allocator segment shared through a CUDA IPC handle.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from splitwiser.config import DEFAULT_CPU_KV_BYTES, DEFAULT_GPU_KV_FRACTION
+from splitwiser.errors import ConfigError
+
+SHM_DIR = "/dev/shm"  # where the CPU pool's shared storage lives
+_SEGMENT = 2 << 20  # the CUDA caching allocator rounds large segments to 2 MiB
 
 
 @dataclass(frozen=True)
@@ -53,11 +58,29 @@ def default_num_blocks(layout: KVLayout, device: torch.device, config, max_model
     elif budget is None:
         per_seq = layout.num_blocks_for(max_model_len) * layout.bytes_per_block
         budget = min(DEFAULT_CPU_KV_BYTES, per_seq * config.max_num_seqs * config.num_token_workers)
+        free = shm_free_bytes()
+        if free is not None:  # leave room in /dev/shm for everything else that lives there
+            budget = min(budget, free // 2)
     return max(1, budget // layout.bytes_per_block)
 
 
+def shm_free_bytes() -> int | None:
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _expandable_segments_on() -> bool:
+    names = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+    conf = ",".join(os.environ.get(k, "") for k in names)
+    return "expandable_segments:true" in conf.replace(" ", "").lower()
+
+
 def allocate_pool(layout: KVLayout, num_blocks: int, device: torch.device) -> torch.Tensor:
-    """Allocate the pool as one tensor; on CPU move it to shared memory once."""
+    """Allocate the pool as one tensor: on CPU in shared memory, on CUDA as a caching-allocator
+    segment of its own (a CUDA IPC handle covers a whole segment: no other tensor may share it)."""
     shape = (
         layout.num_layers,
         2,
@@ -65,10 +88,29 @@ def allocate_pool(layout: KVLayout, num_blocks: int, device: torch.device) -> to
         layout.num_kv_heads,
         layout.head_dim,
     )
-    pool = torch.zeros(shape, dtype=layout.dtype, device=device)
+    nbytes = num_blocks * layout.bytes_per_block
     if device.type == "cpu":
+        free = shm_free_bytes()
+        if free is not None and nbytes > free:
+            raise ConfigError(
+                f"the KV pool needs {nbytes / 2**20:.0f} MiB of shared memory but {SHM_DIR} has "
+                f"{free / 2**20:.0f} MiB free; lower kv_cache_bytes or num_kv_blocks, or enlarge "
+                f"{SHM_DIR} (docker: --shm-size)"
+            )
+        pool = torch.zeros(shape, dtype=layout.dtype)
         pool.share_memory_()
-    return pool
+        return pool
+    if _expandable_segments_on():
+        raise ConfigError(
+            "PYTORCH_CUDA_ALLOC_CONF sets expandable_segments:True; the KV pool and the weights "
+            "are shared through CUDA IPC handles of whole segments: unset it"
+        )
+    # no cached free block to carve the pool from, and the segment rounded up to the
+    # allocator's granularity belongs to the pool alone
+    torch.cuda.empty_cache()
+    rounded = -(-nbytes // _SEGMENT) * _SEGMENT
+    segment = torch.zeros(rounded, dtype=torch.uint8, device=device)
+    return segment[:nbytes].view(layout.dtype).view(shape)
 
 
 def slots_for(

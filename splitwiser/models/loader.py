@@ -44,13 +44,25 @@ def _resolve(spec: str | None) -> tuple[str | None, str, str]:
             f"model directory {spec!r} does not exist; pass a Hugging Face causal-LM "
             f"directory, a hub id, 'random:<preset>' or no model for the embedded default"
         )
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelNotFoundError(
+            f"model directory {spec!r} has no config.json: not a Hugging Face model folder "
+            f"(save one with save_pretrained, or use 'random:<preset>' or the embedded default)"
+        )
     return path, spec, path
 
 
+# what transformers raises for a folder or hub id it cannot load: missing files (OSError), a
+# config without a known model type or a tokenizer it cannot build (ValueError, KeyError)
+_LOAD_ERRORS = (OSError, ValueError, KeyError)
+
+
 def _not_found(spec: str, exc: Exception) -> ModelNotFoundError:
+    reason = " ".join(str(exc).split())  # one line
+    reason = reason if len(reason) <= 240 else reason[:237] + "..."
     return ModelNotFoundError(
-        f"cannot load model {spec!r}: {str(exc).splitlines()[0]} (a local directory, a hub id "
-        f"in the local cache, 'random:<preset>', or no model for the embedded default)"
+        f"cannot load model {spec!r}: {reason} (a local directory, a hub id in the local cache, "
+        f"'random:<preset>', or no model for the embedded default)"
     )
 
 
@@ -63,7 +75,7 @@ def load_tokenizer(spec: str | None):
         return build_tokenizer()
     try:
         return AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
+    except _LOAD_ERRORS as exc:
         raise _not_found(spec, exc) from exc
 
 
@@ -76,7 +88,7 @@ def load_model_config(spec: str | None):
         return preset_config(spec[len(RANDOM_PREFIX) :])
     try:
         return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
+    except _LOAD_ERRORS as exc:
         raise _not_found(spec, exc) from exc
 
 
@@ -96,6 +108,6 @@ def load_model(spec: str | None, *, dtype: torch.dtype, device: torch.device) ->
     tokenizer = load_tokenizer(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None)
-    except OSError as exc:
+    except _LOAD_ERRORS as exc:
         raise _not_found(spec, exc) from exc
     return LoadedModel(model.to(device).eval(), tokenizer, name, source)
