@@ -117,6 +117,28 @@ def test_nvtx_ranges_cost_nothing_when_off():
     assert phase_range(on_cpu, torch.device("cpu"), "decode b=4") is off  # CUDA only
 
 
+def test_nvtx_ranges_nest_phase_and_shape_on_cuda(monkeypatch):
+    """``prompt`` > ``prefill b=4 t=2048``: what --nvtx-include "prompt/" selects. Also on when a
+    profiler attached itself (NVTX_INJECTION64_PATH) without nvtx_ranges."""
+    calls = []
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: calls.append(("push", name)))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append(("pop",)))
+    monkeypatch.delenv("NVTX_INJECTION64_PATH", raising=False)
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it here
+    prompt = WorkerConfig("prompt", 0, "cuda", 16, "shared", 1, 8, (), nvtx=True)
+    with phase_range(prompt, cuda, "prefill b=4 t=2048"):
+        calls.append("kernels")
+    assert calls == [("push", "prompt"), ("push", "prefill b=4 t=2048"), "kernels", ("pop",),
+                     ("pop",)]  # fmt: skip
+    token = WorkerConfig("token", 0, "cuda", 16, "shared", 1, 8, ())
+    assert phase_range(token, cuda, "decode b=32") is phase_range(token, cuda, "decode b=1")
+    monkeypatch.setenv("NVTX_INJECTION64_PATH", "/opt/nvidia/nsight/libToolsInjection64.so")
+    calls.clear()
+    with phase_range(token, cuda, "decode b=32"):
+        pass
+    assert calls[:2] == [("push", "token"), ("push", "decode b=32")]
+
+
 def test_target_command_and_config_errors(tmp_path):
     cmd = target_command(ProfileConfig(model="random:llama-3.2-1b"), tmp_path / "w.json")
     assert cmd[1:3] == ["-m", "splitwiser.profiling.target"]
@@ -194,7 +216,12 @@ def test_run_profile_writes_reports_csv_and_per_phase_summary(fake_tools):
     saved = json.loads((out / "summary.json").read_text())
     assert saved["phases"] == summary["phases"] and saved["command"] == "splitwiser profile"
     table = summary_table(summary)
-    assert table.splitlines()[1].startswith("prompt") and "sm90_xmma_gemm" in table
+    header, prompt_row = table.splitlines()[:2]
+    for column in ("SM %", "DRAM %", "occupancy %", "DRAM read MB", "DRAM write MB", "time ms"):
+        assert column in header
+    written = summary["phases"]["prompt"]["dram_bytes_write"] / 1e6
+    assert prompt_row.startswith("prompt") and f"{written:.1f}" in prompt_row
+    assert "sm90_xmma_gemm" in table
 
 
 def test_ncu_failing_under_mps_names_the_limitation(fake_tools, monkeypatch):

@@ -77,9 +77,16 @@ def _nvtx(role: str, name: str):
         torch.cuda.nvtx.range_pop()
 
 
+def profiler_attached() -> bool:
+    """Nsight Systems and Nsight Compute hand NVTX calls to their collector through this
+    variable, which the workers inherit from the profiled process."""
+    return bool(os.environ.get("NVTX_INJECTION64_PATH"))
+
+
 def phase_range(cfg: WorkerConfig, device: torch.device, name: str):
-    """An NVTX range named by phase and shape when profiling; otherwise a shared no-op."""
-    if cfg.nvtx and device.type == "cuda":
+    """An NVTX range named by phase and shape when profiling (``nvtx_ranges``, or a profiler
+    attached); otherwise a shared no-op."""
+    if device.type == "cuda" and (cfg.nvtx or profiler_attached()):
         return _nvtx(cfg.role, name)
     return _NO_RANGE
 
@@ -173,6 +180,9 @@ class PromptWorker:
             logits = self.runner.prefill(seqs, target, contiguous_slots=copy)  # [B, vocab]
             rows = [(r.params, r.seed, 0) for r in msg.requests]
             first = sample_tokens(logits, rows, self.device)
+        # NOTE: publish only after the prefill kernels finished: the token worker reads at once
+        _synchronize(self.device)
+        done = time.monotonic()  # the K/V are ready: the handoff starts here, in both modes
         kv_copies = None
         if copy:
             kv_copies, start = [], 0
@@ -180,16 +190,13 @@ class PromptWorker:
                 # NOTE: a host copy: a CUDA tensor received over IPC cannot be shared onwards
                 kv_copies.append(target[:, :, start : start + len(t)].to("cpu", copy=True))
                 start += len(t)
-        # NOTE: publish only after the prefill kernels finished: the token worker reads at once
-        _synchronize(self.device)
-        now = time.monotonic()
         return m.PrefillDoneMsg(
             request_ids=[r.request_id for r in msg.requests],
             first_tokens=first,
-            published_at=now,
+            published_at=done,
             kv_copies=kv_copies,
             batch_tokens=total,
-            compute_s=now - t0,
+            compute_s=done - t0,
         )
 
 
@@ -258,6 +265,7 @@ class TokenWorker:
             if h.kv_copy is not None:  # copy handoff: scatter the received K/V into the blocks
                 slots = slots_for(h.block_ids, h.prompt_len, self.cfg.block_size, self.device)
                 self.kv_pool[:, :, slots] = h.kv_copy.to(self.device)
+                _synchronize(self.device)  # the handoff ends when the K/V are in place
             rid = h.request.request_id
             self.running[rid] = _RunningSeq(h.request, h.block_ids, h.prompt_len, h.first_token, 1)
             handoff_s[rid] = time.monotonic() - h.published_at

@@ -189,6 +189,7 @@ def summary_table(summary: dict) -> str:
         ("DRAM %", "dram_throughput_pct", "{:.1f}"),
         ("occupancy %", "achieved_occupancy_pct", "{:.1f}"),
         ("DRAM read MB", "dram_bytes_read", "{:.1f}"),
+        ("DRAM write MB", "dram_bytes_write", "{:.1f}"),
         ("DRAM GB/s", "dram_gb_s", "{:.0f}"),
     )
     lines = ["phase   " + "".join(f"{c:>14}" for c, _, _ in cols)]
@@ -196,7 +197,7 @@ def summary_table(summary: dict) -> str:
         cells = []
         for _, key, fmt in cols:
             v = s.get(key)
-            v = v / 1e6 if key == "dram_bytes_read" and v is not None else v
+            v = v / 1e6 if key.startswith("dram_bytes") and v is not None else v
             cells.append(f"{'-' if v is None else fmt.format(v):>14}")
         lines.append(f"{phase:<8}" + "".join(cells))
         for k in s["top_kernels"][:3]:
