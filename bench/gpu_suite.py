@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from splitwiser import SamplingParams, SplitwiserPipeline, mps, profiling
 from splitwiser.config import EngineConfig, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGE_LIMIT_S = 540  # a stage's child process, well inside a 10-minute command
 MODEL = "random:llama-3.2-1b"
 GIB = 1 << 30
 
@@ -61,12 +63,36 @@ def _sh(*args: str) -> str:
         return f"{args[0]}: {exc}"
 
 
+def _child(args: list[str], log: Path, timeout_s: float = STAGE_LIMIT_S) -> int:
+    """Run a command in its own session, its output streamed into ``log`` (kept even when it is
+    killed); past ``timeout_s``, Ctrl-C to the whole group (so it stops its workers and any
+    MPS daemon it started), then SIGKILL. Returns the exit code (124 on timeout)."""
+    with open(log, "w") as f:
+        f.write(" ".join(args) + "\n\n")
+        f.flush()
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True)  # fmt: skip
+        try:
+            rc = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            f.write(f"\n[gpu_suite: killed after {timeout_s:.0f} s]\n")
+            rc = 124
+    print(log.read_text()[-4000:])
+    return rc
+
+
 def _prompt(n: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 1000, (n,), generator=g).tolist()
 
 
-def stage_env(suite: Suite) -> None:
+def stage_env(suite: Suite) -> int:
     import transformers
 
     out = suite.out
@@ -88,26 +114,43 @@ def stage_env(suite: Suite) -> None:
             info[tool] = {"path": path, "version": profiling.tool_version(path)}
         except profiling.ProfilerError as exc:
             info[tool] = f"unavailable: {exc}"
+    _write(out, "env.json", info)  # written as it grows: a hang below loses nothing above
     try:
         daemon = mps.start_daemon()
-        info["mps_daemon"] = daemon.status()
-        daemon.stop()
-        info["mps_daemon_stopped"] = not mps.daemon_responds(daemon.pipe_dir) or not daemon.owned
-    except mps.MPSUnavailableError as exc:
+    except (mps.MPSUnavailableError, subprocess.TimeoutExpired) as exc:
         info["mps_daemon"] = f"unavailable: {exc}"
+        _write(out, "env.json", info)
+        return 0
+    owned = daemon.owned
+    info["mps_daemon"] = {"owned": owned, "pipe_dir": daemon.pipe_dir}
+    try:
+        # a CUDA client under the daemon: the MPS server must start and run a kernel
+        client = subprocess.run(
+            [sys.executable, "-c", "import torch; x = torch.ones(1 << 20, device='cuda'); "
+             "print('client ok', float((x * 2).sum()))"],
+            env=os.environ | daemon.env(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        info["mps_client"] = (client.stdout + client.stderr).strip()[-2000:]
+        info["mps_client_ok"] = client.returncode == 0 and "client ok" in client.stdout
+        info["mps_server_list"] = daemon.status()
+    except subprocess.TimeoutExpired as exc:
+        info["mps_client"] = f"timed out: {exc}"
+        info["mps_client_ok"] = False
+    finally:
+        daemon.stop()
+    info["mps_daemon_stopped"] = not owned or not mps.daemon_responds(daemon.pipe_dir)
     _write(out, "env.json", info)
+    return 0 if info["mps_client_ok"] else 1
 
 
-def stage_tests(suite: Suite) -> None:
+def stage_tests(suite: Suite) -> int:
     out = suite.out
-    proc = subprocess.run(
-        # every gpu-marked test: the CUDA-only ones and the CUDA half of the exactness matrix
-        [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rs", "tests"],
-        capture_output=True, text=True, cwd=ROOT, timeout=540,
-    )  # fmt: skip
-    (out / "pytest-gpu.log").write_text(proc.stdout + proc.stderr)
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    _write(out, "tests.json", {"returncode": proc.returncode, "summary": summary})
+    log = out / "pytest-gpu.log"
+    # every gpu-marked test: the CUDA-only ones and the CUDA half of the exactness matrix
+    rc = _child([sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rs", "tests"], log)
+    lines = log.read_text().strip().splitlines()
+    _write(out, "tests.json", {"returncode": rc, "summary": lines[-1] if lines else ""})
+    return rc
 
 
 def stage_handoff(suite: Suite) -> None:
@@ -212,8 +255,8 @@ def stage_bandwidth(suite: Suite) -> None:
 
 
 def stage_memory(suite: Suite) -> None:
-    out, model = suite.out, suite.model
     """Device memory with 2 + 2 workers: the weights should be resident once, not five times."""
+    out, model = suite.out, suite.model
     import pynvml
 
     pynvml.nvmlInit()
@@ -250,36 +293,35 @@ def stage_memory(suite: Suite) -> None:
     })  # fmt: skip
 
 
-def stage_bench(suite: Suite, use_mps: bool) -> None:
+def stage_bench(suite: Suite, use_mps: bool) -> int:
     out, model = suite.out, suite.model
-    name = "bench-mps" if use_mps else "bench-nomps"
+    # a run of its own each time: a second run the same day must not collide with the first
+    name = f"{'bench-mps' if use_mps else 'bench-nomps'}-{time.strftime('%H%M%S')}"
     args = [
-        sys.executable, "-m", "splitwiser", "bench", "--model", model, "--dtype", "bfloat16",
+        sys.executable, "-m", "splitwiser", "bench", *(["--model", model] if model else []),
+        "--dtype", "bfloat16",
         "--device", "cuda", "--procs", "4", "--mps" if use_mps else "--no-mps",
         "--workload", "azure-conv", "--num-requests", "64", "--length-scale", "0.5",
         "--max-context", "2048", "--trace-speedup", "4", "--slo", "ttft_ms=1000,tpot_ms=100",
         "--out", str(out), "--run-id", name,
     ]  # fmt: skip
     (out / f"{name}.command").write_text(" ".join(args[2:]).replace("-m splitwiser", "splitwiser"))
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=570)
-    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    print(proc.stdout[-4000:], proc.stderr[-2000:])
+    return _child(args, out / f"{name}.run.log")
 
 
-def stage_profile(suite: Suite, use_mps: bool) -> None:
+def stage_profile(suite: Suite, use_mps: bool) -> int:
     """Both phases under Nsight Compute; the summaries go to results/profile/. Under MPS ncu may
     refuse (its release notes list MPS as unsupported): the log then says so."""
     out, model = suite.out, suite.model
     name = f"{out.name}-{'mps' if use_mps else 'nomps'}"
     dest = ROOT / "results" / "profile" / name
     args = [
-        sys.executable, "-m", "splitwiser", "profile", "--model", model, "--dtype", "bfloat16",
-        "--phase", "both", "--mps" if use_mps else "--no-mps", "--out", str(dest),
+        sys.executable, "-m", "splitwiser", "profile", *(["--model", model] if model else []),
+        "--dtype", "bfloat16", "--phase", "both", "--mps" if use_mps else "--no-mps",
+        "--out", str(dest),
     ]  # fmt: skip
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=570)
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "profile.log").write_text(proc.stdout + proc.stderr)
-    print(proc.stdout[-4000:], proc.stderr[-2000:])
+    return _child(args, dest / "profile.log")
 
 
 STAGES = {
@@ -322,11 +364,16 @@ def main() -> int:
     model = None if args.model == "default" else args.model
     suite = Suite(out, model, torch.device(args.device), args.small)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    failed = []
     for stage in STAGES if args.stage == "all" else [args.stage]:
         t0 = time.monotonic()
-        STAGES[stage](suite)
-        print(f"== {stage}: {time.monotonic() - t0:.1f} s -> {out}")
-    return 0
+        rc = STAGES[stage](suite) or 0
+        print(f"== {stage}: {time.monotonic() - t0:.1f} s, exit {rc} -> {out}")
+        if rc:
+            failed.append(stage)
+    if failed:
+        print(f"gpu_suite: failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -49,3 +52,49 @@ def test_gpu_stages_refuse_without_a_gpu(tmp_path):
 
 def test_shell_wrapper_parses():
     assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_suite.sh")]).returncode == 0
+
+
+def test_shell_wrapper_needs_stages_and_passes_options(tmp_path):
+    sh = ["bash", str(ROOT / "bench" / "gpu_suite.sh")]
+    env = {"PATH": "/usr/bin:/bin", "GPU_SUITE_OUT": str(tmp_path / "out"), "HOME": str(tmp_path)}
+    assert subprocess.run([*sh, "--help"], capture_output=True, env=env).returncode == 0
+    none = subprocess.run(sh, capture_output=True, text=True, env=env)
+    assert none.returncode == 2 and "name the stages to run" in none.stderr
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
+def test_env_stage_records_what_it_finds(tmp_path):
+    proc = suite("env", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((tmp_path / "env.json").read_text())
+    assert info["torch"] == torch.__version__
+    assert info["cuda_available"] is torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        assert info["mps_daemon"].startswith("unavailable")
+        assert info["ncu"].startswith("unavailable: splitwiser profile needs an NVIDIA GPU")
+
+
+def test_a_stage_past_its_time_is_stopped_with_its_log_kept(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "bench" / "gpu_suite.py")
+    gpu_suite = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_suite", gpu_suite)
+    spec.loader.exec_module(gpu_suite)
+    script = "import time, subprocess, sys; " \
+             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+             "print('started', p.pid, flush=True); time.sleep(60)"  # fmt: skip
+    rc = gpu_suite._child([sys.executable, "-c", script], tmp_path / "x.log", timeout_s=3)
+    assert rc == 124
+    log = (tmp_path / "x.log").read_text()
+    assert "started" in log and "killed after 3 s" in log
+    grandchild = int(log.split("started ")[1].split()[0])
+    deadline = time.monotonic() + 5
+    while _running(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(grandchild)  # the whole group was stopped, not just the child
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # a zombie awaits its reaper
+    except psutil.NoSuchProcess:
+        return False
