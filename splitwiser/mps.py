@@ -36,8 +36,26 @@ class MPSUnavailableError(SplitwiserError):
     """MPS was asked for but cannot run here (no GPU, no control binary, daemon failed)."""
 
 
+# where driver packages and container images put the driver's utilities, when not on PATH
+_BINARY_DIRS = ("/usr/bin", "/usr/local/nvidia/bin", "/usr/local/cuda/bin", "/opt/nvidia/bin")
+
+
+_NOT_FOUND_WHERE = "looked on PATH and in /usr/local/nvidia/bin; or set $SPLITWISER_MPS_CONTROL"
+
+
 def find_control_binary() -> str | None:
-    return shutil.which(CONTROL_BINARY)
+    """``$SPLITWISER_MPS_CONTROL``, then PATH, then the driver's usual folders."""
+    override = os.environ.get("SPLITWISER_MPS_CONTROL")
+    if override:
+        return override if os.access(override, os.X_OK) else None
+    found = shutil.which(CONTROL_BINARY)
+    if found:
+        return found
+    for folder in _BINARY_DIRS:
+        path = os.path.join(folder, CONTROL_BINARY)
+        if os.access(path, os.X_OK):
+            return path
+    return None
 
 
 def state_file() -> Path:
@@ -66,7 +84,7 @@ def _control(pipe_dir: str, command: str, timeout_s: float = 10.0):
     """Send one command (``get_server_list``, ``quit``...) to the daemon on ``pipe_dir``."""
     binary = find_control_binary()
     if binary is None:
-        raise MPSUnavailableError(f"{CONTROL_BINARY} not found on PATH")
+        raise MPSUnavailableError(f"{CONTROL_BINARY} not found ({_NOT_FOUND_WHERE})")
     return subprocess.run(
         [binary],
         input=f"{command}\n",
@@ -87,12 +105,14 @@ def daemon_responds(pipe_dir: str) -> bool:
         return False
 
 
+_DAEMON_NAMES = {CONTROL_BINARY, CONTROL_BINARY[:15]}
+
+
 def _daemon_pids() -> set[int]:
     """Running control daemons (``comm`` holds at most 15 characters of the name)."""
-    names = {CONTROL_BINARY, CONTROL_BINARY[:15]}
     pids = set()
     for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] in names:
+        if proc.info["name"] in _DAEMON_NAMES:
             pids.add(proc.pid)
     return pids
 
@@ -106,6 +126,7 @@ class MPSDaemon:
     owned: bool
     pid: int | None = None  # the daemon process, when started here
     root: str | None = None  # the private directory holding pipe/ and log/, when started here
+    pid_started_at: float | None = None  # its create_time: a reused pid is someone else's
 
     def env(self, thread_percentage: int | None = None) -> dict[str, str]:
         """What a client process needs in its environment before CUDA starts."""
@@ -122,19 +143,30 @@ class MPSDaemon:
             servers = [int(x) for x in out if x.isdigit()]
         return asdict(self) | {"running": running, "server_pids": servers}
 
+    def _own_process(self) -> psutil.Process | None:
+        """The daemon process started here, if it still runs (not a later process that was
+        given the same pid)."""
+        if self.pid is None:
+            return None
+        try:
+            proc = psutil.Process(self.pid)
+            same = self.pid_started_at is None or abs(proc.create_time() - self.pid_started_at) < 1
+            return proc if same and proc.name() in _DAEMON_NAMES else None
+        except psutil.NoSuchProcess:
+            return None
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """Quit the daemon if it was started here; a daemon found running is left alone."""
         if not self.owned:
             return
         if daemon_responds(self.pipe_dir):
             _control(self.pipe_dir, "quit")
-        if self.pid is not None:
+        proc = self._own_process()
+        if proc is not None:
             try:
-                proc = psutil.Process(self.pid)
-                try:
-                    proc.wait(timeout_s)
-                except psutil.TimeoutExpired:
-                    proc.kill()
+                proc.wait(timeout_s)
+            except psutil.TimeoutExpired:
+                proc.kill()
             except psutil.NoSuchProcess:
                 pass
         if self.root is not None:
@@ -161,8 +193,8 @@ def start_daemon(start_timeout_s: float = 10.0) -> MPSDaemon:
     and log directories have mode 0700; only a daemon started here comes back ``owned``."""
     if find_control_binary() is None:
         raise MPSUnavailableError(
-            f"MPS is not available: {CONTROL_BINARY} is not on PATH (it ships with the NVIDIA "
-            f"driver utilities)"
+            f"MPS is not available: {CONTROL_BINARY} not found ({_NOT_FOUND_WHERE}); it ships "
+            f"with the NVIDIA driver utilities"
         )
     running = find_running()
     if running is not None:
@@ -183,7 +215,8 @@ def start_daemon(start_timeout_s: float = 10.0) -> MPSDaemon:
     while result.returncode == 0 and time.monotonic() < deadline:
         if daemon_responds(pipe):
             started = sorted(_daemon_pids() - before)
-            return MPSDaemon(pipe, log, True, started[0] if started else None, root)
+            pid = started[0] if started else None
+            return MPSDaemon(pipe, log, True, pid, root, _create_time(pid))
         time.sleep(0.1)
     detail = (result.stderr or result.stdout).strip().splitlines()
     control_log = Path(log) / "control.log"
@@ -199,6 +232,13 @@ def start_daemon(start_timeout_s: float = 10.0) -> MPSDaemon:
         f"the MPS control daemon did not start ({detail[-1] if detail else 'no answer'}); "
         f"check the GPU's compute mode (see mps/README.md)"
     )
+
+
+def _create_time(pid: int | None) -> float | None:
+    try:
+        return psutil.Process(pid).create_time() if pid is not None else None
+    except psutil.NoSuchProcess:
+        return None
 
 
 def record(daemon: MPSDaemon) -> None:
@@ -254,7 +294,7 @@ def session(mode: str, device: str):
         where = "cpu" if device == "cpu" else "a machine without one"
         reason = f"MPS needs a CUDA GPU; this run is on {where}"
     elif find_control_binary() is None:
-        reason = f"{CONTROL_BINARY} is not on PATH"
+        reason = f"{CONTROL_BINARY} not found ({_NOT_FOUND_WHERE})"
     else:
         try:
             daemon = start_daemon()

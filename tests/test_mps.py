@@ -39,12 +39,15 @@ def _mode(path) -> int:
 
 def test_missing_binary_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(mps, "_BINARY_DIRS", ())  # nor in the driver's usual folders
     assert mps.find_control_binary() is None and mps.find_running() is None
-    with pytest.raises(mps.MPSUnavailableError, match="nvidia-cuda-mps-control is not on PATH"):
+    with pytest.raises(mps.MPSUnavailableError, match="nvidia-cuda-mps-control not found"):
         mps.start_daemon()
+    missing = str(tmp_path / "no-such-binary")  # an override that is not there hides the rest
+    env = dict(os.environ, PATH=str(tmp_path), SPLITWISER_MPS_CONTROL=missing)
     proc = subprocess.run(
         [sys.executable, "-m", "splitwiser", "mps", "start"],
-        capture_output=True, text=True, env=dict(os.environ, PATH=str(tmp_path)), timeout=120,
+        capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("splitwiser: error: MPS is not available")
@@ -107,6 +110,31 @@ def test_cli_start_status_stop_stops_only_its_own(fake_mps):
     assert not mps.daemon_responds(recorded.pipe_dir) and mps.load_recorded() is None
     assert "nothing stopped" in cli("stop")
     assert not psutil.pid_exists(recorded.pid) or psutil.Process(recorded.pid).status() == "zombie"
+
+
+def test_binary_found_off_path_and_through_the_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("SPLITWISER_MPS_CONTROL", raising=False)
+    monkeypatch.setattr(mps, "_BINARY_DIRS", (str(tmp_path / "nvidia" / "bin"),))
+    binary = tmp_path / "nvidia" / "bin" / mps.CONTROL_BINARY
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    assert mps.find_control_binary() == str(binary)
+    monkeypatch.setenv("SPLITWISER_MPS_CONTROL", str(Path(FAKES) / mps.CONTROL_BINARY))
+    assert mps.find_control_binary() == str(Path(FAKES) / mps.CONTROL_BINARY)
+
+
+def test_stop_never_kills_a_process_that_reused_the_daemons_pid(fake_mps):
+    stranger = subprocess.Popen(["sleep", "30"])
+    try:
+        # a record whose daemon died and whose pid now belongs to another program
+        ghost = mps.MPSDaemon(str(fake_mps / "gone"), None, True, stranger.pid, None, 1.0)
+        ghost.stop(timeout_s=0.5)
+        assert stranger.poll() is None  # still running
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 def test_split_parsing():

@@ -54,6 +54,6 @@ def mps_status(as_json) -> None:
     if as_json:
         click.echo(json.dumps(info))
         return
-    click.echo(f"control binary: {info['control_binary'] or 'not found on PATH'}")
+    click.echo(f"control binary: {info['control_binary'] or 'not found'}")
     click.echo(f"started by splitwiser: {info['started_by_splitwiser'] or 'none'}")
     click.echo(f"running daemon: {info['running'] or 'none'}")
