@@ -70,6 +70,10 @@ def test_short_bench_writes_summary_csv_and_plots(tmp_path, leftovers):
     assert set(summary["ratios"]) == {"sequential", "batched"}
     assert summary["environment"]["mps"]["active"] is False
     assert summary["config"]["num_prompt_workers"] == 1
+    assert summary["model"]["spec"] == "default (embedded)"
+    assert summary["model"]["model_type"] == "llama" and summary["model"]["num_hidden_layers"] > 0
+    source = summary["environment"]["source"]  # this checkout's commit
+    assert source is None or len(source["commit"]) == 40
     for name, m in summary["systems"].items():
         assert (m["completed"], m["failed"]) == (6, 0), name
         assert m["total_output_tokens"] == 36 and m["total_input_tokens"] == 144

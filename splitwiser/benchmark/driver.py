@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -105,6 +106,39 @@ def _run_system(name, config, device, dtype, daemon, requests, prompts, layout, 
     return SystemRun(name, records, duration_s, telemetry, extra)
 
 
+def _source_revision() -> dict | None:
+    """The git commit of the running code, and whether it had uncommitted changes; ``None``
+    for an installed copy."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()  # fmt: skip
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--", "splitwiser")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {"commit": commit or None, "uncommitted_changes": bool(dirty)}
+
+
+def describe_model(spec: str | None, model_config) -> dict:
+    c = model_config
+    return {
+        "spec": spec or "default (embedded)",
+        "model_type": c.model_type,
+        "num_hidden_layers": c.num_hidden_layers,
+        "hidden_size": c.hidden_size,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": getattr(c, "num_key_value_heads", None),
+        "vocab_size": c.vocab_size,
+        "max_position_embeddings": getattr(c, "max_position_embeddings", None),
+    }
+
+
 def environment(device: torch.device, mps_state: dict) -> dict:
     import transformers
 
@@ -117,6 +151,7 @@ def environment(device: torch.device, mps_state: dict) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "splitwiser": __version__,
+        "source": _source_revision(),
         "device": str(device),
         "mps": mps_state,
     }
@@ -189,6 +224,7 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config.to_dict() | {"device": str(device), "dtype": str(dtype).split(".")[-1]},
+        "model": describe_model(config.model, model_config),
         "workload": workload.describe(),
         "environment": env,
         "systems": systems,

@@ -42,14 +42,15 @@ _BENCH = {f.name: f.default for f in fields(BenchConfig)}
     "--mps-split",
     default=None,
     metavar="P,T",
-    help="Active thread percentages of prompt and token workers under MPS, e.g. 70,30.",
+    help="Active thread percentages of prompt and token workers under MPS, e.g. 70,30. "
+    "[default: none, every worker may use all SMs]",
 )
 @click.option(
     "--kv-handoff",
     type=click.Choice(["shared", "copy"]),
     default="shared",
     show_default=True,
-    help="shared: block ids only; copy: K/V bytes through the queue (for comparison).",
+    help="shared: block ids only; copy: K/V bytes through the parent (for comparison).",
 )
 @click.option(
     "--workload",
@@ -89,7 +90,8 @@ _BENCH = {f.name: f.default for f in fields(BenchConfig)}
     "--trace-speedup",
     default=None,
     type=float,
-    help="Replay the trace's arrival times divided by this (trace workloads).",
+    help="Replay the trace's arrival times divided by this (trace workloads). "
+    "[default: all at once unless --rate]",
 )
 @click.option(
     "--max-context",
@@ -122,7 +124,7 @@ _BENCH = {f.name: f.default for f in fields(BenchConfig)}
     "--slo",
     default=None,
     metavar="ttft_ms=..,tpot_ms=..",
-    help="SLOs for request_goodput (keys ttft_ms, tpot_ms, e2el_ms).",
+    help="SLOs for request_goodput (keys ttft_ms, tpot_ms, e2el_ms). [default: none, no goodput]",
 )
 @click.option(
     "--seed",
