@@ -240,8 +240,13 @@ class Engine:
             for obj in ready:
                 if obj in by_conn:
                     self._drain(by_conn[obj])
-            # 3) notice dead workers (also those whose death raced the wait above)
+            # 3) notice dead workers (also those whose death raced the wait above), and a
+            # restarted worker that never became ready: stopped, then handled as dead
             for worker in list(self.workers.values()):
+                if worker.ready is None and worker.age_s() > self.config.worker_start_timeout_s:
+                    log.warning("%s not ready after %.0f s", worker.name, worker.age_s())
+                    worker.process.kill()
+                    worker.process.join()
                 if not worker.is_alive():
                     self._on_worker_died(worker)
             # 4) schedule prefill batches and pending handoffs

@@ -69,6 +69,7 @@ class WorkerProc:
         child_in.close()
         child_out.close()
         self.ready: m.ReadyMsg | None = None
+        self.spawned_at = time.monotonic()
         self.load = 0  # prompt worker: batches in flight; token worker: live requests
         # a parent thread writes to the pipe, so the engine loop never blocks on a busy worker
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -89,6 +90,9 @@ class WorkerProc:
                 self._send_conn.send_bytes(data)
             except OSError:  # the worker is gone; its death is noticed on the other pipe
                 return
+
+    def age_s(self) -> float:
+        return time.monotonic() - self.spawned_at
 
     def is_alive(self) -> bool:
         return self.process.is_alive()
