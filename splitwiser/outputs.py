@@ -53,7 +53,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated tokens only
     text: str  # decoded generated tokens, cut before a stop string
-    finish_reason: str | None  # "stop" (EOS or stop string), "length", or None while running
+    # "stop" (EOS or stop string), "length", "abort" (cancelled), or None while running
+    finish_reason: str | None
     metrics: RequestMetrics
 
     @property

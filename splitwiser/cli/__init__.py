@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from splitwiser import __version__
 from splitwiser.cli.bench import bench
 from splitwiser.cli.generate import generate, model
 from splitwiser.cli.mps import mps_group
@@ -44,7 +45,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
-@click.version_option(package_name="splitwiser")
+@click.version_option(__version__, prog_name="splitwiser")
 def main() -> None:
     """Splitwiser: prompt and token phases in separate worker processes on one device."""
 
