@@ -72,6 +72,10 @@ def test_short_bench_writes_summary_csv_and_plots(tmp_path, leftovers):
     assert summary["config"]["num_prompt_workers"] == 1
     assert summary["model"]["spec"] == "default (embedded)"
     assert summary["model"]["model_type"] == "llama" and summary["model"]["num_hidden_layers"] > 0
+    phases = summary["systems"]["splitwiser"]["phases"]  # the measured run, without warm-up
+    assert phases["prefill_tokens"] == 144  # every prompt token prefilled once
+    assert phases["decode_tokens"] == 36 - 6  # the first token of each comes from prefill
+    assert phases["prefill_tokens_per_s"] > 0 and phases["mean_decode_step_ms"] > 0
     source = summary["environment"]["source"]  # this checkout's commit
     assert source is None or len(source["commit"]) == 40
     for name, m in summary["systems"].items():

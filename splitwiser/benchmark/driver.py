@@ -26,6 +26,7 @@ from splitwiser.benchmark.replay import REPLAY
 from splitwiser.benchmark.telemetry import TelemetryLog, TelemetrySampler
 from splitwiser.benchmark.workloads import BenchRequest, build_prompts, build_workload
 from splitwiser.config import resolve_device, resolve_dtype
+from splitwiser.engine.engine import phase_summary
 from splitwiser.engine.kv_pool import KVLayout
 from splitwiser.errors import ConfigError
 from splitwiser.models.loader import load_model_config, load_tokenizer
@@ -69,9 +70,12 @@ def _build(name: str, config: BenchConfig, device, dtype, daemon):
     )
 
 
-def _extra(name: str, pipe, layout: KVLayout, records: list[RequestRecord], kv_handoff: str):
+def _extra(
+    name: str, pipe, layout: KVLayout, records: list[RequestRecord], kv_handoff: str, before: dict
+):
     if name != "splitwiser":
         return {}
+    after = pipe.stats()["phases"]
     done = [r for r in records if r.ok]
     moved_nothing = kv_handoff == "shared"
     return {
@@ -81,6 +85,8 @@ def _extra(name: str, pipe, layout: KVLayout, records: list[RequestRecord], kv_h
         "kv_bytes_not_moved": sum(r.prompt_len for r in done) * layout.bytes_per_token
         if moved_nothing
         else 0,
+        # prefill and decode as the workers timed them, over the measured run only
+        "phases": phase_summary({k: after[k] - before[k] for k in after}),
         "workers": pipe.workers(),
         "stats": pipe.stats(),
     }
@@ -95,10 +101,11 @@ def _run_system(name, config, device, dtype, daemon, requests, prompts, layout, 
     with _build(name, config, device, dtype, daemon) as pipe:
         if warm:
             replay(pipe, warm, prompts[: len(warm)], lambda n: None)
+        before = pipe.stats()["phases"] if name == "splitwiser" else {}
         bar = tqdm(total=len(requests), desc=f"{name:>10}", unit="req", disable=not show)
         with bar, TelemetrySampler(device) as telemetry:
             records, duration_s = replay(pipe, requests, prompts, bar.update)
-        extra = _extra(name, pipe, layout, records, config.kv_handoff)
+        extra = _extra(name, pipe, layout, records, config.kv_handoff, before)
     del pipe
     gc.collect()
     if device.type == "cuda":

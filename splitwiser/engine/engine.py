@@ -41,6 +41,25 @@ from splitwiser.prompts import PromptChecker, eos_token_ids, stop_reason
 log = logging.getLogger("splitwiser")
 
 
+PHASE_COUNTERS = (
+    "prefill_batches", "prefill_tokens", "prefill_s", "decode_steps", "decode_tokens", "decode_s",
+)  # fmt: skip
+
+
+def phase_summary(counters: dict) -> dict:
+    """Per-phase rates from the counters of ``stats()["phases"]`` (or a difference of two)."""
+    c = counters
+    return {
+        **c,
+        "prefill_tokens_per_s": c["prefill_tokens"] / c["prefill_s"] if c["prefill_s"] else None,
+        "mean_prefill_batch_tokens": c["prefill_tokens"] / c["prefill_batches"]
+        if c["prefill_batches"] else None,
+        "mean_decode_step_ms": 1e3 * c["decode_s"] / c["decode_steps"]
+        if c["decode_steps"] else None,
+        "mean_decode_batch": c["decode_tokens"] / c["decode_steps"] if c["decode_steps"] else None,
+    }  # fmt: skip
+
+
 def _join_mps(pipe_dir: str) -> None:
     """This process allocates the weights and the pool that the workers map over CUDA IPC: it
     joins the workers' MPS daemon, which CUDA reads when it initialises. The variable stays set
@@ -92,6 +111,8 @@ class Engine:
         self._closed = False
         self._fatal: SplitwiserError | None = None
         self.restarts = {"prompt": 0, "token": 0}
+        # what each phase did, as the workers measured it: prefill batches, decode steps
+        self.phase_counters = dict.fromkeys(PHASE_COUNTERS, 0.0)
         self.num_retried = 0  # requests prefilled again after their prompt worker died
         self.workers: dict[tuple[str, int], WorkerProc] = {}
         try:
@@ -177,6 +198,7 @@ class Engine:
             "num_unfinished": len(self.requests),
             "restarts": dict(self.restarts),
             "num_retried": self.num_retried,
+            "phases": dict(self.phase_counters),
         }
 
     def close(self) -> None:
@@ -276,8 +298,17 @@ class Engine:
     def _handle(self, worker: WorkerProc, msg) -> None:
         if isinstance(msg, m.PrefillDoneMsg):
             worker.load -= 1
+            c = self.phase_counters
+            c["prefill_batches"] += 1
+            c["prefill_tokens"] += msg.batch_tokens
+            c["prefill_s"] += msg.compute_s
             self._on_prefill_done(msg)
         elif isinstance(msg, m.TokensMsg):
+            if msg.request_ids:  # a decode step (an abort acknowledgement carries none)
+                c = self.phase_counters
+                c["decode_steps"] += 1
+                c["decode_tokens"] += len(msg.request_ids)
+                c["decode_s"] += msg.step_s
             self._on_tokens(worker, msg)
         elif isinstance(msg, m.WorkerErrorMsg):
             if worker.cfg.role == "prompt":
