@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 
@@ -69,3 +70,42 @@ def test_random_presets_have_real_shapes():
         ).model.parameters()
     )
     assert 7.9e9 < n < 8.1e9
+
+
+HUB_SCRIPT = """
+import json, sys
+from splitwiser import ModelNotFoundError, SamplingParams, SplitwiserPipeline
+params = SamplingParams(max_new_tokens=6)
+out = {}
+for spec in ("splitwiser-test/tiny-llama", sys.argv[1]):
+    with SplitwiserPipeline(spec, device="cpu") as pipe:
+        out[spec] = pipe.generate([[5, 6, 7, 8]], params)[0].token_ids
+try:
+    SplitwiserPipeline("splitwiser-test/not-in-the-cache", device="cpu")
+except ModelNotFoundError as exc:
+    out["missing"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_hub_id_loads_offline_from_the_local_cache(tmp_path):
+    """A hub id resolves from the Hugging Face cache with no network (HF_HUB_OFFLINE=1)."""
+    import json
+    import shutil
+
+    from tests.conftest import build_model_dir
+
+    source = build_model_dir(tmp_path / "source", "llama")
+    repo = tmp_path / "hf" / "hub" / "models--splitwiser-test--tiny-llama"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(source, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-c", HUB_SCRIPT, source], capture_output=True,
+                          text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["splitwiser-test/tiny-llama"] == out[source] and len(out[source]) == 6
+    assert "cannot load model 'splitwiser-test/not-in-the-cache'" in out["missing"]
