@@ -40,7 +40,9 @@ class MPSUnavailableError(SplitwiserError):
 _BINARY_DIRS = ("/usr/bin", "/usr/local/nvidia/bin", "/usr/local/cuda/bin", "/opt/nvidia/bin")
 
 
-_NOT_FOUND_WHERE = "looked on PATH and in /usr/local/nvidia/bin; or set $SPLITWISER_MPS_CONTROL"
+_NOT_FOUND_WHERE = (
+    f"looked on PATH and in {', '.join(_BINARY_DIRS)}; or set $SPLITWISER_MPS_CONTROL"
+)
 
 
 def find_control_binary() -> str | None:

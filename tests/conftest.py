@@ -4,6 +4,8 @@ helpers that snapshot what a pipeline could leave behind (processes, /dev/shm se
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import psutil
 import pytest
@@ -158,3 +160,17 @@ class Leftovers:
 @pytest.fixture
 def leftovers() -> Leftovers:
     return Leftovers()
+
+
+FAKES = str(Path(__file__).parent / "fakes")  # test doubles of NVIDIA's tools (see their heads)
+
+
+@pytest.fixture
+def fake_mps(monkeypatch, tmp_path):
+    """The test doubles first on PATH, temp dirs and the MPS state file under tmp_path."""
+    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("SPLITWISER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    return tmp_path

@@ -16,21 +16,7 @@ import pytest
 import torch
 
 from splitwiser import ConfigError, SamplingParams, SplitwiserPipeline, mps
-
-FAKES = str(Path(__file__).parent / "fakes")
-
-
-@pytest.fixture
-def fake_mps(monkeypatch, tmp_path):
-    """The test double first on PATH, temp dirs and the state file under tmp_path."""
-    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setenv("SPLITWISER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
-    import tempfile
-
-    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
-    return tmp_path
+from tests.conftest import FAKES
 
 
 def _mode(path) -> int:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from splitwiser import ConfigError, mps, profiling
-from splitwiser.engine.worker import WorkerConfig, phase_range
+from splitwiser.engine.worker import WorkerConfig, for_attached_profiler, phase_range
 from splitwiser.profiling import (
     ProfileConfig,
     ProfilerError,
@@ -25,21 +25,13 @@ from splitwiser.profiling import (
 )
 
 SAMPLE = (Path(__file__).parent / "fixtures" / "ncu_raw_sample.csv").read_text()
-FAKES = str(Path(__file__).parent / "fakes")
 
 
 @pytest.fixture
-def fake_tools(monkeypatch, tmp_path):
-    """A GPU pretended, the test doubles of ncu and the MPS control binary first on PATH."""
+def fake_tools(fake_mps, monkeypatch):
+    """A GPU pretended, and the test doubles of ncu and the MPS control binary first on PATH."""
     monkeypatch.setattr(mps, "gpu_present", lambda: True)
-    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setenv("SPLITWISER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
-    import tempfile
-
-    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
-    return tmp_path
+    return fake_mps
 
 
 def test_ncu_command_profiles_one_phase_in_every_process():
@@ -132,9 +124,10 @@ def test_nvtx_ranges_nest_phase_and_shape_on_cuda(monkeypatch):
                      ("pop",)]  # fmt: skip
     token = WorkerConfig("token", 0, "cuda", 16, "shared", 1, 8, ())
     assert phase_range(token, cuda, "decode b=32") is phase_range(token, cuda, "decode b=1")
+    assert for_attached_profiler(token) is token  # no profiler: unchanged
     monkeypatch.setenv("NVTX_INJECTION64_PATH", "/opt/nvidia/nsight/libToolsInjection64.so")
     calls.clear()
-    with phase_range(token, cuda, "decode b=32"):
+    with phase_range(for_attached_profiler(token), cuda, "decode b=32"):
         pass
     assert calls[:2] == [("push", "token"), ("push", "decode b=32")]
 

@@ -11,7 +11,7 @@ import signal
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 import torch
@@ -83,10 +83,16 @@ def profiler_attached() -> bool:
     return bool(os.environ.get("NVTX_INJECTION64_PATH"))
 
 
+def for_attached_profiler(cfg: WorkerConfig) -> WorkerConfig:
+    """Decided once at start-up: ranges for a profiler that attached itself, even if
+    ``nvtx_ranges`` was not asked for."""
+    return replace(cfg, nvtx=True) if profiler_attached() and not cfg.nvtx else cfg
+
+
 def phase_range(cfg: WorkerConfig, device: torch.device, name: str):
-    """An NVTX range named by phase and shape when profiling (``nvtx_ranges``, or a profiler
-    attached); otherwise a shared no-op."""
-    if device.type == "cuda" and (cfg.nvtx or profiler_attached()):
+    """An NVTX range named by phase and shape when profiling (``cfg.nvtx``: asked for, or a
+    profiler attached, see ``worker_main``); otherwise a shared no-op."""
+    if cfg.nvtx and device.type == "cuda":
         return _nvtx(cfg.role, name)
     return _NO_RANGE
 
@@ -118,6 +124,7 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
             f.write(f"sw-{cfg.role}-{cfg.index}"[:15])
     except OSError:
         pass
+    cfg = for_attached_profiler(cfg)
     torch.set_num_threads(cfg.num_threads)
     device = torch.device(cfg.device)
     if device.type == "cuda":

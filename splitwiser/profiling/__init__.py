@@ -153,7 +153,7 @@ def run_profile(config: ProfileConfig, command: str | None = None) -> tuple[Path
         summary["mps"] = mps_state
         if mps_mode != config.mps:
             mps_state |= {"requested": config.mps, "reason": f"not used: {NCU_UNDER_MPS}"}
-        hint = f"; {NCU_UNDER_MPS}: try --no-mps" if mps_state["active"] else ""
+        ncu_hint = f"; {NCU_UNDER_MPS}: try --no-mps" if mps_state["active"] else ""
         if config.tool == "nsys":
             target = target_command(config, out / "workers.json")
             _run(ncu_lib.nsys_command(tool, str(out / "timeline"), target), out / "nsys.log")
@@ -165,7 +165,7 @@ def run_profile(config: ProfileConfig, command: str | None = None) -> tuple[Path
                 tool, phase, str(report), config.kernels, config.metrics,
                 target_command(config, workers),
             )  # fmt: skip
-            _run(cmd, out / f"ncu-{phase}.log", hint if config.tool == "ncu" else "")
+            _run(cmd, out / f"ncu-{phase}.log", ncu_hint)
             csv_text = _run(ncu_lib.export_command(tool, str(report)), out / f"export-{phase}.log")
             (out / f"profile-{phase}.csv").write_text(csv_text)
             roles = {int(pid): role for pid, role in json.loads(workers.read_text()).items()}
