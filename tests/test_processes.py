@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -171,3 +172,31 @@ def test_a_restarted_worker_that_never_gets_ready_is_replaced(model_dirs, leftov
         assert len(out.token_ids) == 3
         assert pipe.stats()["restarts"]["token"] == 2
     leftovers.assert_clean()
+
+
+def _exit_0_if_sigint_blocked() -> None:  # runs in a spawned child
+    os._exit(0 if signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set()) else 1)
+
+
+SPAWN_HELD = """
+from splitwiser.engine.procs import _CTX, _sigint_held
+from tests.test_processes import _exit_0_if_sigint_blocked
+if __name__ == "__main__":
+    with _sigint_held():  # the first spawn of a fresh interpreter
+        p = _CTX.Process(target=_exit_0_if_sigint_blocked)
+        p.start()
+    p.join()
+    raise SystemExit(p.exitcode)
+"""
+
+
+def test_a_worker_starts_with_ctrl_c_held_even_as_the_first_spawn(tmp_path):
+    """Until worker_main ignores it, a Ctrl-C must wait: a child that dies of it while Python
+    starts prints a fatal error. The resource tracker started by that first spawn must not
+    lift the hold."""
+    script = tmp_path / "spawn_held.py"
+    script.write_text(SPAWN_HELD)
+    root = str(Path(__file__).parents[1])
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=root, env=dict(os.environ, PYTHONPATH=root))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr

@@ -7,6 +7,7 @@ import queue
 import signal
 import threading
 import time
+from multiprocessing import resource_tracker
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
 
@@ -30,6 +31,9 @@ def _sigint_held():
     KeyboardInterrupt, the handler is deferred too: an interrupt in the middle of ``start()``
     would leave the child a truncated start-up message.
     """
+    # NOTE: the first spawn also starts multiprocessing's resource tracker, whose own start
+    # unblocks SIGINT on the way out, and with it the block below: start it beforehand
+    resource_tracker.ensure_running()
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     in_main = threading.current_thread() is threading.main_thread()
     caught = []
