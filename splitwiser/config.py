@@ -10,7 +10,7 @@ import torch
 from splitwiser.errors import ConfigError
 
 KV_HANDOFF_MODES = ("shared", "copy")
-DECODE_ATTENTION = ("per_request", "padded")
+MODEL_IMPLS = ("auto", "splitwiser", "transformers")
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -80,11 +80,12 @@ class EngineConfig:
     worker_start_timeout_s: float = 300.0
     worker_stop_timeout_s: float = 10.0
     max_worker_restarts: int = 3  # per role, before its requests fail for good
-    # "per_request": one SDPA call per request, the arithmetic of generate() (exact);
-    # "padded": one SDPA call per layer over the batch padded to the longest context (few
-    # kernels: fast on a GPU; may differ from generate() in the last bits). None: per_request
-    # on CPU, padded on CUDA
-    decode_attention: str | None = None
+    # "splitwiser": Splitwiser's own model code (Llama, Mistral, Qwen2, OPT); "transformers":
+    # the checkpoint's Hugging Face modules with the same paged attention; "auto": the first
+    # where the architecture has it
+    model_impl: str = "auto"
+    # token workers on CUDA: no decode CUDA graphs (every step runs eagerly)
+    enforce_eager: bool = False
     # NVTX ranges around each prefill batch and decode step, for Nsight tools (CUDA only)
     nvtx_ranges: bool = False
     # the workers, and on CUDA this process too, connect to the MPS daemon listening here
@@ -125,10 +126,9 @@ class EngineConfig:
                     f"mps_thread_percentage is two percentages 1..100 (prompt, token), "
                     f"got {self.mps_thread_percentage!r}"
                 )
-        if self.decode_attention not in (None, *DECODE_ATTENTION):
+        if self.model_impl not in MODEL_IMPLS:
             raise ConfigError(
-                f"decode_attention must be one of {', '.join(DECODE_ATTENTION)} (or None), "
-                f"got {self.decode_attention!r}"
+                f"model_impl must be one of {', '.join(MODEL_IMPLS)}, got {self.model_impl!r}"
             )
         if self.worker_threads is not None and self.worker_threads < 1:
             raise ConfigError(f"worker_threads must be >= 1, got {self.worker_threads!r}")
@@ -136,11 +136,6 @@ class EngineConfig:
     @property
     def num_workers(self) -> int:
         return self.num_prompt_workers + self.num_token_workers
-
-    def decode_attention_for(self, device: torch.device) -> str:
-        if self.decode_attention is not None:
-            return self.decode_attention
-        return "padded" if device.type == "cuda" else "per_request"
 
     def worker_env(self, role: str) -> dict[str, str]:
         """Environment a worker of ``role`` sets before CUDA starts (MPS connection and share)."""

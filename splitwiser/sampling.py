@@ -51,13 +51,13 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def sample_token(
+def _sample_row(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> int:
-    """Pick the next token from one row of logits ``[vocab]``."""
+) -> torch.Tensor:
+    """The next token of one row of logits ``[vocab]`` as a 0-d device tensor (no host sync)."""
     logits = logits.float()
     if params.is_greedy:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits)
     logits = logits / params.temperature
     if params.top_k > 0:
         k = min(params.top_k, logits.numel())
@@ -65,27 +65,39 @@ def sample_token(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
         # NOTE: keep the token that crosses top_p (Hugging Face keeps at least one token)
-        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) > params.top_p
+        drop_sorted = (probs.cumsum(dim=-1) - probs) > params.top_p
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    # a draw from ``probs`` without leaving the device: argmax of p / E with E ~ Exp(1)
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return torch.argmax(probs / noise)
 
 
-def sample_tokens(
-    logits: torch.Tensor, rows: list[tuple[SamplingParams, int, int]], device
-) -> list[int]:
-    """The next token of every row of ``logits`` ``[B, vocab]``; ``rows`` holds each row's
-    (params, seed, index of the token). Greedy rows come from one argmax over the batch (one
-    device sync, not one per request); sampled rows are drawn one by one."""
-    greedy = logits.float().argmax(dim=-1).tolist()
-    out = []
+def sample_token(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> int:
+    """Pick the next token from one row of logits ``[vocab]``."""
+    return int(_sample_row(logits, params, generator))
+
+
+def sample_next(logits: torch.Tensor, rows: list[tuple[SamplingParams, int, int]]) -> torch.Tensor:
+    """The next token of every row of ``logits`` ``[B, vocab]`` as a device tensor ``[B]``, with
+    no host synchronisation; ``rows`` holds each row's (params, seed, index of the token).
+    Greedy rows come from one argmax over the batch; sampled rows are drawn one by one, each from
+    its own seeded generator."""
+    tokens = logits.argmax(dim=-1)
     for i, (p, seed, n) in enumerate(rows):
-        gen = token_generator(p, seed, n, device)
-        out.append(greedy[i] if p.is_greedy else sample_token(logits[i], p, gen))
-    return out
+        if not p.is_greedy:
+            tokens[i] = _sample_row(logits[i], p, token_generator(p, seed, n, logits.device))
+    return tokens
+
+
+def sample_tokens(logits: torch.Tensor, rows: list[tuple[SamplingParams, int, int]]) -> list[int]:
+    """``sample_next`` brought to the host: one synchronisation for the whole batch."""
+    return sample_next(logits, rows).tolist()
 
 
 def token_generator(

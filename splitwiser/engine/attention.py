@@ -1,11 +1,14 @@
-"""Paged attention for Hugging Face models: registered with transformers' ``AttentionInterface``.
+"""Paged attention: the one implementation both model front-ends call, one call per layer.
 
-The model's own modules compute everything (projections, RoPE, norms, MLP); only attention is ours.
-Each forward packs several requests into one row (``[1, total_tokens]``). Attention writes the new
-tokens' K/V into the pool at their slots, then attends per request:
-- prefill: over the request's fresh K/V (exactly what ``generate()`` attends over);
-- decode: over the request's own slots gathered from the pool, so the cost follows live tokens.
-Per request it calls transformers' own SDPA function: the arithmetic ``generate()`` runs.
+- Prefill: causal attention of packed prompts over their own fresh K/V (``prefill_attention``).
+- Decode: one query token per request over its blocks in the pool, read through the block
+  table (``decode_attention``): GQA query heads share their K/V head, nothing is repeated in
+  memory, and the cost follows each request's live tokens. On CUDA a Triton kernel reads the
+  blocks in place; elsewhere a gather of the batch's live blocks feeds a grouped matmul.
+- ``write_kv`` puts the new tokens' K/V at their slots in the pool before either.
+
+Splitwiser's own model code (``splitwiser.models``) calls these directly; any other Hugging Face
+architecture reaches the same functions through ``AttentionInterface`` (``hf_attention_forward``).
 """
 
 from __future__ import annotations
@@ -13,82 +16,137 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from splitwiser.engine.kv_pool import gather_kv
+from splitwiser.engine import triton_attention
 
 ATTN_IMPLEMENTATION = "splitwiser_paged"
 
 
 @dataclass
-class PagedBatch:
-    """Attention metadata of one packed forward pass."""
+class AttentionMetadata:
+    """Where one forward pass's tokens live. Prefill packs whole prompts; decode packs one token
+    per request. Tensors are on the model's device; the ``max_*`` fields are host integers."""
 
     is_prefill: bool
-    # [layers, 2, slots, kv_heads, head_dim]: the shared pool or a staging buffer
-    kv_pool: torch.Tensor
-    slot_mapping: torch.Tensor  # [total_tokens] long: where each new token's K/V is written
-    query_starts: list[int]  # offset of each request's tokens in the packed row; len = num_reqs + 1
-    context_slots: list[torch.Tensor] | None = None  # per-request decode: each one's slots
-    # padded decode: every request's slots padded to the longest context ([B, max_len] long;
-    # padding points into its last block or block 0: masked, and finite since the pool starts
-    # zeroed) and which are real ([B, 1, 1, max_len] bool)
-    padded_slots: torch.Tensor | None = None
-    padded_mask: torch.Tensor | None = None
+    # [layers, 2 (key, value), slots, kv_heads, head_dim]: the shared pool or a staging buffer
+    kv_cache: torch.Tensor
+    block_size: int
+    slot_mapping: torch.Tensor  # [num_tokens] long: the pool slot each new token's K/V goes to
+    # prefill: [num_reqs + 1] long, offset of each request's tokens in the packed batch
+    query_starts: torch.Tensor | None = None
+    max_query_len: int = 0
+    # prefill with several requests: [num_tokens] long, each token's row in the padded batch
+    # ``[num_reqs * max_query_len]`` that one causal SDPA call runs over
+    padded_index: torch.Tensor | None = None
+    # decode: [num_reqs, max_blocks] int32, each request's blocks in order
+    block_table: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None  # decode: [num_reqs] int32, new token included
+    # decode: the longest context of the batch, or None when unknown (CUDA graphs: the kernel
+    # reads each request's length on the device)
+    max_context_len: int | None = None
 
 
-def paged_attention_forward(
+def write_kv(meta: AttentionMetadata, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    """``key``/``value``: [num_tokens, kv_heads, head_dim], written at ``meta.slot_mapping``."""
+    meta.kv_cache[layer, 0].index_copy_(0, meta.slot_mapping, key)
+    meta.kv_cache[layer, 1].index_copy_(0, meta.slot_mapping, value)
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Causal attention of every packed prompt over itself: q [T, heads, D], k/v [T, kv_heads, D]
+    -> [T, heads, D]. Several prompts are laid out right-padded in one batch: with a causal mask
+    a real token only sees earlier tokens of its own prompt, never the padding after it, so one
+    SDPA call computes exactly each prompt's own attention."""
+    num_reqs = meta.query_starts.numel() - 1
+    if num_reqs == 1:
+        out = _sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale)
+        return out[0].transpose(0, 1)
+    length, idx = meta.max_query_len, meta.padded_index
+
+    def pad(x: torch.Tensor) -> torch.Tensor:  # [T, h, D] -> [B, h, L, D]
+        padded = x.new_zeros((num_reqs * length, *x.shape[1:])).index_copy_(0, idx, x)
+        return padded.view(num_reqs, length, *x.shape[1:]).transpose(1, 2)
+
+    out = _sdpa(pad(q), pad(k), pad(v), scale)  # [B, heads, L, D]
+    return out.transpose(1, 2).reshape(num_reqs * length, *q.shape[1:]).index_select(0, idx)
+
+
+def _sdpa(q, k, v, scale):
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+
+
+def decode_attention(
+    q: torch.Tensor, meta: AttentionMetadata, layer: int, scale: float
+) -> torch.Tensor:
+    """One query token per request over its cached K/V (its new token's included, see
+    ``write_kv``): q [B, heads, D] -> [B, heads, D]."""
+    k_cache, v_cache = _blocks(meta, layer)
+    if q.is_cuda and triton_attention.AVAILABLE:
+        return triton_attention.paged_decode(
+            q, k_cache, v_cache, meta.block_table, meta.context_lens, scale
+        )
+    return _gathered_decode(q, k_cache, v_cache, meta, scale)
+
+
+def _blocks(meta: AttentionMetadata, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's keys and values as [num_blocks, block_size, kv_heads, head_dim] views."""
+    kv = meta.kv_cache[layer]
+    shape = (-1, meta.block_size, *kv.shape[2:])
+    return kv[0].view(shape), kv[1].view(shape)
+
+
+def _gathered_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    """Decode attention in plain torch: the batch's live blocks gathered (whole blocks, up to
+    the longest context), the query heads grouped by their K/V head, padding masked."""
+    num_reqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    max_len = meta.max_context_len
+    if max_len is None:  # every block of the table (CUDA graphs without Triton)
+        max_len = meta.block_table.shape[1] * meta.block_size
+    num_blocks = -(-max_len // meta.block_size)
+    table = meta.block_table[:, :num_blocks]  # [B, n]
+    length = num_blocks * meta.block_size
+    # [B, kv_heads, L, D]: one copy of each live block, never one per query head
+    flat = table.flatten()
+    k = k_cache.index_select(0, flat).view(num_reqs, length, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache.index_select(0, flat).view(num_reqs, length, num_kv_heads, head_dim).transpose(1, 2)
+    qg = q.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, kvh, G, D]
+    scores = torch.matmul(qg, k.transpose(2, 3)).float() * scale  # [B, kvh, G, L]
+    pad = torch.arange(length, device=q.device) >= meta.context_lens[:, None]  # [B, L]
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).view(num_reqs, num_heads, head_dim)
+
+
+def hf_attention_forward(
     module: torch.nn.Module,
-    query: torch.Tensor,  # [1, heads, total_tokens, head_dim]
-    key: torch.Tensor,  # [1, kv_heads, total_tokens, head_dim]
+    query: torch.Tensor,  # [1, heads, num_tokens, head_dim]
+    key: torch.Tensor,  # [1, kv_heads, num_tokens, head_dim]
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    paged_batch: PagedBatch | None = None,
+    attn_metadata: AttentionMetadata | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    batch = paged_batch
-    if batch is None:
-        raise RuntimeError("splitwiser paged attention called without a PagedBatch")
-    layer = module.layer_idx
-    # 1) write the new tokens' K/V into their slots: [total_tokens, kv_heads, head_dim]
-    batch.kv_pool[layer, 0].index_copy_(0, batch.slot_mapping, key[0].transpose(0, 1))
-    batch.kv_pool[layer, 1].index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1))
-    if batch.padded_slots is not None:
-        return _padded_decode(module, query, batch, layer, dropout, scaling)
-    # 2) attend per request
-    outputs = []
-    starts = batch.query_starts
-    for i in range(len(starts) - 1):
-        q = query[:, :, starts[i] : starts[i + 1]]
-        if batch.is_prefill:
-            k = key[:, :, starts[i] : starts[i + 1]]
-            v = value[:, :, starts[i] : starts[i + 1]]
-        else:
-            # [2, 1, kv_heads, len, head_dim]: the layout generate()'s cache hands to SDPA
-            k, v = gather_kv(batch.kv_pool, layer, batch.context_slots[i]).unsqueeze(1).unbind(0)
-        out, _ = sdpa_attention_forward(
-            module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=None
-        )
-        outputs.append(out)  # [1, q_len, heads, head_dim]
-    return torch.cat(outputs, dim=1), None
+    """The same attention for a Hugging Face model's own modules (``AttentionInterface``): its
+    forward runs on the packed batch ``[1, num_tokens]`` with ``attn_metadata`` passed through."""
+    meta = attn_metadata
+    if meta is None:
+        raise RuntimeError("splitwiser paged attention called without attention metadata")
+    scale = module.head_dim**-0.5 if scaling is None else scaling
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, h, D]
+    write_kv(meta, module.layer_idx, k, v)
+    if meta.is_prefill:
+        out = prefill_attention(q, k, v, meta, scale)
+    else:
+        out = decode_attention(q, meta, module.layer_idx, scale)
+    return out[None], None  # [1, num_tokens, heads, head_dim]
 
 
-def _padded_decode(module, query, batch: PagedBatch, layer: int, dropout, scaling):
-    """Decode in one SDPA call per layer: every request's K/V gathered into a batch padded to
-    the longest context, the padding masked out. Few kernels (what a GPU wants); the sums may
-    round differently from ``generate()``'s unpadded ones in the last bits."""
-    num_reqs, max_len = batch.padded_slots.shape
-    pool = batch.kv_pool[layer]  # [2, slots, kv_heads, head_dim]
-    kv = pool.index_select(1, batch.padded_slots.flatten())  # [2, B * max_len, kv_heads, hd]
-    k, v = kv.view(2, num_reqs, max_len, *pool.shape[2:]).transpose(2, 3).unbind(0)
-    q = query[0].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, head_dim]
-    out, _ = sdpa_attention_forward(
-        module, q, k, v, batch.padded_mask, dropout=dropout, scaling=scaling, is_causal=None
-    )  # [B, 1, heads, head_dim]
-    return out.transpose(0, 1), None  # [1, B, heads, head_dim]: one token per request
-
-
-AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention_forward)

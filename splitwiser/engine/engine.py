@@ -35,6 +35,7 @@ from splitwiser.errors import (
     WorkerCrashedError,
 )
 from splitwiser.models.loader import load_model
+from splitwiser.models.registry import resolve_model_impl
 from splitwiser.outputs import RequestMetrics, RequestOutput
 from splitwiser.prompts import PromptChecker, eos_token_ids, stop_reason
 
@@ -88,6 +89,8 @@ class Engine:
         self.eos_token_ids = eos_token_ids(self.model)
         model_len = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(config.max_model_len or model_len, model_len)
+        # which front-end the workers run: own model code or the Hugging Face modules
+        self.model_impl = resolve_model_impl(self.model.config, config.model_impl)
         self.checker = PromptChecker(
             self.tokenizer, self.model.config.vocab_size, self.max_model_len
         )
@@ -143,7 +146,9 @@ class Engine:
             eos_token_ids=self.eos_token_ids,
             env=tuple(self.config.worker_env(role).items()),
             nvtx=self.config.nvtx_ranges,
-            decode_attention=self.config.decode_attention_for(self.device),
+            model_impl=self.model_impl,
+            max_model_len=self.max_model_len,
+            enforce_eager=self.config.enforce_eager,
         )
         worker = WorkerProc(cfg, self.model, self.kv_pool)
         self.workers[(role, index)] = worker
@@ -197,6 +202,7 @@ class Engine:
             "num_free_blocks": self.allocator.num_free,
             "num_unfinished": len(self.requests),
             "restarts": dict(self.restarts),
+            "model_impl": self.model_impl,
             "num_retried": self.num_retried,
             "phases": dict(self.phase_counters),
         }

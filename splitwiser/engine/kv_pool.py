@@ -3,7 +3,9 @@
 Layout ``[num_layers, 2 (key, value), num_blocks * block_size, num_kv_heads, head_dim]``: a token's
 *slot* is ``block_id * block_size + offset``, so writing and reading a request's K/V is an index
 operation on its block ids. On CPU the storage lives in shared memory; on CUDA it is one
-caching-allocator segment shared through a CUDA IPC handle.
+caching-allocator segment shared through a CUDA IPC handle. One block more than the allocator
+hands out sits at the end: the *scratch block*, where a decode batch padded to a CUDA-graph size
+writes its padding rows' K/V (see ``DecodeBatch``).
 """
 
 from __future__ import annotations
@@ -79,8 +81,10 @@ def _expandable_segments_on() -> bool:
 
 
 def allocate_pool(layout: KVLayout, num_blocks: int, device: torch.device) -> torch.Tensor:
-    """Allocate the pool as one tensor: on CPU in shared memory, on CUDA as a caching-allocator
-    segment of its own (a CUDA IPC handle covers a whole segment: no other tensor may share it)."""
+    """Allocate the pool as one tensor (``num_blocks`` and the scratch block): on CPU in shared
+    memory, on CUDA as a caching-allocator segment of its own (a CUDA IPC handle covers a whole
+    segment: no other tensor may share it)."""
+    num_blocks += 1  # the scratch block
     shape = (
         layout.num_layers,
         2,

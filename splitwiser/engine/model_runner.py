@@ -1,7 +1,9 @@
-"""Runs the two phases on a Hugging Face model whose attention is the paged one.
+"""Runs the two phases on a model front-end (``splitwiser.models.registry``).
 
-``prefill`` and ``decode`` are kept apart: prefill packs whole prompts and attends over their fresh
-K/V; decode packs one token per request and attends over each request's slots in the pool.
+``prefill`` packs whole prompts into one flat batch and attends over their fresh K/V; ``decode``
+runs one token per running request of the token worker's persistent ``DecodeBatch``. On CUDA,
+decode replays a CUDA graph captured per batch-size bucket at start-up, the batch padded to its
+bucket with scratch rows; on CPU (or with ``enforce_eager``) the same code runs eagerly.
 """
 
 from __future__ import annotations
@@ -10,48 +12,45 @@ from dataclasses import dataclass
 
 import torch
 
-from splitwiser.engine.attention import ATTN_IMPLEMENTATION, PagedBatch
+from splitwiser.engine.attention import AttentionMetadata
+from splitwiser.engine.decode_batch import DecodeBatch
 from splitwiser.engine.kv_pool import slots_for
+from splitwiser.models.registry import build_model
 
 
 @dataclass
 class PrefillSeq:
     token_ids: list[int]
-    block_ids: list[
-        int
-    ]  # the request's blocks in the pool (ignored when writing to a staging buffer)
+    block_ids: list[int]  # the request's blocks in the pool (unused with a staging buffer)
 
 
-@dataclass
-class DecodeSeq:
-    token_id: int  # the last generated token, not yet in the cache
-    position: int  # its position == number of tokens already cached
-    block_ids: list[int]
-
-
-def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Switch a loaded model to paged attention (weights untouched, no copy)."""
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The decode CUDA graphs' batch sizes: 1, 2, 4, 8, then every 8 up to ``max_num_seqs``."""
+    sizes = [b for b in (1, 2, 4) if b < max_num_seqs]
+    sizes += range(8, max_num_seqs, 8)
+    return sorted({*sizes, max_num_seqs})
 
 
 class ModelRunner:
     def __init__(
         self,
-        model: torch.nn.Module,
+        hf_model: torch.nn.Module,
         block_size: int,
         device: torch.device,
-        decode_attention: str = "per_request",
+        *,
+        model_impl: str = "splitwiser",
+        max_model_len: int = 2048,
     ):
-        self.model = prepare_model(model)
+        self.model = build_model(hf_model, model_impl, max_model_len)
+        self.model_impl = model_impl
         self.block_size = block_size
         self.device = device
-        self.decode_attention = decode_attention  # "per_request" or "padded"
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def _long(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    def _long(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ prefill
 
     @torch.inference_mode()
     def prefill(
@@ -59,72 +58,81 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Run whole prompts, write their K/V into ``kv_target``, return last logits [B, vocab].
 
-        With ``contiguous_slots`` the K/V go to slots 0..total_tokens-1 of ``kv_target`` (a staging
+        With ``contiguous_slots`` the K/V go to slots 0..num_tokens-1 of ``kv_target`` (a staging
         buffer for the copy handoff) instead of the requests' blocks.
         """
-        starts, input_ids, positions = [0], [], []
-        for seq in seqs:
-            n = len(seq.token_ids)
+        lens = [len(s.token_ids) for s in seqs]
+        max_len = max(lens)
+        starts, input_ids, positions, padded = [0], [], [], []
+        for i, (seq, n) in enumerate(zip(seqs, lens)):
             input_ids += seq.token_ids
             positions += range(n)
+            padded += range(i * max_len, i * max_len + n)
             starts.append(starts[-1] + n)
         if contiguous_slots:
             slots = torch.arange(starts[-1], device=self.device)
         else:
             slots = torch.cat(
-                [
-                    slots_for(s.block_ids, len(s.token_ids), self.block_size, self.device)
-                    for s in seqs
-                ]
-            )
-        batch = PagedBatch(True, kv_target, slots, starts)
-        last = self._long([s - 1 for s in starts[1:]])
-        return self._forward(input_ids, positions, batch, last)
+                [slots_for(s.block_ids, n, self.block_size) for s, n in zip(seqs, lens)]
+            ).to(self.device, non_blocking=True)
+        meta = AttentionMetadata(
+            is_prefill=True,
+            kv_cache=kv_target,
+            block_size=self.block_size,
+            slot_mapping=slots,
+            query_starts=self._long(starts),
+            max_query_len=max_len,
+            padded_index=self._long(padded) if len(seqs) > 1 else None,
+        )
+        hidden = self.model.forward(self._long(input_ids), self._long(positions), meta)
+        return self.model.logits(hidden[self._long([s - 1 for s in starts[1:]])])
+
+    # ------------------------------------------------------------------ decode
+
+    def _decode_forward(self, batch: DecodeBatch, kv_pool: torch.Tensor, n: int, max_len):
+        """Logits [n, vocab] of rows [0, n) of ``batch``: reads only its device tensors, so a
+        CUDA graph of it replays with whatever the rows hold."""
+        pos = batch.positions[:n]  # [n]
+        table = batch.block_table[:n]  # [n, max_blocks]
+        block = table.gather(1, (pos // self.block_size)[:, None])[:, 0].long()
+        meta = AttentionMetadata(
+            is_prefill=False,
+            kv_cache=kv_pool,
+            block_size=self.block_size,
+            slot_mapping=block * self.block_size + pos % self.block_size,
+            block_table=table,
+            context_lens=(pos + 1).to(torch.int32),
+            max_context_len=max_len,
+        )
+        return self.model.logits(self.model.forward(batch.input_ids[:n], pos, meta))
 
     @torch.inference_mode()
-    def decode(self, seqs: list[DecodeSeq], kv_pool: torch.Tensor) -> torch.Tensor:
-        """One step for every running request: append its token's K/V, return logits [B, vocab]."""
-        if self.decode_attention == "padded":
-            batch = self._padded_batch(seqs, kv_pool)
-        else:
-            # each request's slots up to and including the new token's, which is the last one
-            context = [
-                slots_for(s.block_ids, s.position + 1, self.block_size, self.device) for s in seqs
-            ]
-            new_slots = torch.stack([c[-1] for c in context])
-            batch = PagedBatch(False, kv_pool, new_slots, list(range(len(seqs) + 1)), context)
-        last = torch.arange(len(seqs), device=self.device)
-        return self._forward([s.token_id for s in seqs], [s.position for s in seqs], batch, last)
+    def decode(self, batch: DecodeBatch, kv_pool: torch.Tensor) -> torch.Tensor:
+        """One step for every running row: append its input token's K/V, return [rows, vocab]."""
+        n = batch.num_rows
+        size = next((b for b in self.graphs if b >= n), None)
+        if size is None:
+            return self._decode_forward(batch, kv_pool, n, batch.max_context_len)
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[:n]
 
-    def _padded_batch(self, seqs: list[DecodeSeq], kv_pool: torch.Tensor) -> PagedBatch:
-        """Slots of every request padded to the longest context, built on the host and moved
-        to the device in one copy each."""
-        bs = self.block_size
-        lengths = torch.tensor([s.position + 1 for s in seqs])  # [B], the new token included
-        max_len = int(lengths.max())
-        table = torch.zeros((len(seqs), -(-max_len // bs)), dtype=torch.long)  # [B, max_blocks]
-        for i, s in enumerate(seqs):
-            n = -(-(s.position + 1) // bs)
-            table[i, :n] = torch.tensor(s.block_ids[:n])
-        offsets = torch.arange(bs)
-        slots = (table[:, :, None] * bs + offsets).flatten(1)[:, :max_len]  # [B, max_len]
-        mask = torch.arange(max_len)[None, :] < lengths[:, None]  # [B, max_len]
-        new_slots = slots[torch.arange(len(seqs)), lengths - 1]  # [B]
-        return PagedBatch(
-            False,
-            kv_pool,
-            new_slots.to(self.device),
-            list(range(len(seqs) + 1)),
-            padded_slots=slots.to(self.device),
-            padded_mask=mask[:, None, None, :].to(self.device),
-        )
-
-    def _forward(self, input_ids, positions, batch: PagedBatch, last: torch.Tensor) -> torch.Tensor:
-        out = self.model(
-            input_ids=self._long(input_ids).unsqueeze(0),  # [1, total_tokens]
-            position_ids=self._long(positions).unsqueeze(0),  # [1, total_tokens]
-            use_cache=False,
-            logits_to_keep=last,
-            paged_batch=batch,
-        )
-        return out.logits[0].float()  # [num_reqs, vocab]
+    @torch.inference_mode()
+    def capture_decode_graphs(self, batch: DecodeBatch, kv_pool: torch.Tensor, sizes) -> None:
+        """Capture one graph per batch size, largest first, sharing one memory pool. ``batch``
+        must be empty: its scratch rows make the warm-up and capture write nothing real."""
+        assert batch.num_rows == 0
+        pool = None
+        for size in sorted(sizes, reverse=True):
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):  # warm-up: Triton compiles, cuBLAS picks kernels
+                self._decode_forward(batch, kv_pool, size, None)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._decode_forward(batch, kv_pool, size, None)
+            pool = graph.pool()
+            self.graphs[size] = (graph, logits)
+        self.graphs = dict(sorted(self.graphs.items()))  # smallest first, for decode's lookup
+        torch.cuda.synchronize(self.device)

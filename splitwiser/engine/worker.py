@@ -17,9 +17,10 @@ import psutil
 import torch
 
 from splitwiser.engine import messages as m
+from splitwiser.engine.decode_batch import DecodeBatch
 from splitwiser.engine.kv_pool import slots_for
-from splitwiser.engine.model_runner import DecodeSeq, ModelRunner, PrefillSeq
-from splitwiser.sampling import sample_tokens
+from splitwiser.engine.model_runner import ModelRunner, PrefillSeq, graph_batch_sizes
+from splitwiser.sampling import sample_next, sample_tokens
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,9 @@ class WorkerConfig:
     eos_token_ids: tuple[int, ...]
     env: tuple[tuple[str, str], ...] = ()  # set before CUDA starts (MPS pipe, thread share)
     nvtx: bool = False  # NVTX ranges per prefill batch / decode step (CUDA only)
-    decode_attention: str = "per_request"  # or "padded" (see EngineConfig)
+    model_impl: str = "splitwiser"  # or "transformers" (see splitwiser.models.registry)
+    max_model_len: int = 2048  # prompt + output tokens of one request
+    enforce_eager: bool = False  # token worker on CUDA: no decode CUDA graphs
 
     @property
     def name(self) -> str:
@@ -134,7 +137,14 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
     params = list(model.parameters())
     for p in params:  # touch every page so USS shows whether the weights are private or shared
         p.sum()
-    runner = ModelRunner(model, cfg.block_size, device, cfg.decode_attention)
+    runner = ModelRunner(
+        model, cfg.block_size, device, model_impl=cfg.model_impl, max_model_len=cfg.max_model_len
+    )
+    batch = None
+    if cfg.role == "token":
+        batch = _decode_batch(cfg, kv_pool, device)
+        if device.type == "cuda" and cfg.model_impl == "splitwiser" and not cfg.enforce_eager:
+            runner.capture_decode_graphs(batch, kv_pool, graph_batch_sizes(cfg.max_num_seqs))
     out_conn.send(
         m.ReadyMsg(
             name=cfg.name,
@@ -146,12 +156,21 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
             mps_env={k: v for k, v in os.environ.items() if k.startswith("CUDA_MPS_")},
         )
     )
-    loop = PromptWorker if cfg.role == "prompt" else TokenWorker
-    loop(cfg, runner, kv_pool, in_conn, out_conn, device).run()
+    if cfg.role == "prompt":
+        PromptWorker(cfg, runner, kv_pool, in_conn, out_conn, device).run()
+    else:
+        TokenWorker(cfg, runner, kv_pool, in_conn, out_conn, device, batch).run()
     # on CUDA: hand the parent's storages back now (their IPC reference counts), not at
     # interpreter teardown
     _settle(device)
-    del runner, model, kv_pool, params
+    del runner, model, kv_pool, params, batch
+
+
+def _decode_batch(cfg: WorkerConfig, kv_pool: torch.Tensor, device) -> DecodeBatch:
+    # the pool's last block is the scratch block no request owns (see kv_pool.allocate_pool)
+    scratch = kv_pool.shape[2] // cfg.block_size - 1
+    max_blocks = -(-cfg.max_model_len // cfg.block_size)
+    return DecodeBatch(cfg.max_num_seqs, max_blocks, scratch, device)
 
 
 class PromptWorker:
@@ -185,8 +204,7 @@ class PromptWorker:
             target = self.kv_pool
         with phase_range(self.cfg, self.device, f"prefill b={len(seqs)} t={total}"):
             logits = self.runner.prefill(seqs, target, contiguous_slots=copy)  # [B, vocab]
-            rows = [(r.params, r.seed, 0) for r in msg.requests]
-            first = sample_tokens(logits, rows, self.device)
+            first = sample_tokens(logits, [(r.params, r.seed, 0) for r in msg.requests])
         # NOTE: publish only after the prefill kernels finished: the token worker reads at once
         _synchronize(self.device)
         done = time.monotonic()  # the K/V are ready: the handoff starts here, in both modes
@@ -210,35 +228,37 @@ class PromptWorker:
 @dataclass
 class _RunningSeq:
     spec: m.RequestSpec
-    block_ids: list[int]
-    num_cached: int  # tokens whose K/V are in the blocks
-    last_token: int  # generated, not yet cached
     num_generated: int
 
 
 class TokenWorker:
-    def __init__(self, cfg, runner: ModelRunner, kv_pool, in_conn, out_conn, device):
+    """Continuous batching over the persistent ``DecodeBatch``: ``self.rows[i]`` is the request
+    in the batch's row ``i``."""
+
+    def __init__(self, cfg, runner: ModelRunner, kv_pool, in_conn, out_conn, device, batch):
         self.cfg, self.runner, self.kv_pool = cfg, runner, kv_pool
         self.in_conn, self.out_conn, self.device = in_conn, out_conn, device
-        self.running: dict[int, _RunningSeq] = {}
+        self.batch: DecodeBatch = batch
+        self.rows: list[_RunningSeq] = []
         self.pending: deque[m.HandoffMsg] = deque()
         self.eos = set(cfg.eos_token_ids)
 
     def run(self) -> None:
         while True:
             # 1) receive: block while idle, otherwise take what arrived since the last step
-            if self._receive(block=not self.running and not self.pending):
+            if self._receive(block=not self.rows and not self.pending):
                 return
             # 2) admit handed-off requests at the step boundary
             handoff_s = self._admit()
-            if not self.running:
+            if not self.rows:
                 continue
             # 3) run one decode step, 4) publish its tokens
             try:
                 self.out_conn.send(self._step(handoff_s))
             except Exception:
-                ids = list(self.running)
-                self.running.clear()
+                ids = [s.spec.request_id for s in self.rows]
+                self.rows.clear()
+                self.batch.clear()
                 _settle(self.device)
                 self.out_conn.send(m.WorkerErrorMsg(ids, traceback.format_exc(limit=4)))
 
@@ -257,47 +277,50 @@ class TokenWorker:
             elif isinstance(msg, m.AbortMsg):
                 self._abort(msg.request_ids)
 
+    def _remove(self, row: int) -> None:
+        moved = self.batch.remove(row)
+        last = self.rows.pop()
+        if moved is not None:
+            self.rows[row] = last
+
     def _abort(self, request_ids: list[int]) -> None:
         ids = set(request_ids)
         self.pending = deque(h for h in self.pending if h.request.request_id not in ids)
-        for rid in ids:
-            self.running.pop(rid, None)
+        for row in reversed(range(len(self.rows))):
+            if self.rows[row].spec.request_id in ids:
+                self._remove(row)
         # NOTE: acknowledged at once: this worker no longer touches their blocks
         self.out_conn.send(m.TokensMsg([], [], [], released=sorted(ids)))
 
     def _admit(self) -> dict[int, float]:
         handoff_s = {}
-        while self.pending and len(self.running) < self.cfg.max_num_seqs:
+        while self.pending and len(self.rows) < self.cfg.max_num_seqs:
             h = self.pending.popleft()
             if h.kv_copy is not None:  # copy handoff: scatter the received K/V into the blocks
                 slots = slots_for(h.block_ids, h.prompt_len, self.cfg.block_size, self.device)
                 self.kv_pool[:, :, slots] = h.kv_copy.to(self.device)
                 _synchronize(self.device)  # the handoff ends when the K/V are in place
-            rid = h.request.request_id
-            self.running[rid] = _RunningSeq(h.request, h.block_ids, h.prompt_len, h.first_token, 1)
-            handoff_s[rid] = time.monotonic() - h.published_at
+            self.batch.add(h.block_ids, h.prompt_len, h.first_token)
+            self.rows.append(_RunningSeq(h.request, 1))
+            handoff_s[h.request.request_id] = time.monotonic() - h.published_at
         return handoff_s
 
     def _step(self, handoff_s: dict[int, float]) -> m.TokensMsg:
         t0 = time.monotonic()
-        seqs = list(self.running.values())
+        seqs = list(self.rows)
         with phase_range(self.cfg, self.device, f"decode b={len(seqs)}"):
-            logits = self.runner.decode(
-                [DecodeSeq(s.last_token, s.num_cached, s.block_ids) for s in seqs], self.kv_pool
-            )  # [B, vocab]
-            rows = [(s.spec.params, s.spec.seed, s.num_generated) for s in seqs]
-            new = sample_tokens(logits, rows, self.device)
-        ids, tokens, finished = [], [], []
-        for s, tok in zip(seqs, new):
+            logits = self.runner.decode(self.batch, self.kv_pool)  # [B, vocab]
+            new = sample_next(logits, [(s.spec.params, s.spec.seed, s.num_generated) for s in seqs])
+            self.batch.advance(new)
+            tokens = new.tolist()  # the step's one host synchronisation
+        finished = []
+        for s, tok in zip(seqs, tokens):
             p = s.spec.params
-            s.num_cached += 1
-            s.last_token = tok
             s.num_generated += 1
             done = s.num_generated >= s.spec.max_new_tokens or tok in p.stop_token_ids
-            done = done or (not p.ignore_eos and tok in self.eos)
-            if done:
-                del self.running[s.spec.request_id]
-            ids.append(s.spec.request_id)
-            tokens.append(tok)
-            finished.append(done)
+            finished.append(done or (not p.ignore_eos and tok in self.eos))
+        for row in reversed(range(len(seqs))):  # highest first: moves never touch a done row
+            if finished[row]:
+                self._remove(row)
+        ids = [s.spec.request_id for s in seqs]
         return m.TokensMsg(ids, tokens, finished, [], handoff_s, time.monotonic() - t0)

@@ -1,0 +1,112 @@
+"""The Llama family (Llama incl. Llama-3 RoPE scaling and tied embeddings, Mistral, Qwen2 with
+its q/k/v bias) on a flat batch of tokens, built around a loaded Hugging Face model's own weight
+tensors: nothing is copied, so the weights still exist once and every worker maps them.
+
+The arithmetic follows the Hugging Face modules operation for operation (the RMSNorm's float32
+upcast, RoPE's ``q * cos + rotate_half(q) * sin``, the residual order), so greedy float32 tokens
+equal ``generate()``'s. Projections are not merged: merging would change the weights' layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from splitwiser.engine.attention import (
+    AttentionMetadata,
+    decode_attention,
+    prefill_attention,
+    write_kv,
+)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on [T, heads, D] with cos/sin [T, 1, D] (Hugging Face's rotate_half form)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_bias: torch.Tensor | None
+    k_bias: torch.Tensor | None
+    v_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+
+def _bias(linear) -> torch.Tensor | None:
+    return linear.bias if linear.bias is not None else None
+
+
+class LlamaModel:
+    """``forward(input_ids [T], positions [T], meta) -> hidden [T, hidden]``;
+    ``logits(hidden [N, hidden]) -> [N, vocab]`` float32."""
+
+    def __init__(self, hf_model: torch.nn.Module, max_positions: int):
+        cfg = hf_model.config
+        base = hf_model.model
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.eps = cfg.rms_norm_eps
+        self.embed = base.embed_tokens.weight
+        self.norm = base.norm.weight
+        self.lm_head = hf_model.lm_head.weight  # the embedding itself when tied
+        self.act = base.layers[0].mlp.act_fn
+        self.layers = []
+        for layer in base.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append(_Layer(
+                layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+                _bias(a.q_proj), _bias(a.k_proj), _bias(a.v_proj), a.o_proj.weight,
+                layer.post_attention_layernorm.weight,
+                m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight,
+            ))  # fmt: skip
+        # cos/sin of every position, from the model's own rotary module (any RoPE scaling):
+        # each entry is computed exactly as the module computes it per forward pass
+        device, dtype = self.embed.device, self.embed.dtype
+        positions = torch.arange(max_positions, device=device)[None]
+        cos, sin = base.rotary_emb(torch.empty((), device=device, dtype=dtype), positions)
+        self.cos, self.sin = cos[0], sin[0]  # [max_positions, head_dim]
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        num_tokens = input_ids.shape[0]
+        h = F.embedding(input_ids, self.embed)  # [T, hidden]
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [T, 1, D]
+        for i, w in enumerate(self.layers):
+            x = rms_norm(h, w.input_norm, self.eps)
+            q = F.linear(x, w.q, w.q_bias).view(num_tokens, self.num_heads, self.head_dim)
+            k = F.linear(x, w.k, w.k_bias).view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = F.linear(x, w.v, w.v_bias).view(num_tokens, self.num_kv_heads, self.head_dim)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            write_kv(meta, i, k, v)
+            if meta.is_prefill:
+                attn = prefill_attention(q, k, v, meta, self.scale)
+            else:
+                attn = decode_attention(q, meta, i, self.scale)
+            h = h + F.linear(attn.reshape(num_tokens, -1), w.o)
+            x = rms_norm(h, w.post_norm, self.eps)
+            h = h + F.linear(self.act(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
+        return rms_norm(h, self.norm, self.eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()
