@@ -13,11 +13,11 @@ import torch
 
 from splitwiser.models.default import build_tokenizer
 
-ARCHS = ("llama", "qwen2", "opt")
+ARCHS = ("llama", "qwen2", "mistral", "opt")
 
 
 def _config(arch: str, vocab_size: int, eos: int, init: float, hidden: int, layers: int):
-    from transformers import LlamaConfig, OPTConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     # GQA: 4 query heads share 2 key/value heads
@@ -35,6 +35,8 @@ def _config(arch: str, vocab_size: int, eos: int, init: float, hidden: int, laye
         return LlamaConfig(**decoder)
     if arch == "qwen2":
         return Qwen2Config(tie_word_embeddings=True, **decoder)
+    if arch == "mistral":
+        return MistralConfig(sliding_window=None, **decoder)
     if arch == "opt":
         return OPTConfig(
             hidden_size=hidden,

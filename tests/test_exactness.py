@@ -1,7 +1,7 @@
 """The contract: greedy float32 tokens equal ``generate(do_sample=False)``, for Llama (GQA),
-Qwen2 and OPT, in real worker processes, alone and 32 at once, 1+1 and 2+2 workers, both
-handoff modes, both decode attention paths; on CPU, and on CUDA (CUDA IPC) where a GPU is
-present."""
+Qwen2, Mistral and OPT, in real worker processes, alone and 32 at once, 1+1 and 2+2 workers,
+both handoff modes, both model front-ends (own code, Hugging Face modules); on CPU, and on CUDA
+(CUDA IPC, Triton decode kernel, CUDA graphs) where a GPU is present."""
 
 from __future__ import annotations
 
@@ -46,22 +46,18 @@ def references(reference_models, device):
     return prompts, refs
 
 
-# per_request decode runs generate()'s arithmetic; padded decode (one SDPA call per layer over
-# a masked, padded batch; the CUDA default) may round differently but must pick the same tokens
+# every architecture on its own model code; the Hugging Face front-end (same attention) too
 CASES = (
-    [(arch, 1, 1, "shared", "per_request") for arch in ARCHS]
-    + [(arch, 2, 2, "copy", "per_request") for arch in ARCHS]
-    + [(arch, 2, 2, "shared", "padded") for arch in ARCHS]
-    + [
-        ("llama", 2, 2, "shared", "per_request"),
-        ("llama", 1, 1, "copy", "per_request"),
-    ]
+    [(arch, 1, 1, "shared", "auto") for arch in ARCHS]
+    + [(arch, 2, 2, "copy", "auto") for arch in ARCHS]
+    + [(arch, 2, 2, "shared", "transformers") for arch in ("llama", "opt")]
+    + [("llama", 2, 2, "shared", "auto"), ("llama", 1, 1, "copy", "transformers")]
 )
 
 
-@pytest.mark.parametrize("arch, num_prompt, num_token, handoff, decode_attention", CASES)
+@pytest.mark.parametrize("arch, num_prompt, num_token, handoff, model_impl", CASES)
 def test_greedy_equals_generate(
-    model_dirs, references, device, arch, num_prompt, num_token, handoff, decode_attention
+    model_dirs, references, device, arch, num_prompt, num_token, handoff, model_impl
 ):
     prompts, refs = references
     params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
@@ -72,11 +68,12 @@ def test_greedy_equals_generate(
         device=device,
         dtype="float32",
         kv_handoff=handoff,
-        decode_attention=decode_attention,
+        model_impl=model_impl,
     ) as pipe:
         alone = pipe.generate([prompts[3]], params)[0]  # one request on an idle pipeline
         together = pipe.generate(prompts, params)  # 32 concurrent requests
         stats = pipe.stats()
+    assert stats["model_impl"] == ("transformers" if model_impl == "transformers" else "splitwiser")
     assert alone.token_ids == refs[arch][3]
     for i, out in enumerate(together):
         assert out.token_ids == refs[arch][i], f"prompt {i} ({len(prompts[i])} tokens) differs"

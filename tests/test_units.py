@@ -131,35 +131,9 @@ def test_metrics_definitions():
         (dict(kv_handoff="nvlink"), "kv_handoff"),
         (dict(num_kv_blocks=0), "num_kv_blocks"),
         (dict(block_size=0), "block_size"),
-        (dict(decode_attention="flash"), "decode_attention"),
+        (dict(model_impl="vllm"), "model_impl"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         EngineConfig(**kwargs)
-
-
-def test_decode_attention_defaults_by_device():
-    cfg = EngineConfig()
-    assert cfg.decode_attention_for(torch.device("cpu")) == "per_request"  # exact on CPU
-    assert cfg.decode_attention_for(torch.device("cuda")) == "padded"  # few kernels on a GPU
-    assert EngineConfig(decode_attention="padded").decode_attention_for(torch.device("cpu")) == (
-        "padded"
-    )
-
-
-def test_padded_decode_batch_pads_to_the_longest_context():
-    from splitwiser.engine.model_runner import DecodeSeq, ModelRunner
-
-    runner = ModelRunner.__new__(ModelRunner)  # the batch layout needs no model
-    runner.block_size, runner.device = 4, torch.device("cpu")
-    # positions 5 and 1: contexts of 6 and 2 tokens (the new token included)
-    seqs = [DecodeSeq(9, 5, [7, 3]), DecodeSeq(8, 1, [2])]
-    batch = runner._padded_batch(seqs, kv_pool=torch.empty(0))
-    assert batch.padded_slots.tolist() == [
-        [28, 29, 30, 31, 12, 13],  # block 7 then block 3
-        [8, 9, 10, 11, 0, 1],  # block 2, whose last slots and block 0's are padding (masked)
-    ]
-    assert batch.padded_mask.shape == (2, 1, 1, 6)
-    assert batch.padded_mask[:, 0, 0].tolist() == [[True] * 6, [True, True] + [False] * 4]
-    assert batch.slot_mapping.tolist() == [13, 9]  # where each new token's K/V goes

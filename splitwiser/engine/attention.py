@@ -102,25 +102,26 @@ def _blocks(meta: AttentionMetadata, layer: int) -> tuple[torch.Tensor, torch.Te
 
 def _gathered_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
     """Decode attention in plain torch: the batch's live blocks gathered (whole blocks, up to
-    the longest context), the query heads grouped by their K/V head, padding masked."""
+    the longest context) into one padded batch, then one SDPA call with GQA (K/V heads not
+    repeated) and the padding masked."""
     num_reqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     max_len = meta.max_context_len
     if max_len is None:  # every block of the table (CUDA graphs without Triton)
         max_len = meta.block_table.shape[1] * meta.block_size
     num_blocks = -(-max_len // meta.block_size)
-    table = meta.block_table[:, :num_blocks]  # [B, n]
+    flat = meta.block_table[:, :num_blocks].flatten()  # [B * n]
     length = num_blocks * meta.block_size
-    # [B, kv_heads, L, D]: one copy of each live block, never one per query head
-    flat = table.flatten()
-    k = k_cache.index_select(0, flat).view(num_reqs, length, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.index_select(0, flat).view(num_reqs, length, num_kv_heads, head_dim).transpose(1, 2)
-    qg = q.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, kvh, G, D]
-    scores = torch.matmul(qg, k.transpose(2, 3)).float() * scale  # [B, kvh, G, L]
-    pad = torch.arange(length, device=q.device) >= meta.context_lens[:, None]  # [B, L]
-    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).view(num_reqs, num_heads, head_dim)
+    shape = (num_reqs, length, num_kv_heads, head_dim)
+    # NOTE: blocks as rows of a 2-D view: index_select copies whole rows (fast on CPU)
+    k = k_cache.flatten(1).index_select(0, flat).view(shape).transpose(1, 2)  # [B, kvh, L, D]
+    v = v_cache.flatten(1).index_select(0, flat).view(shape).transpose(1, 2)
+    live = torch.arange(length, device=q.device) < meta.context_lens[:, None]  # [B, L]
+    out = F.scaled_dot_product_attention(
+        q[:, :, None], k, v, attn_mask=live[:, None, None], scale=scale,
+        enable_gqa=num_heads != num_kv_heads,
+    )  # fmt: skip
+    return out.view(num_reqs, num_heads, head_dim)
 
 
 def hf_attention_forward(

@@ -35,7 +35,7 @@ from splitwiser.errors import (
     WorkerCrashedError,
 )
 from splitwiser.models.loader import load_model
-from splitwiser.models.registry import resolve_model_impl
+from splitwiser.models.registry import attention_window, resolve_model_impl
 from splitwiser.outputs import RequestMetrics, RequestOutput
 from splitwiser.prompts import PromptChecker, eos_token_ids, stop_reason
 
@@ -89,6 +89,9 @@ class Engine:
         self.eos_token_ids = eos_token_ids(self.model)
         model_len = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(config.max_model_len or model_len, model_len)
+        window = attention_window(self.model.config)
+        if window is not None:  # every token attends to every earlier one up to the window
+            self.max_model_len = min(self.max_model_len, window)
         # which front-end the workers run: own model code or the Hugging Face modules
         self.model_impl = resolve_model_impl(self.model.config, config.model_impl)
         self.checker = PromptChecker(

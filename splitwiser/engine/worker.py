@@ -4,6 +4,7 @@ decode. Both map the parent's weights and KV pool (shared memory on CPU, CUDA IP
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pickle
 import queue
@@ -114,6 +115,21 @@ def _settle(device: torch.device) -> None:
         pass
 
 
+def keep_freed_memory() -> None:
+    """Serve the step's large temporaries (gathered K/V, logits) from the heap instead of a
+    fresh mmap each time: glibc's default returns them to the kernel on free, and faulting their
+    pages in again every step doubled the CPU decode step (measured at batch 32, context 512)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
 def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
     """Entry point of a spawned worker. ``payload`` pickles (model, kv_pool) as shared handles."""
     # Ctrl-C reaches the whole process group: the parent handles it and stops its workers.
@@ -128,6 +144,7 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
     except OSError:
         pass
     cfg = for_attached_profiler(cfg)
+    keep_freed_memory()
     torch.set_num_threads(cfg.num_threads)
     device = torch.device(cfg.device)
     if device.type == "cuda":

@@ -30,6 +30,15 @@ def resolve_model_impl(config, requested: str = "auto") -> str:
     return requested
 
 
+def attention_window(config) -> int | None:
+    """A sliding attention window (Mistral), or None: the paged attention attends over the
+    whole context, so requests are capped at the window."""
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        return int(window)
+    return None
+
+
 class TransformersModel:
     """A Hugging Face model's own modules on the packed batch ``[1, num_tokens]``: the same
     ``forward``/``logits`` contract as the native models (eager only: no CUDA graphs)."""

@@ -1,0 +1,161 @@
+"""The fast data plane's parts against plain references, in one process: the paged attention
+(torch path, and the Triton kernel through Triton's interpreter), the persistent decode batch,
+on-device sampling, and the own model code against the Hugging Face modules."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from splitwiser.engine.attention import (
+    AttentionMetadata,
+    _blocks,
+    decode_attention,
+    prefill_attention,
+)
+from splitwiser.engine.decode_batch import DecodeBatch
+from splitwiser.engine.model_runner import ModelRunner, PrefillSeq, graph_batch_sizes
+from splitwiser.models.registry import resolve_model_impl
+from splitwiser.sampling import SamplingParams, sample_next, sample_token, token_generator
+from tests.conftest import ARCHS
+
+BS, KV_HEADS, HEADS, D = 4, 2, 8, 16
+
+
+def _reference(q, k, v, scale, causal):
+    """One request's attention with K/V heads repeated: [T, heads, D]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (x.repeat_interleave(group, 1).transpose(0, 1) for x in (k, v))
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=causal, scale=scale)
+    return out.transpose(0, 1)
+
+
+def _paged_setup(lens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max(-(-n // BS) for n in lens)
+    num_blocks = len(lens) * max_blocks + 1
+    pool = torch.randn((2, 2, num_blocks * BS, KV_HEADS, D), generator=g)
+    order = torch.randperm(num_blocks - 1, generator=g)  # blocks in no particular order
+    table = order[: len(lens) * max_blocks].view(len(lens), max_blocks).to(torch.int32)
+    meta = AttentionMetadata(
+        is_prefill=False, kv_cache=pool, block_size=BS, slot_mapping=torch.zeros(0),
+        block_table=table, context_lens=torch.tensor(lens, dtype=torch.int32),
+        max_context_len=max(lens),
+    )  # fmt: skip
+    q = torch.randn((len(lens), HEADS, D), generator=g)
+    return pool, table, meta, q
+
+
+def _decode_reference(pool, table, lens, q, layer, scale):
+    outs = []
+    for i, n in enumerate(lens):
+        slots = (table[i].long()[:, None] * BS + torch.arange(BS)).flatten()[:n]
+        k, v = pool[layer, 0, slots], pool[layer, 1, slots]
+        outs.append(_reference(q[i : i + 1], k, v, scale, causal=False)[0])
+    return torch.stack(outs)
+
+
+def test_decode_attention_reads_each_request_through_its_block_table():
+    lens = [1, 4, 5, 17, 30]  # one token, exact blocks, a partial last block
+    pool, table, meta, q = _paged_setup(lens)
+    out = decode_attention(q, meta, 1, 0.3)
+    ref = _decode_reference(pool, table, lens, q, 1, 0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_attention_of_packed_prompts_equals_each_prompt_alone():
+    g = torch.Generator().manual_seed(1)
+    lens = [3, 1, 9, 6]
+    q = torch.randn((sum(lens), HEADS, D), generator=g)
+    k, v = (torch.randn((sum(lens), KV_HEADS, D), generator=g) for _ in range(2))
+    starts = torch.tensor([0, 3, 4, 13, 19])
+    padded = [i * 9 + t for i, n in enumerate(lens) for t in range(n)]
+    meta = AttentionMetadata(
+        is_prefill=True, kv_cache=torch.empty(0), block_size=BS, slot_mapping=torch.zeros(0),
+        query_starts=starts, max_query_len=9, padded_index=torch.tensor(padded),
+    )  # fmt: skip
+    out = prefill_attention(q, k, v, meta, 0.25)
+    for i in range(len(lens)):
+        a, b = int(starts[i]), int(starts[i + 1])
+        ref = _reference(q[a:b], k[a:b], v[a:b], 0.25, causal=True)
+        torch.testing.assert_close(out[a:b], ref, rtol=1e-5, atol=1e-5)
+
+
+TRITON_CHECK = """
+import torch
+from splitwiser.engine import triton_attention as T
+from tests.test_data_plane import _paged_setup, _decode_reference, _blocks
+lens = [1, 4, 5, 17, 70, 130]
+pool, table, meta, q = _paged_setup(lens, seed=3)
+out = T.paged_decode(q, *_blocks(meta, 0), table, meta.context_lens, 0.3)
+ref = _decode_reference(pool, table, lens, q, 0, 0.3)
+torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+print("triton ok")
+"""
+
+
+def test_triton_decode_kernel_matches_the_reference_in_the_interpreter():
+    pytest.importorskip("triton", reason="triton is part of the test extra")
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", TRITON_CHECK], env=env, cwd=root, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "triton ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_decode_batch_keeps_rows_packed_and_padding_on_the_scratch_block():
+    batch = DecodeBatch(4, 3, scratch_block=9, device=torch.device("cpu"))
+    assert batch.add([1, 2], 5, 11) == 0
+    assert batch.add([3], 2, 12) == 1
+    assert batch.add([4, 5, 6], 9, 13) == 2
+    assert batch.remove(0) == 2  # the last row fills the hole
+    assert batch.block_table.tolist() == [[4, 5, 6], [3, 9, 9], [9, 9, 9], [9, 9, 9]]
+    assert batch.positions.tolist()[:3] == [9, 2, 0] and batch.host_positions == [9, 2]
+    assert batch.input_ids.tolist()[:2] == [13, 12]
+    batch.advance(torch.tensor([21, 22]))
+    assert batch.input_ids.tolist()[:2] == [21, 22] and batch.positions.tolist()[:3] == [10, 3, 0]
+    assert batch.max_context_len == 11
+    assert batch.remove(1) is None and batch.num_rows == 1
+
+
+def test_graph_batch_sizes_cover_every_batch():
+    assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert graph_batch_sizes(3) == [1, 2, 3]
+
+
+def test_sampling_on_device_greedy_and_seeded():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn((3, 500), generator=g)
+    greedy, sampled = SamplingParams(), SamplingParams(temperature=0.8, top_k=40, seed=5)
+    rows = [(greedy, 0, 0), (sampled, 5, 3), (greedy, 0, 0)]
+    tokens = sample_next(logits, rows)
+    assert tokens[0] == logits[0].argmax() and tokens[2] == logits[2].argmax()
+    # a seeded row's token depends on (seed, index, logits) alone, not on its batch
+    alone = sample_token(logits[1], sampled, token_generator(sampled, 5, 3, "cpu"))
+    assert int(tokens[1]) == alone
+    assert int(tokens[1]) in torch.topk(logits[1], 40).indices.tolist()
+    draws = {sample_token(logits[1], sampled, token_generator(sampled, 5, i, "cpu"))
+             for i in range(30)}  # fmt: skip
+    assert len(draws) > 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_own_model_code_gives_the_hugging_face_logits(reference_models, arch):
+    hf = reference_models[arch]
+    assert resolve_model_impl(hf.config) == "splitwiser"
+    prompts = [[5, 9, 200, 31, 7], [44] * 11, [3]]
+    pool = torch.zeros((hf.config.num_hidden_layers, 2, 64 * BS, 2 if arch != "opt" else 4, 16))
+    runner = ModelRunner(hf, BS, torch.device("cpu"), model_impl="splitwiser", max_model_len=64)
+    seqs = [PrefillSeq(p, list(range(5 * i, 5 * i + 5))) for i, p in enumerate(prompts)]
+    logits = runner.prefill(seqs, pool)
+    for i, p in enumerate(prompts):
+        with torch.inference_mode():
+            ref = hf(torch.tensor([p])).logits[0, -1]
+        torch.testing.assert_close(logits[i], ref, rtol=1e-5, atol=1e-5)
