@@ -1,5 +1,6 @@
 """Decode-step benchmark: step time and achieved bytes/s against batch size and context, for
-Splitwiser's own model code and for the Hugging Face modules (same attention), in one run.
+Splitwiser's own model code, for the Hugging Face modules with the same paged attention, and for
+Hugging Face's own decode step (``generate()``'s: DynamicCache and its SDPA), in one run.
 
     python bench/decode_bench.py [--model M] [--device cpu|cuda] [--dtype T]
                                  [--batch 1,8,32,128] [--context 128,512,1024,4096] [--out F]
@@ -26,6 +27,7 @@ from splitwiser.config import resolve_device, resolve_dtype
 from splitwiser.engine.decode_batch import DecodeBatch
 from splitwiser.engine.kv_pool import KVLayout
 from splitwiser.engine.model_runner import ModelRunner
+from splitwiser.engine.worker import keep_freed_memory
 from splitwiser.models.loader import load_model
 from splitwiser.models.registry import resolve_model_impl
 from splitwiser.sampling import SamplingParams, sample_next
@@ -76,6 +78,43 @@ def time_steps(runner, batch, pool, device, iters: int) -> float:
     return sorted(times[2:])[len(times[2:]) // 2]
 
 
+def time_hf_steps(hf, batch: int, ctx: int, device, iters: int) -> float:
+    """Median seconds of one batched decode step as ``generate()`` runs it: the model's own
+    attention over its DynamicCache (cropped back to ``ctx`` between steps, untimed)."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, hf.config.vocab_size, (batch, ctx), generator=g).to(device)
+    cache = DynamicCache(config=hf.config)
+    with torch.inference_mode():
+        hf(input_ids=ids, past_key_values=cache, use_cache=True)
+    step_ids = ids[:, -1:]
+    mask = torch.ones((batch, ctx + 1), dtype=torch.long, device=device)
+    times = []
+    for _ in range(iters + 2):
+        extra = cache.get_seq_length() - ctx
+        if extra > 0:
+            cache.crop(-extra)  # a negative count: the form every transformers >= 5.17 takes
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = hf(input_ids=step_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            out.logits[:, -1].float().argmax(-1).tolist()
+        times.append(time.perf_counter() - t0)
+    return sorted(times[2:])[len(times[2:]) // 2]
+
+
+def _row(impl, mode, b, ctx, step_s, moved, copy_gbs) -> dict:
+    row = {
+        "impl": impl, "mode": mode, "batch": b, "context": ctx, "step_ms": step_s * 1e3,
+        "bytes_per_step": moved, "achieved_gb_s": moved / step_s / 1e9,
+    }  # fmt: skip
+    if copy_gbs:
+        row["fraction_of_copy_bandwidth"] = row["achieved_gb_s"] / copy_gbs
+    print(_fmt(row), flush=True)
+    return row
+
+
 def run(args) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -110,16 +149,15 @@ def run(args) -> dict:
                         batch.add(blocks, ctx, 7)
                     step_s = time_steps(runner, batch, pool, device, args.iters)
                     moved = weight_bytes + b * (ctx + 1) * layout.bytes_per_token
-                    row = {
-                        "impl": impl, "mode": mode, "batch": b, "context": ctx,
-                        "step_ms": step_s * 1e3, "bytes_per_step": moved,
-                        "achieved_gb_s": moved / step_s / 1e9,
-                    }  # fmt: skip
-                    if copy_gbs:
-                        row["fraction_of_copy_bandwidth"] = row["achieved_gb_s"] / copy_gbs
-                    rows.append(row)
-                    print(_fmt(row), flush=True)
+                    rows.append(_row(impl, mode, b, ctx, step_s, moved, copy_gbs))
                 runner.graphs = {}
+    if args.hf_generate:
+        hf.set_attn_implementation("sdpa")
+        for b in batches:
+            for ctx in contexts:
+                step_s = time_hf_steps(hf, b, ctx, device, args.iters)
+                moved = weight_bytes + b * (ctx + 1) * layout.bytes_per_token
+                rows.append(_row("hf-generate", "eager", b, ctx, step_s, moved, copy_gbs))
     return {
         "model": loaded.name, "device": str(device), "dtype": str(dtype),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -132,14 +170,15 @@ def run(args) -> dict:
 
 
 def _speedups(rows: list[dict]) -> list[dict]:
-    """The own code's step against the Hugging Face modules' (both eager, or graphs where run)."""
-    hf = {(r["batch"], r["context"]): r["step_ms"] for r in rows if r["impl"] == "transformers"}
+    """The own code's step (eager, or graphs where run) against each Hugging Face path's."""
     out = []
-    for r in rows:
-        if r["impl"] == "splitwiser" and (r["batch"], r["context"]) in hf:
+    for base in ("transformers", "hf-generate"):
+        ref = {(r["batch"], r["context"]): r["step_ms"] for r in rows if r["impl"] == base}
+        for r in rows:
             key = (r["batch"], r["context"])
-            out.append({"mode": r["mode"], "batch": key[0], "context": key[1],
-                        "speedup": hf[key] / r["step_ms"]})  # fmt: skip
+            if r["impl"] == "splitwiser" and key in ref:
+                out.append({"mode": r["mode"], "against": base, "batch": key[0],
+                            "context": key[1], "speedup": ref[key] / r["step_ms"]})  # fmt: skip
     return out
 
 
@@ -160,11 +199,17 @@ def main() -> int:
     ap.add_argument("--batch", default="1,8,32,128")
     ap.add_argument("--context", default="128,512,1024,4096")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--no-hf-generate", dest="hf_generate", action="store_false",
+                    help="skip Hugging Face's own decode step")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the workers do
     result = run(args)
     for s in result["speedup_own_over_transformers"]:
-        print(f"own code / transformers ({s['mode']}) batch {s['batch']:>4} context "
+        print(f"own code ({s['mode']}) / {s['against']} batch {s['batch']:>4} context "
               f"{s['context']:>5}: {s['speedup']:.2f}x")  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
