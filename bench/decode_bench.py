@@ -134,9 +134,10 @@ def run(args) -> dict:
     copy_gbs = copy_bandwidth_gb_s(device) if device.type == "cuda" else None
     rows = []
     for impl in impls:
-        runner = ModelRunner(hf, BLOCK_SIZE, device, model_impl=impl, max_model_len=max_len)
         modes = ["graphs", "eager"] if device.type == "cuda" and impl == "splitwiser" else ["eager"]
         for mode in modes:
+            runner = ModelRunner(hf, BLOCK_SIZE, device, model_impl=impl, max_model_len=max_len,
+                                 fuse=mode == "graphs")  # fmt: skip
             for b in batches:
                 batch = DecodeBatch(b, blocks_per_seq, num_blocks - 1, device)
                 runner.graphs = {}

@@ -40,8 +40,9 @@ class ModelRunner:
         *,
         model_impl: str = "splitwiser",
         max_model_len: int = 2048,
+        fuse: bool = False,
     ):
-        self.model = build_model(hf_model, model_impl, max_model_len)
+        self.model = build_model(hf_model, model_impl, max_model_len, fuse)
         self.model_impl = model_impl
         self.block_size = block_size
         self.device = device

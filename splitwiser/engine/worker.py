@@ -154,13 +154,15 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
     params = list(model.parameters())
     for p in params:  # touch every page so USS shows whether the weights are private or shared
         p.sum()
+    graphs = device.type == "cuda" and cfg.model_impl == "splitwiser" and not cfg.enforce_eager
     runner = ModelRunner(
-        model, cfg.block_size, device, model_impl=cfg.model_impl, max_model_len=cfg.max_model_len
-    )
+        model, cfg.block_size, device, model_impl=cfg.model_impl,
+        max_model_len=cfg.max_model_len, fuse=graphs,
+    )  # fmt: skip
     batch = None
     if cfg.role == "token":
         batch = _decode_batch(cfg, kv_pool, device)
-        if device.type == "cuda" and cfg.model_impl == "splitwiser" and not cfg.enforce_eager:
+        if graphs:
             runner.capture_decode_graphs(batch, kv_pool, graph_batch_sizes(cfg.max_num_seqs))
     out_conn.send(
         m.ReadyMsg(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,8 @@ from splitwiser.engine.attention import (
     prefill_attention,
     write_kv,
 )
+
+log = logging.getLogger("splitwiser")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -32,6 +36,19 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """RoPE on [T, heads, D] with cos/sin [T, 1, D] (Hugging Face's rotate_half form)."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def fused(fn, *example_args):
+    """``fn`` compiled into one kernel (CUDA: a decode step is hundreds of small kernels, and
+    RMSNorm and RoPE are seven and five of them), tried once on ``example_args``; ``fn`` itself
+    where compiling fails."""
+    try:
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        compiled(*example_args)
+        return compiled
+    except Exception as exc:  # an inductor or Triton that cannot build here: stay eager
+        log.warning("splitwiser: %s stays unfused: %s", fn.__name__, str(exc).splitlines()[0])
+        return fn
 
 
 @dataclass
@@ -58,7 +75,7 @@ class LlamaModel:
     """``forward(input_ids [T], positions [T], meta) -> hidden [T, hidden]``;
     ``logits(hidden [N, hidden]) -> [N, vocab]`` float32."""
 
-    def __init__(self, hf_model: torch.nn.Module, max_positions: int):
+    def __init__(self, hf_model: torch.nn.Module, max_positions: int, fuse: bool = False):
         cfg = hf_model.config
         base = hf_model.model
         self.num_heads = cfg.num_attention_heads
@@ -85,6 +102,12 @@ class LlamaModel:
         positions = torch.arange(max_positions, device=device)[None]
         cos, sin = base.rotary_emb(torch.empty((), device=device, dtype=dtype), positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_positions, head_dim]
+        self.rms_norm, self.rotate = rms_norm, rotate
+        if fuse:
+            x = torch.randn((3, cfg.hidden_size), device=device, dtype=dtype)
+            self.rms_norm = fused(rms_norm, x, self.norm, self.eps)
+            q = torch.randn((3, self.num_heads, self.head_dim), device=device, dtype=dtype)
+            self.rotate = fused(rotate, q, self.cos[:3, None], self.sin[:3, None])
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -93,20 +116,20 @@ class LlamaModel:
         h = F.embedding(input_ids, self.embed)  # [T, hidden]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [T, 1, D]
         for i, w in enumerate(self.layers):
-            x = rms_norm(h, w.input_norm, self.eps)
+            x = self.rms_norm(h, w.input_norm, self.eps)
             q = F.linear(x, w.q, w.q_bias).view(num_tokens, self.num_heads, self.head_dim)
             k = F.linear(x, w.k, w.k_bias).view(num_tokens, self.num_kv_heads, self.head_dim)
             v = F.linear(x, w.v, w.v_bias).view(num_tokens, self.num_kv_heads, self.head_dim)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
             write_kv(meta, i, k, v)
             if meta.is_prefill:
                 attn = prefill_attention(q, k, v, meta, self.scale)
             else:
                 attn = decode_attention(q, meta, i, self.scale)
             h = h + F.linear(attn.reshape(num_tokens, -1), w.o)
-            x = rms_norm(h, w.post_norm, self.eps)
+            x = self.rms_norm(h, w.post_norm, self.eps)
             h = h + F.linear(self.act(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
-        return rms_norm(h, self.norm, self.eps)
+        return self.rms_norm(h, self.norm, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()

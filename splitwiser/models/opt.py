@@ -26,7 +26,7 @@ def _layer_norm(x: torch.Tensor, ln) -> torch.Tensor:
 
 
 class OPTModel:
-    def __init__(self, hf_model: torch.nn.Module, max_positions: int):
+    def __init__(self, hf_model: torch.nn.Module, max_positions: int, fuse: bool = False):
         cfg = hf_model.config
         dec = hf_model.model.decoder
         self.num_heads = cfg.num_attention_heads

@@ -61,8 +61,10 @@ class TransformersModel:
         return self.head(hidden).float()
 
 
-def build_model(hf_model: torch.nn.Module, impl: str, max_positions: int):
+def build_model(hf_model: torch.nn.Module, impl: str, max_positions: int, fuse: bool = False):
+    """The front-end ``impl`` around ``hf_model``'s weights; ``fuse``: the own code's small
+    elementwise steps compiled into single kernels (CUDA)."""
     hf_model.eval().requires_grad_(False)
     if impl == "splitwiser":
-        return NATIVE_MODELS[hf_model.config.model_type](hf_model, max_positions)
+        return NATIVE_MODELS[hf_model.config.model_type](hf_model, max_positions, fuse)
     return TransformersModel(hf_model, max_positions)
