@@ -83,12 +83,13 @@ def time_hf_steps(hf, batch: int, ctx: int, device, iters: int) -> float:
     attention over its DynamicCache (cropped back to ``ctx`` between steps, untimed)."""
     from transformers import DynamicCache
 
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, hf.config.vocab_size, (batch, ctx), generator=g).to(device)
+    layout = KVLayout.from_model_config(hf.config, BLOCK_SIZE, hf.dtype)
     cache = DynamicCache(config=hf.config)
-    with torch.inference_mode():
-        hf(input_ids=ids, past_key_values=cache, use_cache=True)
-    step_ids = ids[:, -1:]
+    shape = (batch, layout.num_kv_heads, ctx, layout.head_dim)
+    for layer in range(layout.num_layers):  # random K/V: a prefill of this size costs minutes
+        k, v = (torch.randn(shape, dtype=hf.dtype, device=device) for _ in "kv")
+        cache.update(k, v, layer)
+    step_ids = torch.full((batch, 1), 7, dtype=torch.long, device=device)
     mask = torch.ones((batch, ctx + 1), dtype=torch.long, device=device)
     times = []
     for _ in range(iters + 2):

@@ -350,7 +350,7 @@ class Engine:
                 continue
             kv = msg.kv_copies[i] if msg.kv_copies is not None else None
             if kv is not None:
-                req.metrics.kv_bytes_copied = kv.numel() * kv.element_size()
+                req.metrics.kv_bytes_copied = kv.nbytes
             spec = m.RequestSpec(req.request_id, req.params, req.seed, req.max_new_tokens)
             handoff = m.HandoffMsg(
                 spec, req.block_ids, req.num_prompt_tokens, token, msg.published_at, kv

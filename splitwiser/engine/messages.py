@@ -3,17 +3,35 @@
 Each worker has two pipes of its own. Parent -> worker: pickled by the sender, written by a
 parent thread (a busy worker never blocks the engine loop); worker -> parent: written by the
 worker, read by the engine loop. One writer per pipe and no locks or named semaphores between
-processes, so a killed worker wedges nothing and leaves nothing behind. The only tensor field is
-``kv_copy``, used by the copy handoff that exists to measure what the shared handoff saves.
+processes, so a killed worker wedges nothing and leaves nothing behind. The only tensors travel
+in ``KVCopy``, used by the copy handoff that exists to measure what the shared handoff saves.
 """
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 
 import torch
 
 from splitwiser.sampling import SamplingParams
+
+
+@dataclass
+class KVCopy:
+    """One request's prompt K/V for the copy handoff, ``[layers, 2, prompt_len, kv_heads, D]``.
+
+    On CPU a tensor in shared memory. On CUDA the prompt worker's own device buffer, pickled with
+    its CUDA IPC handle by the prompt worker: the parent forwards the bytes unopened (a tensor
+    received over CUDA IPC cannot be shared onwards) and the token worker copies it device to
+    device into its blocks."""
+
+    nbytes: int
+    tensor: torch.Tensor | None = None
+    cuda_ipc: bytes | None = None
+
+    def open(self) -> torch.Tensor:
+        return self.tensor if self.tensor is not None else pickle.loads(self.cuda_ipc)
 
 
 @dataclass
@@ -49,9 +67,7 @@ class HandoffMsg:
     prompt_len: int  # tokens cached in the blocks
     first_token: int  # sampled by the prompt worker, not yet cached
     published_at: float  # time.monotonic() when the prompt worker published the prefill
-    kv_copy: torch.Tensor | None = (
-        None  # copy handoff only: [layers, 2, prompt_len, kv_heads, head_dim]
-    )
+    kv_copy: KVCopy | None = None  # copy handoff only
 
 
 @dataclass
@@ -89,7 +105,7 @@ class PrefillDoneMsg:
     request_ids: list[int]
     first_tokens: list[int]
     published_at: float
-    kv_copies: list[torch.Tensor] | None = None  # copy handoff only, one per request
+    kv_copies: list[KVCopy] | None = None  # copy handoff only, one per request
     batch_tokens: int = 0
     compute_s: float = 0.0
 

@@ -11,6 +11,7 @@ import queue
 import signal
 import time
 import traceback
+from multiprocessing.reduction import ForkingPickler
 from collections import deque
 from dataclasses import dataclass, replace
 
@@ -231,9 +232,16 @@ class PromptWorker:
         if copy:
             kv_copies, start = [], 0
             for t in msg.token_ids:
-                # NOTE: a host copy: a CUDA tensor received over IPC cannot be shared onwards
-                kv_copies.append(target[:, :, start : start + len(t)].to("cpu", copy=True))
+                kv = target[:, :, start : start + len(t)]
                 start += len(t)
+                nbytes = kv.numel() * kv.element_size()
+                if self.device.type == "cuda":  # stays on the device; the IPC handle travels
+                    kv_copies.append(m.KVCopy(nbytes, cuda_ipc=ForkingPickler.dumps(kv)))
+                else:
+                    kv_copies.append(m.KVCopy(nbytes, tensor=kv.clone()))
+            # buffers of earlier batches whose token workers are done with them
+            if self.device.type == "cuda":
+                torch.cuda.ipc_collect()
         return m.PrefillDoneMsg(
             request_ids=[r.request_id for r in msg.requests],
             first_tokens=first,
@@ -317,8 +325,10 @@ class TokenWorker:
             h = self.pending.popleft()
             if h.kv_copy is not None:  # copy handoff: scatter the received K/V into the blocks
                 slots = slots_for(h.block_ids, h.prompt_len, self.cfg.block_size, self.device)
-                self.kv_pool[:, :, slots] = h.kv_copy.to(self.device)
+                kv = h.kv_copy.open()  # CUDA: maps the prompt worker's buffer
+                self.kv_pool[:, :, slots] = kv  # device to device on CUDA
                 _synchronize(self.device)  # the handoff ends when the K/V are in place
+                del kv  # CUDA: the prompt worker may free its buffer now
             self.batch.add(h.block_ids, h.prompt_len, h.first_token)
             self.rows.append(_RunningSeq(h.request, 1))
             handoff_s[h.request.request_id] = time.monotonic() - h.published_at
