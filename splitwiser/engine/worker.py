@@ -236,7 +236,7 @@ class PromptWorker:
                 start += len(t)
                 nbytes = kv.numel() * kv.element_size()
                 if self.device.type == "cuda":  # stays on the device; the IPC handle travels
-                    kv_copies.append(m.KVCopy(nbytes, cuda_ipc=ForkingPickler.dumps(kv)))
+                    kv_copies.append(m.KVCopy(nbytes, cuda_ipc=bytes(ForkingPickler.dumps(kv))))
                 else:
                     kv_copies.append(m.KVCopy(nbytes, tensor=kv.clone()))
             # buffers of earlier batches whose token workers are done with them
