@@ -22,8 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from splitwiser.engine import triton_attention
-from splitwiser.engine.attention import AttentionMetadata, _blocks, _gathered_decode
-from splitwiser.engine.attention import prefill_attention
+from splitwiser.engine.attention import (
+    AttentionMetadata,
+    _blocks,
+    _gathered_decode,
+    prefill_attention,
+)
 
 HEADS, KV_HEADS, HEAD_DIM, BS = 32, 8, 64, 16  # Llama-3.2-1B's attention
 
@@ -139,8 +143,10 @@ def main() -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     small = device.type == "cpu"
     rows = []
-    for batch, ctx in ((1, 1024), (8, 512), (32, 512)) if small else (
-        (1, 1024), (16, 1024), (64, 1024), (64, 4096), (128, 1024)
+    for batch, ctx in (
+        ((1, 1024), (8, 512), (32, 512))
+        if small
+        else ((1, 1024), (16, 1024), (64, 1024), (64, 4096), (128, 1024))
     ):
         rows += decode_candidates(device, dtype, batch, ctx)
     for lens in ([128, 64, 32], [256] * 4) if small else ([512] * 8, [2048, 300, 100, 40], [4096]):

@@ -64,7 +64,7 @@ def time_steps(runner, batch, pool, device, iters: int) -> float:
     positions = list(batch.host_positions)
     rows = [(GREEDY, 0, 0)] * batch.num_rows
     times = []
-    for i in range(iters + 2):
+    for _ in range(iters + 2):
         # back to the same context every step: the cost measured is one context's
         batch.positions[: batch.num_rows] = torch.tensor(positions, device=device)
         batch.host_positions = list(positions)
@@ -202,8 +202,12 @@ def main() -> int:
     ap.add_argument("--context", default="128,512,1024,4096")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--no-hf-generate", dest="hf_generate", action="store_false",
-                    help="skip Hugging Face's own decode step")
+    ap.add_argument(
+        "--no-hf-generate",
+        dest="hf_generate",
+        action="store_false",
+        help="skip Hugging Face's own decode step",
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.threads:

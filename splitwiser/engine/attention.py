@@ -63,8 +63,8 @@ def prefill_attention(
     SDPA call computes exactly each prompt's own attention."""
     num_reqs = meta.query_starts.numel() - 1
     if num_reqs == 1:
-        out = _sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale)
-        return out[0].transpose(0, 1)
+        q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, h, T, D]
+        return _sdpa(q, k, v, scale)[0].transpose(0, 1)
     length, idx = meta.max_query_len, meta.padded_index
 
     def pad(x: torch.Tensor) -> torch.Tensor:  # [T, h, D] -> [B, h, L, D]

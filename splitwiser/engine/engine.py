@@ -100,7 +100,7 @@ class Engine:
 
         self.layout = KVLayout.from_model_config(self.model.config, config.block_size, self.dtype)
         self.num_kv_blocks = config.num_kv_blocks or default_num_blocks(
-            self.layout, self.device, config, self.max_model_len
+            self.layout, self.device, config, self.max_model_len, self.model.config
         )
         self.kv_pool = allocate_pool(self.layout, self.num_kv_blocks, self.device)
         self.allocator = BlockAllocator(self.num_kv_blocks)

@@ -50,13 +50,35 @@ class KVLayout:
         return -(-num_tokens // self.block_size)
 
 
-def default_num_blocks(layout: KVLayout, device: torch.device, config, max_model_len: int) -> int:
-    """Blocks for ``config.kv_cache_bytes``; by default a fraction of free GPU memory, or on CPU
-    enough for every token worker's full batch at full context, capped at 1 GiB."""
+def decode_workspace_bytes(
+    model_config, layout: KVLayout, max_num_seqs: int, max_model_len: int
+) -> int:
+    """An upper estimate of one token worker's decode workspace on CUDA: the graphs' shared
+    memory pool holds the largest batch's activations and logits (float32 and model dtype), plus
+    the block table and a fixed allowance for cuBLAS and Triton."""
+    itemsize = torch.empty((), dtype=layout.dtype).element_size()
+    hidden = model_config.hidden_size
+    inner = getattr(model_config, "intermediate_size", None) or 4 * hidden
+    per_seq = model_config.vocab_size * (4 + itemsize) + (3 * inner + 8 * hidden) * itemsize
+    table = -(-max_model_len // layout.block_size) * 4
+    return max_num_seqs * (per_seq + table) + (256 << 20)
+
+
+def default_num_blocks(
+    layout: KVLayout, device: torch.device, config, max_model_len: int, model_config=None
+) -> int:
+    """Blocks for ``config.kv_cache_bytes``; by default a fraction of the GPU memory left free
+    once the token workers' decode workspace is set aside, or on CPU enough for every token
+    worker's full batch at full context, capped at 1 GiB."""
     budget = config.kv_cache_bytes
     if budget is None and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * DEFAULT_GPU_KV_FRACTION)
+        # what each token worker's decode CUDA graphs and their buffers will take comes first
+        workspace = 0
+        if model_config is not None:
+            one = decode_workspace_bytes(model_config, layout, config.max_num_seqs, max_model_len)
+            workspace = config.num_token_workers * one
+        budget = int(max(0, free - workspace) * DEFAULT_GPU_KV_FRACTION)
     elif budget is None:
         per_seq = layout.num_blocks_for(max_model_len) * layout.bytes_per_block
         budget = min(DEFAULT_CPU_KV_BYTES, per_seq * config.max_num_seqs * config.num_token_workers)
@@ -125,10 +147,3 @@ def slots_for(
     blocks = torch.tensor(block_ids[:num_blocks], dtype=torch.long, device=device)
     offsets = torch.arange(block_size, dtype=torch.long, device=device)
     return (blocks[:, None] * block_size + offsets).flatten()[:num_tokens]
-
-
-def gather_kv(pool: torch.Tensor, layer: int, slots: torch.Tensor) -> torch.Tensor:
-    """K/V of one request at ``slots``: ``[2, num_kv_heads, len, head_dim]`` (a transposed view of
-    a fresh gather; SDPA's GQA expansion copies it into its own layout anyway)."""
-    # NOTE: index_select, not pool[layer, :, slots]: advanced indexing is ~10x slower on CPU here
-    return pool[layer].index_select(1, slots).transpose(1, 2)

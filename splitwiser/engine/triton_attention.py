@@ -55,7 +55,8 @@ if AVAILABLE:
             block = tl.load(BlockTable + req * stride_tb + pos // BLOCK_SIZE, mask=t_ok, other=0)
             row = block.to(tl.int64) * stride_kb + (pos % BLOCK_SIZE) * stride_kt
             kv_mask = t_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + row[:, None] + kv_head * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+            k_ptrs = K + row[:, None] + kv_head * stride_kh + d[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [TILE, D]
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -66,7 +67,8 @@ if AVAILABLE:
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             row_v = block.to(tl.int64) * stride_vb + (pos % BLOCK_SIZE) * stride_vt
-            v = tl.load(V + row_v[:, None] + kv_head * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+            v_ptrs = V + row_v[:, None] + kv_head * stride_vh + d[None, :]
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
             if IEEE:
                 pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:

@@ -11,9 +11,9 @@ import queue
 import signal
 import time
 import traceback
-from multiprocessing.reduction import ForkingPickler
 from collections import deque
 from dataclasses import dataclass, replace
+from multiprocessing.reduction import ForkingPickler
 
 import psutil
 import torch

@@ -9,9 +9,8 @@ equal ``generate()``'s. Projections are not merged: merging would change the wei
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

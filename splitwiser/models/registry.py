@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from splitwiser.engine.attention import ATTN_IMPLEMENTATION, AttentionMetadata
 from splitwiser.config import MODEL_IMPLS
+from splitwiser.engine.attention import ATTN_IMPLEMENTATION, AttentionMetadata
 from splitwiser.errors import ConfigError
 from splitwiser.models.llama import LlamaModel
 from splitwiser.models.opt import OPTModel
