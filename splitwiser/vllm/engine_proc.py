@@ -26,7 +26,7 @@ _POLL_S = 0.2  # idle wait for a message; also how often a dead parent is notice
 class EngineSpec:
     """How to start one engine: ``EngineArgs`` keywords and the environment it starts in."""
 
-    name: str  # process title, e.g. "splitwiser-vllm-0"
+    name: str  # process title, e.g. "sw-vllm-0" (telemetry follows "sw-*")
     engine_args: dict  # vllm.EngineArgs keywords (model, dtype, kv_transfer_config, ...)
     env: dict[str, str] = field(default_factory=dict)  # set before vLLM is imported
 

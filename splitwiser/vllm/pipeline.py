@@ -325,7 +325,7 @@ class VLLMPipeline(_EnginePool):
         share = mps_thread_percentage or (100 // num_engines if num_engines > 1 else None)
         specs = [
             EngineSpec(
-                f"splitwiser-vllm-{i}",
+                f"sw-vllm-{i}",
                 self._engine_args(1.0 / num_engines),
                 self._env(cores, mps_pipe_dir, share),
             )

@@ -78,7 +78,7 @@ class VLLMSplitPipeline(_EnginePool):
             env = self._env(cores, mps_pipe_dir, share)
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_port())  # one per engine
             args = self._engine_args(0.5, kv_transfer_config=connector)
-            specs.append(EngineSpec(f"splitwiser-vllm-{name}", args, env))
+            specs.append(EngineSpec(f"sw-vllm-{name}", args, env))
         self._start(specs, startup_timeout_s)
         self.num_local_prefills = 0  # requests the decode engine had to prefill itself
 
