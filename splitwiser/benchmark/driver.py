@@ -136,7 +136,6 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
     """Run the benchmark and write ``<out>/<run-id>/``; returns a :class:`BenchResult`."""
     from splitwiser.benchmark.report import write_results
 
-    out = check_out(config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model_config = load_model_config(config.model)
@@ -155,6 +154,7 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
     )
     requests: list[BenchRequest] = list(workload.requests)
     prompts = build_prompts(workload, load_tokenizer(config.model), seed=config.seed)
+    out = check_out(config)  # the input is valid: before any work, a place for the results
     runs: dict[str, SystemRun] = {}
     with mps.session(config.mps, config.device) as (daemon, mps_state):
         mps_state["split"] = config.mps_split
