@@ -3,15 +3,17 @@
     python bench/gpu_suite.py STAGE [--out DIR] [--model M]     (or: bash bench/gpu_suite.sh)
 
 Stages (all write under DIR, default results/gpu/<date>-<device>/):
-  env        nvidia-smi, driver, torch and transformers versions, the MPS binary, a daemon start
+  env        nvidia-smi, driver, torch and transformers versions, the MPS binary, a daemon
+             start and a CUDA client under it (MPS as the bench and profile start it)
   tests      the GPU tests (pytest -m gpu)
   handoff    KV handoff latency, shared vs copy, at 128, 1k and 4k prompt tokens
   bandwidth  the device's copy bandwidth; decode's achieved bandwidth and prefill's TFLOP/s
-  memory     device memory with 2 prompt + 2 token workers against the model's bytes
+  memory     device memory of each process (NVML) with 2 prompt + 2 token workers
   bench-nomps, bench-mps
-             splitwiser bench against sequential and batched on azure-conv (capped), bf16
+             splitwiser bench on azure-conv (32 requests, capped), bf16, against sequential
+             and batched
   profile-nomps, profile-mps
-             splitwiser profile, both phases (to results/profile/<date>-<device>-{nomps,mps})
+             splitwiser profile, both phases (into DIR/profile-{nomps,mps}/)
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from pathlib import Path
 import torch
 
 from splitwiser import SamplingParams, SplitwiserPipeline, mps, profiling
-from splitwiser.config import EngineConfig, resolve_dtype
+from splitwiser.config import resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_LIMIT_S = 540  # a stage's child process, well inside a 10-minute command
+CHILD_MARGIN_S = 30  # a stage's child ends this much before the stage's own limit
 MODEL = "random:llama-3.2-1b"
 GIB = 1 << 30
 
@@ -45,6 +48,11 @@ class Suite:
     model: str | None  # None: the embedded default
     device: torch.device  # cuda; cpu only to smoke-test the handoff and bandwidth stages
     small: bool = False  # small sizes, for that smoke test
+    limit_s: float = STAGE_LIMIT_S  # the stage's time (bench/gpu_suite.sh runs it under timeout)
+
+    @property
+    def child_limit_s(self) -> float:
+        return max(10.0, self.limit_s - CHILD_MARGIN_S)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -74,13 +82,18 @@ def _child(args: list[str], log: Path, timeout_s: float = STAGE_LIMIT_S) -> int:
                                 start_new_session=True)  # fmt: skip
         try:
             rc = proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt) as exc:
+            # the child has a session of its own: a Ctrl-C (or timeout's SIGINT) for this
+            # process must be passed on, or the child would outlive it
             os.killpg(proc.pid, signal.SIGINT)
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            if isinstance(exc, KeyboardInterrupt):
+                f.write("\n[gpu_suite: interrupted]\n")
+                raise
             f.write(f"\n[gpu_suite: killed after {timeout_s:.0f} s]\n")
             rc = 124
     print(log.read_text()[-4000:])
@@ -115,39 +128,26 @@ def stage_env(suite: Suite) -> int:
         except profiling.ProfilerError as exc:
             info[tool] = f"unavailable: {exc}"
     _write(out, "env.json", info)  # written as it grows: a hang below loses nothing above
+    # MPS as bench and profile start it: a daemon, then a CUDA client under it while the daemon
+    # is asked for its servers; the stop must return (no client left behind)
     try:
-        daemon = mps.start_daemon()
-    except (mps.MPSUnavailableError, subprocess.TimeoutExpired) as exc:
-        info["mps_daemon"] = f"unavailable: {exc}"
-        _write(out, "env.json", info)
-        return 0
-    owned = daemon.owned
-    info["mps_daemon"] = {"owned": owned, "pipe_dir": daemon.pipe_dir}
-    try:
-        # a CUDA client under the daemon: the MPS server must start and run a kernel
-        client = subprocess.run(
-            [sys.executable, "-c", "import torch; x = torch.ones(1 << 20, device='cuda'); "
-             "print('client ok', float((x * 2).sum()))"],
-            env=os.environ | daemon.env(), capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        info["mps_client"] = (client.stdout + client.stderr).strip()[-2000:]
-        info["mps_client_ok"] = client.returncode == 0 and "client ok" in client.stdout
-        info["mps_server_list"] = daemon.status()
+        with mps.session("auto", "cuda") as (daemon, state):
+            info["mps"] = state
+            _write(out, "env.json", info)
     except subprocess.TimeoutExpired as exc:
-        info["mps_client"] = f"timed out: {exc}"
-        info["mps_client_ok"] = False
-    finally:
-        daemon.stop()
-    info["mps_daemon_stopped"] = not owned or not mps.daemon_responds(daemon.pipe_dir)
+        info["mps"] = {"active": False, "reason": f"timed out: {exc}"}
     _write(out, "env.json", info)
-    return 0 if info["mps_client_ok"] else 1
+    ok = info["mps"]["active"] and "stop" not in info["mps"]
+    no_mps = not info["mps"]["active"] and "client_check" not in info["mps"]
+    return 0 if ok or no_mps else 1  # a daemon that started but served nobody is a failure
 
 
 def stage_tests(suite: Suite) -> int:
     out = suite.out
     log = out / "pytest-gpu.log"
     # every gpu-marked test: the CUDA-only ones and the CUDA half of the exactness matrix
-    rc = _child([sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rs", "tests"], log)
+    pytest = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rs", "--durations=0"]
+    rc = _child([*pytest, "tests"], log, suite.child_limit_s)
     lines = log.read_text().strip().splitlines()
     _write(out, "tests.json", {"returncode": rc, "summary": lines[-1] if lines else ""})
     return rc
@@ -220,8 +220,7 @@ def stage_bandwidth(suite: Suite) -> None:
     ctx = 128 if suite.small else 1024
     blocks_per_seq = ctx // 16 + 1
     pool = allocate_pool(layout, 64 * blocks_per_seq, dev)
-    # the decode attention the pipeline itself uses on this device
-    runner = ModelRunner(loaded.model, 16, dev, EngineConfig().decode_attention_for(dev))
+    runner = ModelRunner(loaded.model, 16, dev)
     decode = []
     for batch in (1, 4) if suite.small else (1, 8, 32, 64):
         seqs = [
@@ -254,43 +253,61 @@ def stage_bandwidth(suite: Suite) -> None:
     })  # fmt: skip
 
 
-def stage_memory(suite: Suite) -> None:
-    """Device memory with 2 + 2 workers: the weights should be resident once, not five times."""
-    out, model = suite.out, suite.model
+def _gpu_processes(handle) -> dict[int, int]:
+    """pid -> device memory used, as NVML attributes it (MPS clients listed apart)."""
+    import pynvml
+
+    used = {}
+    for query in (
+        "nvmlDeviceGetComputeRunningProcesses",
+        "nvmlDeviceGetMPSComputeRunningProcesses",
+    ):
+        try:
+            for p in getattr(pynvml, query)(handle):
+                used[p.pid] = p.usedGpuMemory
+        except (pynvml.NVMLError, AttributeError):
+            pass
+    return used
+
+
+def stage_memory(suite: Suite) -> int:
+    """Device memory of each process with 2 + 2 workers: the weights and the pool belong to the
+    parent, which allocated them; a worker that maps them through CUDA IPC holds only its
+    context and activations. Per process, so five CUDA contexts cannot blur the figure."""
     import pynvml
 
     pynvml.nvmlInit()
     handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-
-    def used() -> int:
-        return pynvml.nvmlDeviceGetMemoryInfo(handle).used
-
-    def per_process() -> dict:
-        try:
-            procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-            return {p.pid: p.usedGpuMemory for p in procs}
-        except pynvml.NVMLError as exc:
-            return {"unavailable": str(exc)}
-
-    before = used()
     pool_bytes = 4 * GIB
     with SplitwiserPipeline(
-        model, device="cuda", num_prompt_workers=2, num_token_workers=2, kv_cache_bytes=pool_bytes
-    ) as pipe:
+        suite.model, device="cuda", num_prompt_workers=2, num_token_workers=2,
+        kv_cache_bytes=pool_bytes,
+    ) as pipe:  # fmt: skip
         pipe.generate([_prompt(256, 0)] * 8, SamplingParams(max_new_tokens=8, ignore_eos=True))
-        during = used()
+        used = _gpu_processes(handle)
         workers = pipe.workers()
         weight_bytes = sum(p.numel() * p.element_size() for p in pipe._engine.model.parameters())
-        procs = per_process()
-    increase = during - before
-    _write(out, "memory.json", {
-        "model": model, "weight_bytes": weight_bytes, "kv_pool_bytes": pool_bytes,
-        "device_memory_increase_bytes": increase,
-        "increase_minus_pool_over_weights": (increase - pool_bytes) / weight_bytes,
-        "per_process_used_bytes": procs, "workers": workers,
-        "note": "each of the 5 processes also holds a CUDA context (~0.5 GiB); 5 weight copies "
-                "would show as a ratio near 5 plus contexts",
+        kv_pool_bytes = pipe.num_kv_blocks * pipe._engine.layout.bytes_per_block
+    names = {os.getpid(): "parent"} | {w["pid"]: name for name, w in workers.items()}
+    per_process = {names.get(pid, f"other pid {pid}"): {"pid": pid, "used_bytes": b}
+                   for pid, b in used.items()}  # fmt: skip
+    worker_bytes = [used[w["pid"]] for w in workers.values() if used.get(w["pid"]) is not None]
+    parent = used.get(os.getpid())
+    _write(suite.out, "memory.json", {
+        "model": suite.model, "weight_bytes": weight_bytes, "kv_pool_bytes": kv_pool_bytes,
+        "per_process": per_process,
+        "parent_minus_pool_over_weights":
+            None if parent is None else (parent - kv_pool_bytes) / weight_bytes,
+        "max_worker_over_weights": max(worker_bytes) / weight_bytes if worker_bytes else None,
+        "workers": workers,
+        "note": "NVML's per-process figure includes each process's CUDA context (~0.5 GiB); "
+                "a worker holding its own copy of the weights would show max_worker_over_weights "
+                "near 1 or above; under MPS NVML may list only the MPS server",
     })  # fmt: skip
+    missing = [n for n, w in workers.items() if w["pid"] not in used]
+    if parent is None or missing:
+        print(f"gpu_suite: NVML did not list {['parent', *missing] if parent is None else missing}")
+    return 0
 
 
 def stage_bench(suite: Suite, use_mps: bool) -> int:
@@ -301,27 +318,26 @@ def stage_bench(suite: Suite, use_mps: bool) -> int:
         sys.executable, "-m", "splitwiser", "bench", *(["--model", model] if model else []),
         "--dtype", "bfloat16",
         "--device", "cuda", "--procs", "4", "--mps" if use_mps else "--no-mps",
-        "--workload", "azure-conv", "--num-requests", "64", "--length-scale", "0.5",
+        "--workload", "azure-conv", "--num-requests", "32", "--length-scale", "0.5",
         "--max-context", "2048", "--trace-speedup", "4", "--slo", "ttft_ms=1000,tpot_ms=100",
-        "--out", str(out), "--run-id", name,
+        "--num-warmup", "4", "--out", str(out), "--run-id", name,
     ]  # fmt: skip
     (out / f"{name}.command").write_text(" ".join(args[2:]).replace("-m splitwiser", "splitwiser"))
-    return _child(args, out / f"{name}.run.log")
+    return _child(args, out / f"{name}.run.log", suite.child_limit_s)
 
 
 def stage_profile(suite: Suite, use_mps: bool) -> int:
     """Both phases under Nsight Compute; the summaries go to results/profile/. Under MPS ncu may
     refuse (its release notes list MPS as unsupported): the log then says so."""
     out, model = suite.out, suite.model
-    name = f"{out.name}-{'mps' if use_mps else 'nomps'}"
-    dest = ROOT / "results" / "profile" / name
+    dest = out / f"profile-{'mps' if use_mps else 'nomps'}"
     args = [
         sys.executable, "-m", "splitwiser", "profile", *(["--model", model] if model else []),
         "--dtype", "bfloat16", "--phase", "both", "--mps" if use_mps else "--no-mps",
         "--out", str(dest),
     ]  # fmt: skip
     dest.mkdir(parents=True, exist_ok=True)
-    return _child(args, dest / "profile.log")
+    return _child(args, dest / "profile.log", suite.child_limit_s)
 
 
 STAGES = {
@@ -354,6 +370,8 @@ def main() -> int:
     ap.add_argument("--model", default=MODEL, help="a model spec, or 'default' (embedded)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--small", action="store_true", help="small sizes (a CPU smoke test)")
+    ap.add_argument("--limit-s", type=float, default=STAGE_LIMIT_S,
+                    help="the stage's time; its child processes end 30 s before")  # fmt: skip
     args = ap.parse_args()
     on_cpu = args.device == "cpu" and args.stage in CPU_STAGES
     if args.stage != "env" and not on_cpu and not torch.cuda.is_available():
@@ -362,7 +380,7 @@ def main() -> int:
     out = args.out or default_out()
     out.mkdir(parents=True, exist_ok=True)
     model = None if args.model == "default" else args.model
-    suite = Suite(out, model, torch.device(args.device), args.small)
+    suite = Suite(out, model, torch.device(args.device), args.small, args.limit_s)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     failed = []
     for stage in STAGES if args.stage == "all" else [args.stage]:

@@ -17,6 +17,7 @@ from splitwiser.errors import (
 from splitwiser.outputs import RequestMetrics, RequestOutput
 from splitwiser.pipeline import SplitwiserPipeline
 from splitwiser.sampling import SamplingParams
+from splitwiser.vllm import VLLMParallelPipeline, VLLMPipeline, VLLMSplitPipeline  # no vllm import
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,9 @@ __all__ = [
     "SequentialPipeline",
     "SplitwiserError",
     "SplitwiserPipeline",
+    "VLLMParallelPipeline",
+    "VLLMPipeline",
+    "VLLMSplitPipeline",
     "WorkerCrashedError",
     "WorkerStartupError",
 ]

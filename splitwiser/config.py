@@ -79,7 +79,17 @@ class EngineConfig:
     worker_threads: int | None = None  # torch threads per worker; None: cores / workers
     worker_start_timeout_s: float = 300.0
     worker_stop_timeout_s: float = 10.0
-    max_worker_restarts: int = 3  # per role, before its requests fail for good
+    # a rate, per role: at most max_worker_restarts restarts within any worker_restart_window_s
+    # (a crash loop stops; occasional deaths over a long life never exhaust it)
+    max_worker_restarts: int = 20
+    worker_restart_window_s: float = 60.0
+    # a worker with work outstanding that sends nothing for this long is hung: it is killed and
+    # its requests are retried (generous: one prefill batch of a large model on a slow CPU can
+    # take a while; worker_start_timeout_s applies during start-up). None: never
+    worker_liveness_timeout_s: float | None = 120.0
+    # times one request is run again after the worker running it died or hung; then it fails
+    # with WorkerCrashedError
+    max_request_retries: int = 3
     # "splitwiser": Splitwiser's own model code (Llama, Mistral, Qwen2, OPT); "transformers":
     # the checkpoint's Hugging Face modules with the same paged attention; "auto": the first
     # where the architecture has it
@@ -130,6 +140,16 @@ class EngineConfig:
             raise ConfigError(
                 f"model_impl must be one of {', '.join(MODEL_IMPLS)}, got {self.model_impl!r}"
             )
+        for name in ("max_worker_restarts", "max_request_retries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("worker_restart_window_s", "worker_liveness_timeout_s"):
+            value = getattr(self, name)
+            if (value is not None or name == "worker_restart_window_s") and not (
+                isinstance(value, (int, float)) and value > 0
+            ):
+                raise ConfigError(f"{name} must be positive, got {value!r}")
         if self.worker_threads is not None and self.worker_threads < 1:
             raise ConfigError(f"worker_threads must be >= 1, got {self.worker_threads!r}")
 

@@ -7,6 +7,13 @@ time-slicing whole contexts. A CUDA process connects to the daemon named by
 ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``) must be in its environment before it touches CUDA.
 This module never changes GPU settings such as the compute mode; see ``mps/README.md``.
 
+A daemon that answers proves nothing about its server: ``session`` runs a tiny CUDA client
+under it and asks the daemon for its servers while the client runs; only then is MPS in use.
+
+The daemon's ``quit`` waits for its clients. So the process that stops a daemon must never be
+one of them: ``session`` never points this process at the daemon; the processes that use CUDA
+(a benchmark's systems, the profiler's target) get ``daemon.env()`` and end before the stop.
+
 A daemon started by ``splitwiser mps start`` is recorded in a state file, so that a later
 ``splitwiser mps stop`` stops exactly that daemon and nothing else.
 """
@@ -16,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -137,12 +146,17 @@ class MPSDaemon:
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(thread_percentage)
         return env
 
+    def server_pids(self) -> list[int]:
+        """The MPS servers the daemon runs (one while any client is connected)."""
+        try:
+            out = _control(self.pipe_dir, "get_server_list", timeout_s=5.0).stdout.split()
+        except (subprocess.TimeoutExpired, OSError):
+            return []
+        return [int(x) for x in out if x.isdigit()]
+
     def status(self) -> dict:
         running = daemon_responds(self.pipe_dir)
-        servers = []
-        if running:
-            out = _control(self.pipe_dir, "get_server_list").stdout.split()
-            servers = [int(x) for x in out if x.isdigit()]
+        servers = self.server_pids() if running else []
         return asdict(self) | {"running": running, "server_pids": servers}
 
     def _own_process(self) -> psutil.Process | None:
@@ -157,23 +171,35 @@ class MPSDaemon:
         except psutil.NoSuchProcess:
             return None
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Quit the daemon if it was started here; a daemon found running is left alone."""
+    def stop(self, timeout_s: float = 10.0) -> str | None:
+        """Quit the daemon if it was started here; a daemon found running is left alone.
+
+        ``quit`` waits for the daemon's clients. If it does not return within ``timeout_s`` a
+        client is still attached: the daemon is left running (killing it would strand its
+        server and the client's work) and the returned text says so; ``None`` when stopped."""
         if not self.owned:
-            return
+            return None
         if daemon_responds(self.pipe_dir):
-            _control(self.pipe_dir, "quit")
+            try:
+                _control(self.pipe_dir, "quit", timeout_s=timeout_s)
+            except subprocess.TimeoutExpired:
+                return (
+                    f"the MPS daemon on {self.pipe_dir} did not quit within {timeout_s:.0f} s: a "
+                    f"client is still attached; it was left running (stop it later with "
+                    f"'echo quit | CUDA_MPS_PIPE_DIRECTORY={self.pipe_dir} {CONTROL_BINARY}')"
+                )
         proc = self._own_process()
         if proc is not None:
             try:
                 proc.wait(timeout_s)
-            except psutil.TimeoutExpired:
+            except psutil.TimeoutExpired:  # quit returned, so no client is left to strand
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
         self.owned = False
+        return None
 
 
 def find_running() -> MPSDaemon | None:
@@ -280,12 +306,69 @@ def gpu_present() -> bool:
         return False
 
 
+# a tiny CUDA program: it makes a context and runs a kernel, then stays connected (and its MPS
+# server with it) until its stdin closes
+CLIENT_CHECK = [
+    sys.executable, "-c",
+    "import sys, torch; x = torch.ones(1 << 20, device='cuda'); "
+    "print('client ok', float((x * 2).sum()), flush=True); sys.stdin.read()",
+]  # fmt: skip
+
+
+def _read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> tuple[bool, str]:
+    """Read the child's output until a line starts with ``marker``, it exits, or time is up."""
+    deadline = time.monotonic() + timeout_s
+    fd, text = proc.stdout.fileno(), ""
+    while marker not in text:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return False, text + f"\n(no answer within {timeout_s:.0f} s)"
+        chunk = os.read(fd, 4096).decode(errors="replace")
+        if not chunk:
+            return False, text
+        text += chunk
+    return True, text
+
+
+def check_client(daemon: MPSDaemon, timeout_s: float = 120.0) -> dict:
+    """Run a CUDA client under ``daemon`` and, while it runs, ask the daemon for its servers.
+    ``ok`` only if the client ran a kernel and the daemon served it."""
+    proc = subprocess.Popen(
+        CLIENT_CHECK, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=os.environ | daemon.env(),
+    )  # fmt: skip
+    try:
+        ran, output = _read_until(proc, "client ok", timeout_s)
+        servers = daemon.server_pids() if ran else []
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        output += proc.stdout.read().decode(errors="replace")
+        proc.stdout.close()
+    if not ran:
+        lines = [line for line in output.strip().splitlines() if line.strip()]
+        problem = f"the client failed: {lines[-1] if lines else f'exit {proc.returncode}'}"
+    elif not servers:
+        problem = "the client ran but no MPS server served it (get_server_list was empty)"
+    else:
+        problem = None
+    return {"ok": problem is None, "server_pids": servers, "problem": problem,
+            "output": output.strip()[-1000:]}  # fmt: skip
+
+
 @contextlib.contextmanager
 def session(mode: str, device: str):
     """MPS for one run in ``mode`` (on, off, auto) on ``device`` (auto, cpu, cuda): yields
-    (daemon or None, state for the results) with this process's environment pointing at the
-    daemon; afterwards the environment is restored and a daemon started here is stopped.
-    Enter it before this process touches CUDA."""
+    (daemon or None, state for the results); afterwards a daemon started here is stopped.
+
+    MPS is used (``state["active"]``) only once a CUDA client connected to the daemon. This
+    process never joins the daemon: give the processes that use CUDA ``daemon.env()``, and
+    let them end inside the block. A stop that could not finish is recorded in
+    ``state["stop"]``, never raised over the run's results."""
     state = {"requested": mode, "active": False}
     if mode == "off":
         state["reason"] = "disabled"
@@ -302,19 +385,23 @@ def session(mode: str, device: str):
             daemon = start_daemon()
         except MPSUnavailableError as exc:
             reason = str(exc)
+    if daemon is not None:
+        check = check_client(daemon)
+        state["client_check"] = {k: v for k, v in check.items() if k != "output"}
+        if not check["ok"]:
+            reason = f"no CUDA client could use the MPS daemon: {check['problem']}"
+            daemon.stop()
+            daemon = None
     if daemon is None:
         if mode == "on":
             raise MPSUnavailableError(f"--mps: {reason}; run with --no-mps or --mps auto")
         state["reason"] = f"not used: {reason}"
         yield None, state
         return
-    saved = dict(os.environ)
-    # this process and every process it starts join the daemon when they initialise CUDA
-    os.environ.update(daemon.env())
     state |= {"active": True, "owned_daemon": daemon.owned, "pipe_dir": daemon.pipe_dir}
     try:
         yield daemon, state
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        daemon.stop()
+        problem = daemon.stop()
+        if problem:
+            state["stop"] = problem

@@ -62,10 +62,17 @@ class SplitwiserPipeline:
         return self._engine.num_kv_blocks
 
     def workers(self) -> dict[str, dict]:
-        """Live workers: name -> pid and the memory figures of their ready message."""
-        return {w.name: vars(w.ready) for w in self._engine.workers.values() if w.ready is not None}
+        """Live workers: name -> pid and the memory figures of their ready message. A snapshot,
+        safe from any thread while workers are replaced."""
+        return self._engine.worker_info()
 
     def stats(self) -> dict:
+        """A consistent snapshot, safe from any thread: KV blocks (``num_kv_blocks``,
+        ``num_free_blocks``), ``num_unfinished`` (counted from ``submit()``), ``num_retried``,
+        ``phases``, and the pipeline's health: ``health`` ("ok", "degraded" while a worker
+        restarts, "failed" once a role crashed past the restart rate, "closed"), ``error``, and
+        per role in ``workers`` the workers configured, ready, starting and vacant, with their
+        restarts over the pipeline's life and within the restart window."""
         return self._engine.stats()
 
     def submit(
@@ -90,7 +97,8 @@ class SplitwiserPipeline:
             raise
 
     def close(self) -> None:
-        """Stop every worker and release the pool. Safe to call twice."""
+        """Stop every worker and release the pool and the weights this process maps. Safe to
+        call twice; a pipeline still open at interpreter exit is closed then."""
         self._engine.close()
 
     def __enter__(self) -> SplitwiserPipeline:

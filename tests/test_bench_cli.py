@@ -47,6 +47,9 @@ def bench(*args, timeout=600) -> subprocess.CompletedProcess:
         (["--model", "/no/such/model"], "does not exist"),
         (["--device", "cuda"], "no CUDA GPU is available"),
         (["--input-len", "9000"], "exceeds the context"),
+        (["--workload", "azure-conv", "--length-scale", "inf"], "--length-scale must be finite"),
+        (["--rate", "inf"], "--rate must be finite"),
+        (["--num-requests", "99999999999999999999999"], "--num-requests must be at most"),
     ],
 )
 def test_bad_options_fail_in_one_line(args, message, leftovers, tmp_path):
@@ -57,6 +60,53 @@ def test_bad_options_fail_in_one_line(args, message, leftovers, tmp_path):
     assert lines[0].startswith("splitwiser: error:") and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no results written
     leftovers.assert_clean()
+
+
+def test_unwritable_out_fails_before_any_work(leftovers):
+    proc = bench(*SHORT, "--out", "/proc/forbidden", timeout=180)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    # one line: no progress bar ran, no system was built
+    assert len(lines) == 1 and "/proc/forbidden" in lines[0] and "Traceback" not in proc.stderr
+    assert lines[0].startswith("splitwiser: error: cannot write results")
+    leftovers.assert_clean()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--output-len", "1", "--num-requests", "4", "--input-len", "16"],
+        ["--workload", "azure-conv", "--num-requests", "3", "--length-scale", "1e-300"],
+    ],
+)
+def test_one_token_outputs_are_a_valid_run(args, tmp_path, leftovers):
+    """TPOT is undefined with one output token: reported as missing, plotted without it."""
+    proc = bench("--procs", "2", *args, "--baseline", "none", "--out", str(tmp_path),
+                 "--run-id", "one", "--num-warmup", "1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    sw = summary["systems"]["splitwiser"]
+    assert sw["completed"] == sw["total_output_tokens"] and sw["failed"] == 0
+    assert sw["median_tpot_ms"] is None and sw["median_ttft_ms"] > 0
+    assert (tmp_path / "one" / "latency_cdf.png").read_bytes().startswith(PNG_MAGIC)
+    assert [p.name for p in tmp_path.iterdir()] == ["one"]
+    leftovers.assert_clean()
+
+
+def test_a_run_that_fails_while_writing_leaves_no_result_folder(tmp_path, monkeypatch):
+    """Results are written into a hidden folder renamed at the end: a folder named like a run
+    always holds a complete summary."""
+    from splitwiser.benchmark import BenchConfig, plots, run_bench
+
+    def broken(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(plots, "write_plots", broken)
+    config = BenchConfig(procs=2, num_requests=2, input_len=16, output_len=2, num_warmup=1,
+                         baselines=(), out=str(tmp_path), run_id="r")  # fmt: skip
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_bench(config, show=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_short_bench_writes_summary_csv_and_plots(tmp_path, leftovers):
@@ -105,6 +155,9 @@ def test_short_bench_writes_summary_csv_and_plots(tmp_path, leftovers):
         data = (run / png).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
     assert set(summary["files"]) == {p.name for p in run.iterdir()}
+    # each system ran in a process of its own (a killed worker's memory goes with it)
+    pids = [m["pid"] for m in summary["systems"].values()]
+    assert len(set(pids)) == 3
     leftovers.assert_clean()
 
 

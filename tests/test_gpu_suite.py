@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -63,6 +65,57 @@ def test_shell_wrapper_needs_stages_and_passes_options(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
 
 
+def _wrapper(*args, tmp_path, **env) -> subprocess.CompletedProcess:
+    env = dict(os.environ, GPU_SUITE_OUT=str(tmp_path / "out"), **env)
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), *args],
+                          capture_output=True, text=True, env=env, timeout=240)  # fmt: skip
+
+
+def test_archive_holds_what_the_command_wrote(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "earlier.json").write_text("{}")  # an earlier command's result
+    proc = _wrapper("env", "--archive", str(tmp_path / "evidence"), tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (archive,) = (tmp_path / "evidence").iterdir()
+    assert archive.name.startswith("out-") and archive.name.endswith("-env.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        info = json.load(tar.extractfile("out/env.json"))
+    assert {"out/env.json", "out/env.log", "out/nvidia-smi.txt"} <= names
+    assert "out/earlier.json" not in names
+    assert info["torch"] == torch.__version__
+    assert f"archive: {archive}" in proc.stdout
+
+
+def test_every_stage_runs_under_a_time_limit(tmp_path):
+    """A stage that overruns (here: the full-size handoff stage on a CPU) is stopped at its
+    limit with everything it started, and the command says so and fails."""
+    marker = str(tmp_path / "out")
+    t0 = time.monotonic()
+    proc = _wrapper("handoff", "--device", "cpu", "--model", "default", tmp_path=tmp_path,
+                    GPU_SUITE_LIMIT_S="6")  # fmt: skip
+    assert time.monotonic() - t0 < 60
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "[gpu_suite.sh: handoff stopped after 6 s]" in proc.stdout
+    assert "stopped after 6 s" in (tmp_path / "out" / "handoff.log").read_text()
+    deadline = time.monotonic() + 10
+    while _suite_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _suite_processes(marker) == []
+
+
+def _suite_processes(out: str) -> list[int]:
+    """Processes still running with this suite run's output folder in their environment."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("GPU_SUITE_OUT") == out and _running(proc.pid):
+                found.append(proc.pid)
+        except (psutil.Error, OSError):
+            pass
+    return found
+
+
 def test_env_stage_records_what_it_finds(tmp_path):
     proc = suite("env", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
@@ -70,7 +123,7 @@ def test_env_stage_records_what_it_finds(tmp_path):
     assert info["torch"] == torch.__version__
     assert info["cuda_available"] is torch.cuda.is_available()
     if not torch.cuda.is_available():
-        assert info["mps_daemon"].startswith("unavailable")
+        assert info["mps"]["active"] is False and "needs a CUDA GPU" in info["mps"]["reason"]
         assert info["ncu"].startswith("unavailable: splitwiser profile needs an NVIDIA GPU")
 
 

@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -172,15 +173,22 @@ def test_gpu_tests_skip_without_a_gpu():
     assert "needs a CUDA GPU" in proc.stdout
 
 
-def test_run_mps_session_owns_what_it_starts(fake_mps, monkeypatch):
-    """The MPS step of bench and profile, with a GPU pretended: env set for the run and
-    restored, the daemon it started stopped; `auto` degrades with the daemon's reason, `on`
-    fails with it."""
+@pytest.fixture
+def fake_gpu(fake_mps, monkeypatch):
+    """A GPU pretended: NVML sees one, and the MPS client check runs the CUDA client's test
+    double (tests/fakes/cuda-client), which joins the fake daemon as a CUDA program would."""
     monkeypatch.setattr(mps, "gpu_present", lambda: True)
+    monkeypatch.setattr(mps, "CLIENT_CHECK", [str(Path(FAKES) / "cuda-client")], raising=False)
+    return fake_mps
+
+
+def test_run_mps_session_owns_what_it_starts(fake_gpu, monkeypatch):
+    """The MPS step of bench and profile, with a GPU pretended: the daemon it started is
+    stopped; the caller's processes get ``daemon.env()`` and this process never joins;
+    `auto` degrades with the daemon's reason, `on` fails with it."""
     with mps.session("on", "cuda") as (daemon, state):
         assert state["active"] and state["owned_daemon"] and daemon.owned
-        assert os.environ["CUDA_MPS_PIPE_DIRECTORY"] == daemon.pipe_dir
-    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
+        assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
     assert not mps.daemon_responds(daemon.pipe_dir) and not Path(daemon.root).exists()
     monkeypatch.setenv("FAKE_MPS_FAIL", "MPS not supported here")
     with mps.session("auto", "cuda") as (daemon, state):
@@ -189,3 +197,50 @@ def test_run_mps_session_owns_what_it_starts(fake_mps, monkeypatch):
     with pytest.raises(mps.MPSUnavailableError, match="--mps: .*MPS not supported here"):
         with mps.session("on", "cuda"):
             pass
+
+
+def _client(daemon) -> subprocess.Popen:
+    """A CUDA client (its test double) connected to ``daemon`` until its stdin closes."""
+    proc = subprocess.Popen(
+        [str(Path(FAKES) / "cuda-client")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        env=os.environ | daemon.env(), text=True,
+    )  # fmt: skip
+    assert proc.stdout.readline() == "client ok\n"
+    return proc
+
+
+def test_stop_while_a_client_is_attached_neither_raises_nor_kills(fake_mps):
+    """``quit`` waits for the daemon's clients: a stop that runs out of time says so and leaves
+    the daemon running (killing it would strand its server and clients)."""
+    daemon = mps.start_daemon()
+    client = _client(daemon)
+    try:
+        t0 = time.monotonic()
+        problem = daemon.stop(timeout_s=1.0)
+        assert time.monotonic() - t0 < 5
+        assert "did not quit" in problem and "client" in problem
+        assert mps.daemon_responds(daemon.pipe_dir) and daemon.owned
+    finally:
+        client.stdin.close()
+        client.wait(10)
+    assert daemon.stop() is None  # the client gone, quit returns
+    assert not mps.daemon_responds(daemon.pipe_dir) and not Path(daemon.root).exists()
+
+
+def test_mps_is_active_only_when_a_client_really_connected(fake_gpu, monkeypatch):
+    """Start-up runs a CUDA client under the daemon and asks the daemon for its servers while
+    it runs; a daemon that answers but serves nobody is not MPS."""
+    with mps.session("on", "cuda") as (daemon, state):
+        assert state["active"] and state["client_check"]["server_pids"]
+    cases = (("fail", "busy or unavailable"), ("no-mps", "no MPS server"))
+    for behaviour, reason in cases:
+        monkeypatch.setenv("FAKE_CUDA_CLIENT", behaviour)
+        with mps.session("auto", "cuda") as (daemon, state):
+            assert daemon is None and not state["active"], behaviour
+            assert "no CUDA client could use the MPS daemon" in state["reason"]
+            assert reason in state["reason"], state["reason"]
+        with pytest.raises(mps.MPSUnavailableError, match=f"--mps: .*{reason}") as exc:
+            with mps.session("on", "cuda"):
+                pass
+        assert "\n" not in str(exc.value)
+        assert not list(fake_gpu.rglob("control"))  # the daemon started for the check stopped

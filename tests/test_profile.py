@@ -23,14 +23,16 @@ from splitwiser.profiling import (
     summary_table,
     target_command,
 )
+from tests.conftest import FAKES
 
 SAMPLE = (Path(__file__).parent / "fixtures" / "ncu_raw_sample.csv").read_text()
 
 
 @pytest.fixture
 def fake_tools(fake_mps, monkeypatch):
-    """A GPU pretended, and the test doubles of ncu and the MPS control binary first on PATH."""
+    """A GPU pretended, and the test doubles of ncu, the MPS control binary and a CUDA client."""
     monkeypatch.setattr(mps, "gpu_present", lambda: True)
+    monkeypatch.setattr(mps, "CLIENT_CHECK", [os.path.join(FAKES, "cuda-client")])
     return fake_mps
 
 
@@ -223,3 +225,19 @@ def test_ncu_failing_under_mps_names_the_limitation(fake_tools, monkeypatch):
         run_profile(ProfileConfig(mps="on", phase="token", out=str(fake_tools / "prof")))
     assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ  # the session ended
     assert not list(fake_tools.rglob("control"))  # and the daemon it started was stopped
+
+
+def test_the_target_sizes_the_pool_to_its_workload(leftovers):
+    """Not 30% of free device memory: ncu's replay saves all the memory a kernel can reach."""
+    from splitwiser.profiling.target import workload_kv_blocks
+
+    assert workload_kv_blocks(8, 512, 16) == 8 * 33  # 527 cached tokens each
+    assert workload_kv_blocks(2, 16, 1) == 2
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitwiser.profiling.target", "--device", "cpu",
+         "--num-requests", "3", "--prompt-len", "20", "--output-len", "4"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("KV pool 6 blocks")  # 3 x ceil(23 / 16)
+    leftovers.assert_clean()

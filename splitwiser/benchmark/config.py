@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from splitwiser.benchmark.workloads import WORKLOADS
@@ -10,6 +11,7 @@ from splitwiser.errors import ConfigError
 from splitwiser.mps import MPS_MODES
 
 BASELINES = ("sequential", "batched")
+MAX_REQUESTS = 1_000_000  # per system; the trace files hold fewer rows
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> None:
@@ -67,6 +69,8 @@ class BenchConfig:
             )
         for name in ("num_requests", "input_len", "output_len", "batch_size"):
             _positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
+        if self.num_requests > MAX_REQUESTS:
+            raise ConfigError(f"--num-requests must be at most {MAX_REQUESTS:,}")
         if self.num_warmup is not None:
             _positive_int("--num-warmup", self.num_warmup, 0)
         if self.max_context is not None:
@@ -77,6 +81,8 @@ class BenchConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"--{name.replace('_', '-')} must be finite, got {value}")
         unknown = set(self.baselines) - set(BASELINES)
         if unknown:
             raise ConfigError(

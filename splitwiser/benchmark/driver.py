@@ -1,47 +1,31 @@
 """``run_bench``: one workload through Splitwiser and each baseline, in one invocation.
 
-Per system: build it, warm it up (the first requests of the workload, short outputs, excluded
-from the figures), replay the workload under telemetry, close it. Then metrics, ratios, results.
+This process checks the input and the output folder, starts MPS (see ``mps.session``), builds
+the workload, then runs each system in a process of its own (see ``system``); it never touches
+CUDA. Then metrics, ratios, and the results, written into a hidden folder renamed at the end.
 """
 
 from __future__ import annotations
 
-import gc
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from splitwiser import mps
-from splitwiser.baselines import BatchedPipeline, SequentialPipeline
 from splitwiser.benchmark.config import BenchConfig
-from splitwiser.benchmark.metrics import RequestRecord, compute_metrics, ratios
-from splitwiser.benchmark.replay import REPLAY
-from splitwiser.benchmark.telemetry import TelemetryLog, TelemetrySampler
+from splitwiser.benchmark.metrics import compute_metrics, ratios
+from splitwiser.benchmark.system import SystemJob, SystemRun, run_in_child
 from splitwiser.benchmark.workloads import BenchRequest, build_prompts, build_workload
-from splitwiser.config import resolve_device, resolve_dtype
-from splitwiser.engine.engine import phase_summary
-from splitwiser.engine.kv_pool import KVLayout
+from splitwiser.config import resolve_dtype
 from splitwiser.errors import ConfigError
 from splitwiser.models.loader import load_model_config, load_tokenizer
-from splitwiser.pipeline import SplitwiserPipeline
-
-WARMUP_OUTPUT_LEN = 4
-
-
-@dataclass
-class SystemRun:
-    name: str
-    records: list[RequestRecord]
-    duration_s: float
-    telemetry: TelemetryLog
-    extra: dict  # system-specific facts (workers, pool size, ...)
 
 
 @dataclass
@@ -51,66 +35,36 @@ class BenchResult:
     runs: dict[str, SystemRun]
 
 
-def _build(name: str, config: BenchConfig, device, dtype, daemon):
-    if name == "splitwiser":
-        return SplitwiserPipeline(
-            config.model,
-            num_prompt_workers=config.num_prompt_workers,
-            num_token_workers=config.num_token_workers,
-            device=str(device),
-            dtype=dtype,
-            kv_handoff=config.kv_handoff,
-            mps_pipe_dir=daemon.pipe_dir if daemon else None,
-            mps_thread_percentage=config.mps_split if daemon else None,
-        )
-    if name == "sequential":
-        return SequentialPipeline(config.model, device=str(device), dtype=dtype)
-    return BatchedPipeline(
-        config.model, device=str(device), dtype=dtype, batch_size=config.batch_size
-    )
+def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu`` or ``cuda[:i]`` -> a device, without initialising CUDA here: a GPU is
+    what NVML sees, usable by a CUDA build of torch. Never the CPU for ``auto`` because CUDA
+    misbehaved (under a broken MPS daemon CUDA reports no device at all)."""
+    if name == "auto":
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1")
+        name = "cuda" if torch.version.cuda and not hidden and mps.gpu_present() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported; use 'auto', 'cpu' or 'cuda'")
+    if dev.type == "cuda" and not (torch.version.cuda and mps.gpu_present()):
+        raise ConfigError(f"device {name!r} requested but no CUDA GPU is available; use cpu")
+    return dev
 
 
-def _extra(
-    name: str, pipe, layout: KVLayout, records: list[RequestRecord], kv_handoff: str, before: dict
-):
-    if name != "splitwiser":
-        return {}
-    after = pipe.stats()["phases"]
-    done = [r for r in records if r.ok]
-    moved_nothing = kv_handoff == "shared"
-    return {
-        "num_kv_blocks": pipe.num_kv_blocks,
-        "kv_bytes_per_token": layout.bytes_per_token,
-        # the prompt K/V that stayed in the shared pool instead of travelling to a token worker
-        "kv_bytes_not_moved": sum(r.prompt_len for r in done) * layout.bytes_per_token
-        if moved_nothing
-        else 0,
-        # prefill and decode as the workers timed them, over the measured run only
-        "phases": phase_summary({k: after[k] - before[k] for k in after}),
-        "workers": pipe.workers(),
-        "stats": pipe.stats(),
-    }
-
-
-def _run_system(name, config, device, dtype, daemon, requests, prompts, layout, show) -> SystemRun:
-    warm = [
-        replace(r, arrival_s=0.0, output_len=min(r.output_len, WARMUP_OUTPUT_LEN))
-        for r in requests[: config.warmup_requests]
-    ]
-    replay = REPLAY[name]
-    with _build(name, config, device, dtype, daemon) as pipe:
-        if warm:
-            replay(pipe, warm, prompts[: len(warm)], lambda n: None)
-        before = pipe.stats()["phases"] if name == "splitwiser" else {}
-        bar = tqdm(total=len(requests), desc=f"{name:>10}", unit="req", disable=not show)
-        with bar, TelemetrySampler(device) as telemetry:
-            records, duration_s = replay(pipe, requests, prompts, bar.update)
-        extra = _extra(name, pipe, layout, records, config.kv_handoff, before)
-    del pipe
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return SystemRun(name, records, duration_s, telemetry, extra)
+def check_out(config: BenchConfig) -> Path:
+    """The results root, created and shown writable before any work; a taken --run-id fails."""
+    out = Path(config.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write results to {out}: {exc.strerror or exc}") from None
+    if config.run_id is not None and (out / config.run_id).exists():
+        raise ConfigError(f"{out / config.run_id} already exists; choose another --run-id")
+    return out
 
 
 def _source_revision() -> dict | None:
@@ -146,7 +100,7 @@ def describe_model(spec: str | None, model_config) -> dict:
     }
 
 
-def environment(device: torch.device, mps_state: dict) -> dict:
+def environment(device: torch.device, mps_state: dict, device_info: dict) -> dict:
     import transformers
 
     from splitwiser import __version__
@@ -162,11 +116,7 @@ def environment(device: torch.device, mps_state: dict) -> dict:
         "device": str(device),
         "mps": mps_state,
     }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env |= {"gpu": props.name, "gpu_memory_gib": props.total_memory / 2**30}
-        env["cuda"] = torch.version.cuda
-    return env
+    return env | device_info  # the GPU as the systems' processes saw it
 
 
 def _agreement(runs: dict[str, SystemRun]) -> dict[str, float]:
@@ -186,38 +136,34 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
     """Run the benchmark and write ``<out>/<run-id>/``; returns a :class:`BenchResult`."""
     from splitwiser.benchmark.report import write_results
 
-    run_dir = None
-    if config.run_id is not None:
-        run_dir = Path(config.out) / config.run_id
-        if run_dir.exists():
-            raise ConfigError(f"{run_dir} already exists; choose another --run-id")
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    model_config = load_model_config(config.model)
+    model_len = getattr(model_config, "max_position_embeddings", None) or 2048
+    max_context = min(config.max_context or model_len, model_len)
+    workload = build_workload(
+        config.workload,
+        num_requests=config.num_requests,
+        input_len=config.input_len,
+        output_len=config.output_len,
+        rate=config.rate,
+        trace_speedup=config.trace_speedup,
+        max_context=max_context,
+        length_scale=config.length_scale,
+        seed=config.seed,
+    )
+    requests: list[BenchRequest] = list(workload.requests)
+    prompts = build_prompts(workload, load_tokenizer(config.model), seed=config.seed)
+    out = check_out(config)  # the input is valid: before any work, a place for the results
+    runs: dict[str, SystemRun] = {}
     with mps.session(config.mps, config.device) as (daemon, mps_state):
         mps_state["split"] = config.mps_split
-        device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        model_config = load_model_config(config.model)
-        model_len = getattr(model_config, "max_position_embeddings", None) or 2048
-        max_context = min(config.max_context or model_len, model_len)
-        workload = build_workload(
-            config.workload,
-            num_requests=config.num_requests,
-            input_len=config.input_len,
-            output_len=config.output_len,
-            rate=config.rate,
-            trace_speedup=config.trace_speedup,
-            max_context=max_context,
-            length_scale=config.length_scale,
-            seed=config.seed,
-        )
-        requests: list[BenchRequest] = list(workload.requests)
-        prompts = build_prompts(workload, load_tokenizer(config.model), seed=config.seed)
-        layout = KVLayout.from_model_config(model_config, 16, dtype)
-        runs = {}
+        mps_env = daemon.env() if daemon is not None else {}
         for name in ("splitwiser", *config.baselines):
-            runs[name] = _run_system(
-                name, config, device, dtype, daemon, requests, prompts, layout, show
-            )
-        env = environment(device, mps_state)
+            job = SystemJob(name, config, str(device), mps_env, requests, prompts, show)
+            runs[name] = run_in_child(job)
+    # NOTE: after the session: the summary records how the daemon's stop went
+    env = environment(device, mps_state, runs["splitwiser"].device_info)
     systems = {}
     for name, run in runs.items():
         metrics = compute_metrics(run.records, run.duration_s, config.slo)
@@ -225,6 +171,7 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
         gpu = metrics["telemetry"]["gpu"] or {}
         metrics["joules_per_output_token"] = gpu.get("joules_per_output_token")
         metrics |= run.extra
+        metrics["pid"] = run.pid
         systems[name] = metrics
     summary = {
         "run_id": None,
@@ -238,5 +185,5 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
         "ratios": ratios(systems),
         "token_agreement_with_sequential": _agreement(runs),
     }
-    run_dir = write_results(config, summary, runs, run_dir, device)
+    run_dir = write_results(config, summary, runs, out, device)
     return BenchResult(run_dir, summary, runs)

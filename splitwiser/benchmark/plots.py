@@ -27,8 +27,12 @@ def latency_cdfs(path: Path, runs) -> None:
     panels = (("TTFT (ms)", "ttft_s"), ("TPOT (ms)", "tpot_s"), ("E2E latency (ms)", "e2el_s"))
     for ax, (title, attr) in zip(axes, panels):
         for name, run in runs.items():
-            vals = [getattr(r, attr) * 1e3 for r in run.records if r.ok]
-            _cdf(ax, [v for v in vals if v is not None and v > 0], name)
+            # NOTE: TPOT is undefined (None) for a request with one output token
+            vals = [getattr(r, attr) for r in run.records if r.ok]
+            _cdf(ax, [v * 1e3 for v in vals if v is not None and v > 0], name)
+        if not ax.get_legend_handles_labels()[0]:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            continue
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -48,25 +50,41 @@ def _write_csv(path: Path, rows: list[dict], columns) -> None:
         writer.writerows(rows)
 
 
-def _unique_dir(out: Path, base: str) -> Path:
+def _free_name(out: Path, base: str) -> str:
     for n in range(1000):
-        path = out / (base if n == 0 else f"{base}-{n}")
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:
-            continue
+        name = base if n == 0 else f"{base}-{n}"
+        if not (out / name).exists():
+            return name
     raise FileExistsError(f"no free run directory for {base} under {out}")
 
 
-def write_results(config, summary: dict, runs, run_dir: Path | None, device) -> Path:
-    """Write every file of the run; returns its directory."""
-    if run_dir is None:
-        base = f"{time.strftime('%Y%m%d-%H%M%S')}-{config.workload}-{device.type}"
-        run_dir = _unique_dir(Path(config.out), base)
+def write_results(config, summary: dict, runs, out: Path, device) -> Path:
+    """Write every file of the run into a hidden folder, then rename it to ``out/<run-id>``:
+    a folder named like a run always holds a complete ``summary.json``. Returns the folder."""
+    if config.run_id is not None:
+        name = config.run_id
+        if (out / name).exists():
+            raise FileExistsError(f"{out / name} already exists; choose another --run-id")
     else:
-        run_dir.mkdir(parents=True)
-    summary["run_id"] = run_dir.name
+        name = _free_name(out, f"{time.strftime('%Y%m%d-%H%M%S')}-{config.workload}-{device.type}")
+    summary["run_id"] = name
+    partial = out / f".{name}.partial-{os.getpid()}"
+    partial.mkdir()
+    try:
+        summary["files"] = _write_files(config, summary, runs, partial)
+        with open(partial / "summary.json", "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+            f.write("\n")
+        if (out / name).exists():  # taken while this run wrote
+            raise FileExistsError(f"{out / name} appeared while the results were written")
+        partial.rename(out / name)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out / name
+
+
+def _write_files(config, summary: dict, runs, run_dir: Path) -> list[str]:
     _write_csv(run_dir / "requests.csv", _request_rows(runs), REQUEST_COLUMNS)
     telemetry = [
         {"system": name, **row} for name, run in runs.items() for row in run.telemetry.samples
@@ -84,14 +102,10 @@ def write_results(config, summary: dict, runs, run_dir: Path | None, device) -> 
         ["gpu_telemetry.csv"] if gpu else []
     )
     if config.plots:
-        from splitwiser.benchmark.plots import write_plots
+        from splitwiser.benchmark import plots
 
-        files += write_plots(run_dir, summary, runs)
-    summary["files"] = files
-    with open(run_dir / "summary.json", "w") as f:
-        json.dump(summary, f, indent=2, default=str)
-        f.write("\n")
-    return run_dir
+        files += plots.write_plots(run_dir, summary, runs)
+    return files
 
 
 def _fmt(value) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import click
 
@@ -19,12 +21,23 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: ``with`` blocks close their pipelines (workers first)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the clean-up finish
+    raise _Terminated()
+
+
 class _Group(click.Group):
     """Every error -- bad usage or a ``SplitwiserError`` -- is one line and exit code 2."""
 
     def main(self, args=None, prog_name=None, **extra):
         extra.pop("standalone_mode", None)
         argv = list(sys.argv[1:] if args is None else args)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             code = super().main(argv, prog_name, standalone_mode=False, obj={"argv": argv}, **extra)
         except click.UsageError as exc:
@@ -32,7 +45,10 @@ class _Group(click.Group):
             _fail(f"{exc.format_message()}{hint}")
         except click.ClickException as exc:
             _fail(exc.format_message())
-        except click.Abort:
+        except click.Abort as exc:
+            if isinstance(exc.__cause__, _Terminated):
+                click.echo("splitwiser: terminated", err=True)
+                sys.exit(128 + signal.SIGTERM)
             click.echo("splitwiser: interrupted", err=True)
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)

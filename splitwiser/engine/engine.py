@@ -3,12 +3,15 @@ spawns the workers and routes every message between them on one engine thread.""
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import os
 import random
+import sys
 import threading
 import time
+import weakref
 from collections import deque
 from multiprocessing.connection import Pipe, wait
 
@@ -19,13 +22,14 @@ from splitwiser.config import (
     resolve_device,
     resolve_dtype,
 )
-from splitwiser.engine import messages as m
 from splitwiser.engine.block_manager import BlockAllocator
 from splitwiser.engine.handle import RequestHandle
 from splitwiser.engine.kv_pool import KVLayout, allocate_pool, default_num_blocks
 from splitwiser.engine.procs import WorkerProc, wait_ready
-from splitwiser.engine.request import Request, RequestStatus
+from splitwiser.engine.request import Request
+from splitwiser.engine.router import Router
 from splitwiser.engine.scheduler import Scheduler
+from splitwiser.engine.supervisor import LostWorker, Supervisor
 from splitwiser.engine.worker import WorkerConfig
 from splitwiser.errors import (
     ConfigError,
@@ -36,15 +40,10 @@ from splitwiser.errors import (
 )
 from splitwiser.models.loader import load_model
 from splitwiser.models.registry import attention_window, resolve_model_impl
-from splitwiser.outputs import RequestMetrics, RequestOutput
-from splitwiser.prompts import PromptChecker, eos_token_ids, stop_reason
+from splitwiser.outputs import RequestMetrics
+from splitwiser.prompts import PromptChecker, eos_token_ids
 
 log = logging.getLogger("splitwiser")
-
-
-PHASE_COUNTERS = (
-    "prefill_batches", "prefill_tokens", "prefill_s", "decode_steps", "decode_tokens", "decode_s",
-)  # fmt: skip
 
 
 def phase_summary(counters: dict) -> dict:
@@ -73,6 +72,26 @@ def _join_mps(pipe_dir: str) -> None:
             "with mps_pipe_dir before any CUDA work, or set CUDA_MPS_PIPE_DIRECTORY at start-up"
         )
     os.environ["CUDA_MPS_PIPE_DIRECTORY"] = pipe_dir
+
+
+# pipelines not closed yet: closed at interpreter exit, before multiprocessing's own exit
+# handler terminates their workers (which the engine thread would otherwise see die and restart)
+_OPEN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+_at_exit_registered = False
+
+
+def _close_open_engines() -> None:
+    for engine in list(_OPEN_ENGINES):
+        engine.close()
+
+
+def _register_at_exit() -> None:
+    # NOTE: registered when the first engine starts, after multiprocessing.util registered its
+    # exit handler: atexit runs handlers last-in first-out, so this one runs before it
+    global _at_exit_registered
+    if not _at_exit_registered:
+        atexit.register(_close_open_engines)
+        _at_exit_registered = True
 
 
 class Engine:
@@ -106,9 +125,6 @@ class Engine:
         self.allocator = BlockAllocator(self.num_kv_blocks)
         self.scheduler = Scheduler(self.allocator, config.block_size, config.max_prefill_tokens)
 
-        self.requests: dict[int, Request] = {}
-        self.handles: dict[int, RequestHandle] = {}
-        self.handoff_backlog: deque[m.HandoffMsg] = deque()  # no token worker ready yet
         self._incoming: deque = deque()  # (request, handle) or ("abort", id), from caller threads
         self._next_id = 0
         self._id_lock = threading.Lock()
@@ -116,24 +132,28 @@ class Engine:
         self._stopping = False
         self._closed = False
         self._fatal: SplitwiserError | None = None
-        self.restarts = {"prompt": 0, "token": 0}
-        # what each phase did, as the workers measured it: prefill batches, decode steps
-        self.phase_counters = dict.fromkeys(PHASE_COUNTERS, 0.0)
-        self.num_retried = 0  # requests prefilled again after their prompt worker died
-        self.workers: dict[tuple[str, int], WorkerProc] = {}
+        # NOTE: the engine thread holds this lock while it changes anything (it releases it only
+        # to wait), so callers on other threads (stats, workers, submit) see a consistent state
+        self._lock = threading.Lock()
+        self.supervisor = Supervisor(config, self._spawn)
+        self.router = Router(
+            config, self.scheduler, self.supervisor, self.checker, self.eos_token_ids
+        )
         try:
-            for role, n in (
-                ("prompt", config.num_prompt_workers),
-                ("token", config.num_token_workers),
-            ):
-                for i in range(n):
-                    self._spawn(role, i)
+            self.supervisor.start_all()
             wait_ready(list(self.workers.values()), config.worker_start_timeout_s)
         except BaseException:
             self._stop_workers()
+            self._release_memory()
             raise
+        _register_at_exit()
+        _OPEN_ENGINES.add(self)
         self._thread = threading.Thread(target=self._loop, name="splitwiser-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def workers(self) -> dict[tuple[str, int], WorkerProc]:
+        return self.supervisor.workers
 
     # ------------------------------------------------------------------ set-up
 
@@ -153,12 +173,7 @@ class Engine:
             max_model_len=self.max_model_len,
             enforce_eager=self.config.enforce_eager,
         )
-        worker = WorkerProc(cfg, self.model, self.kv_pool)
-        self.workers[(role, index)] = worker
-        return worker
-
-    def _ready(self, role: str) -> dict[int, WorkerProc]:
-        return {i: w for (r, i), w in self.workers.items() if r == role and w.ready is not None}
+        return WorkerProc(cfg, self.model, self.kv_pool)
 
     # ------------------------------------------------------------------ caller side
 
@@ -191,56 +206,95 @@ class Engine:
                 f"raise num_kv_blocks / kv_cache_bytes or lower max_new_tokens"
             )
         handle = RequestHandle(request_id, cancel=self._request_abort)
-        self._incoming.append((req, handle))
-        self._wake_w.send_bytes(b"r")
+        with self._lock:
+            if self._closed:
+                raise PipelineClosedError("the pipeline is closed; create a new one")
+            self._incoming.append((req, handle))
+            self._wake_w.send_bytes(b"r")
         return handle
 
     def _request_abort(self, request_id: int) -> None:
-        self._incoming.append(("abort", request_id))
-        self._wake_w.send_bytes(b"a")
+        with self._lock:
+            if not self._closed:
+                self._incoming.append(("abort", request_id))
+                self._wake_w.send_bytes(b"a")
 
     def stats(self) -> dict:
-        return {
-            "num_kv_blocks": self.num_kv_blocks,
-            "num_free_blocks": self.allocator.num_free,
-            "num_unfinished": len(self.requests),
-            "restarts": dict(self.restarts),
-            "model_impl": self.model_impl,
-            "num_retried": self.num_retried,
-            "phases": dict(self.phase_counters),
-        }
+        """A consistent snapshot, from any thread. ``health`` is "ok" (every worker ready),
+        "degraded" (some restarting, or waiting for the restart rate), "failed" (a role stopped:
+        the pipeline accepts nothing more) or "closed"."""
+        with self._lock:
+            workers = self.supervisor.health()
+            if self._closed:
+                health = "closed"
+            elif self._fatal is not None:
+                health = "failed"
+            elif all(w["ready"] == w["configured"] for w in workers.values()):
+                health = "ok"
+            else:
+                health = "degraded"
+            return {
+                "num_kv_blocks": self.num_kv_blocks,
+                "num_free_blocks": self.allocator.num_free,
+                # counted from submit(), before the engine thread has taken the request
+                "num_unfinished": len(self.router.requests)
+                + sum(1 for item in self._incoming if item[0] != "abort"),
+                "restarts": {role: w["restarts"] for role, w in workers.items()},
+                "model_impl": self.model_impl,
+                "num_retried": self.router.num_retried,
+                "health": health,
+                "error": None if self._fatal is None else str(self._fatal),
+                "workers": workers,
+                "phases": dict(self.router.phase_counters),
+            }
+
+    def worker_info(self) -> dict[str, dict]:
+        """Ready workers: name -> the fields of their ready message (a copy, from any thread)."""
+        with self._lock:
+            return {w.name: dict(vars(w.ready)) for w in self.workers.values() if w.ready}
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._stopping = True
-        try:
-            self._wake_w.send_bytes(b"x")
-        except OSError:
-            pass
-        if self._thread.is_alive():
+        """Stop the engine thread, fail what is unfinished, stop every worker, and release the
+        pool and the weights this process holds."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stopping = True
+            _OPEN_ENGINES.discard(self)
+            try:
+                self._wake_w.send_bytes(b"x")
+            except OSError:
+                pass
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
-        closed = PipelineClosedError("the pipeline was closed before the request finished")
-        for req_id in list(self.requests):
-            self.handles[req_id]._fail(closed)
-        for _, handle in [x for x in self._incoming if x[0] != "abort"]:
-            handle._fail(closed)
-        self._stop_workers()
-        self._wake_r.close()
-        self._wake_w.close()
-        self.handoff_backlog.clear()
-        if self.device.type == "cuda":
-            # the weights and the pool go once no worker holds them: drop this process's own
-            # references, then let torch free what the (now dead) workers had mapped
-            self.model = self.kv_pool = None
-            gc.collect()
-            torch.cuda.ipc_collect()
+        with self._lock:
+            closed = PipelineClosedError("the pipeline was closed before the request finished")
+            for handle in self.router.handles.values():
+                handle._fail(closed)
+            for _, handle in [x for x in self._incoming if x[0] != "abort"]:
+                handle._fail(closed)
+            self._incoming.clear()
+            self._stop_workers()
+            self._wake_r.close()
+            self._wake_w.close()
+            # blocks are not freed one by one: the pool itself goes
+            self.router.requests.clear()
+            self.router.handles.clear()
+            self.router.handoff_backlog.clear()
+            self._release_memory()
 
     def _stop_workers(self) -> None:
-        for worker in self.workers.values():
-            worker.stop(self.config.worker_stop_timeout_s)
-        self.workers.clear()
+        self.supervisor.stop_all(self.config.worker_stop_timeout_s)
+
+    def _release_memory(self) -> None:
+        # the weights and the pool go once no worker holds them: drop this process's own
+        # references (on CPU, shared memory stays mapped while one is left), then on CUDA let
+        # torch free what the (now dead) workers had mapped
+        self.model = self.kv_pool = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.ipc_collect()
 
     # ------------------------------------------------------------------ engine thread
 
@@ -249,264 +303,80 @@ class Engine:
             self._run()
         except BaseException as exc:  # never leave a caller waiting on a dead engine thread
             log.exception("engine thread failed")
-            self._fatal = SplitwiserError(f"the engine thread failed: {exc!r}")
-            for req in list(self.requests.values()):
-                self._fail(req, self._fatal)
-            while self._incoming:
-                item = self._incoming.popleft()
-                if item[0] != "abort":
-                    item[1]._fail(self._fatal)
+            with self._lock:
+                self._fatal = SplitwiserError(f"the engine thread failed: {exc!r}")
+                for handle in self.router.handles.values():  # the handles alone: state is suspect
+                    handle._fail(self._fatal)
+                while self._incoming:
+                    item = self._incoming.popleft()
+                    if item[0] != "abort":
+                        item[1]._fail(self._fatal)
 
     def _run(self) -> None:
         while not self._stopping:
-            # 1) wait for a message, a new request, or a worker's death
+            # 1) wait for a message, a new request, or a worker's death (the timeout bounds
+            # how late a hung worker is noticed)
             by_conn = {w.conn: w for w in self.workers.values()}
             by_sentinel = {w.process.sentinel: w for w in self.workers.values()}
             ready = wait([self._wake_r, *by_conn, *by_sentinel], timeout=1.0)
-            if self._wake_r in ready:
-                while self._wake_r.poll():
-                    self._wake_r.recv_bytes()
-            self._take_incoming()
-            # 2) route worker messages
-            for obj in ready:
-                if obj in by_conn:
-                    self._drain(by_conn[obj])
-            # 3) notice dead workers (also those whose death raced the wait above), and a
-            # restarted worker that never became ready: stopped, then handled as dead
-            for worker in list(self.workers.values()):
-                if worker.ready is None and worker.age_s() > self.config.worker_start_timeout_s:
-                    log.warning("%s not ready after %.0f s", worker.name, worker.age_s())
-                    worker.process.kill()
-                    worker.process.join()
-                if not worker.is_alive():
-                    self._on_worker_died(worker)
-            # 4) schedule prefill batches and pending handoffs
-            self._dispatch()
+            with self._lock:
+                if self._stopping:
+                    return
+                if self._wake_r in ready:
+                    while self._wake_r.poll():
+                        self._wake_r.recv_bytes()
+                self._take_incoming()
+                # 2) route worker messages
+                for obj in ready:
+                    if obj in by_conn:
+                        self._drain(by_conn[obj])
+                # 3) lost workers: dead (also those whose death raced the wait above), hung
+                # with work outstanding, or never ready; their slots refill within the rate
+                for lost in self.supervisor.find_lost():
+                    self._on_worker_lost(lost)
+                if not sys.is_finalizing():
+                    self.supervisor.refill()
+                # 4) schedule prefill batches and pending handoffs
+                self.router.dispatch()
 
     def _take_incoming(self) -> None:
         while self._incoming:
             item = self._incoming.popleft()
             if item[0] == "abort":
-                self._abort(item[1])
+                self.router.abort(item[1])
                 continue
             req, handle = item
             if self._fatal is not None:
                 handle._fail(self._fatal)
                 continue
-            self.requests[req.request_id] = req
-            self.handles[req.request_id] = handle
-            self.scheduler.add(req)
+            self.router.add(req, handle)
 
     def _drain(self, worker: WorkerProc) -> None:
         try:
             while worker.conn.poll():
-                self._handle(worker, worker.conn.recv())
+                msg = worker.conn.recv()
+                worker.heard()
+                self.router.on_message(worker, msg)
         except (EOFError, OSError):
             pass  # the worker died; its sentinel tells the rest
 
-    def _handle(self, worker: WorkerProc, msg) -> None:
-        if isinstance(msg, m.PrefillDoneMsg):
-            worker.load -= 1
-            c = self.phase_counters
-            c["prefill_batches"] += 1
-            c["prefill_tokens"] += msg.batch_tokens
-            c["prefill_s"] += msg.compute_s
-            self._on_prefill_done(msg)
-        elif isinstance(msg, m.TokensMsg):
-            if msg.request_ids:  # a decode step (an abort acknowledgement carries none)
-                c = self.phase_counters
-                c["decode_steps"] += 1
-                c["decode_tokens"] += len(msg.request_ids)
-                c["decode_s"] += msg.step_s
-            self._on_tokens(worker, msg)
-        elif isinstance(msg, m.WorkerErrorMsg):
-            if worker.cfg.role == "prompt":
-                worker.load -= 1
-            for rid in msg.request_ids:
-                req = self.requests.get(rid)
-                if req is None:
-                    continue
-                if req.owned_by_worker:  # the token worker dropped it with the failed step
-                    req.owned_by_worker = False
-                    worker.load -= 1
-                self._fail(req, SplitwiserError(f"{worker.name}: {msg.error}"))
-        elif isinstance(msg, m.ReadyMsg):
-            worker.ready = msg
-
-    def _on_prefill_done(self, msg: m.PrefillDoneMsg) -> None:
-        now = time.monotonic()
-        for i, rid in enumerate(msg.request_ids):
-            req = self.requests.get(rid)
-            if req is None or req.status is not RequestStatus.PREFILLING:
-                continue  # cancelled meanwhile
-            token = msg.first_tokens[i]
-            req.status = RequestStatus.DECODING
-            req.prompt_worker = None
-            if req.cancelled:
-                self._finish(req, "abort", now)
-                continue
-            self._append_token(req, token, now)
-            if req.status is RequestStatus.FINISHED:
-                continue
-            kv = msg.kv_copies[i] if msg.kv_copies is not None else None
-            if kv is not None:
-                req.metrics.kv_bytes_copied = kv.nbytes
-            spec = m.RequestSpec(req.request_id, req.params, req.seed, req.max_new_tokens)
-            handoff = m.HandoffMsg(
-                spec, req.block_ids, req.num_prompt_tokens, token, msg.published_at, kv
-            )
-            self.handoff_backlog.append(handoff)
-
-    def _on_tokens(self, worker: WorkerProc, msg: m.TokensMsg) -> None:
-        now = time.monotonic()
-        for rid, handoff_s in msg.handoff_s.items():
-            if rid in self.requests:
-                self.requests[rid].metrics.handoff_s = handoff_s
-        for rid, token, done in zip(msg.request_ids, msg.tokens, msg.finished):
-            req = self.requests.get(rid)
-            if req is None or req.status is not RequestStatus.DECODING:
-                continue  # a stop string already ended it; the abort is on its way
-            if done:
-                req.owned_by_worker = False
-                worker.load -= 1
-            self._append_token(req, token, now)
-        for rid in msg.released:
-            req = self.requests.get(rid)
-            if req is not None and req.owned_by_worker:
-                req.owned_by_worker = False
-                worker.load -= 1
-                self._release(req)
-
-    def _append_token(self, req: Request, token: int, now: float) -> None:
-        req.output_token_ids.append(token)
-        req.metrics.token_times.append(now)
-        self.handles[req.request_id]._push(token)
-        reason = stop_reason(
-            token, req.num_output_tokens, req.max_new_tokens, req.params, self.eos_token_ids
-        )
-        text = None
-        if reason is None and req.params.stop:
-            text, matched = self.checker.apply_stop_strings(req.output_token_ids, req.params.stop)
-            reason = "stop" if matched else None
-        if reason is not None:
-            self._finish(req, reason, now, text)
-
-    def _finish(self, req: Request, reason: str, now: float, text: str | None = None) -> None:
-        req.status = RequestStatus.FINISHED
-        req.finish_reason = reason
-        req.metrics.finish_time = now
-        req.text = text if text is not None else self.checker.decode(req.output_token_ids)
-        if req.owned_by_worker:  # the token worker still runs it: free its blocks once it lets go
-            self.workers[("token", req.token_worker)].send(m.AbortMsg([req.request_id]))
-        else:
-            self._release(req)
-
-    def _release(self, req: Request) -> None:
-        """Free the blocks, then resolve the handle: so after generate(), all blocks are free."""
-        self.scheduler.free(req)
-        self.requests.pop(req.request_id, None)
-        handle = self.handles.pop(req.request_id)
-        if req.finish_reason is None:
-            return
-        handle._finish(
-            RequestOutput(
-                request_id=req.request_id,
-                prompt=req.prompt,
-                prompt_token_ids=req.prompt_token_ids,
-                token_ids=list(req.output_token_ids),
-                text=req.text,
-                finish_reason=req.finish_reason,
-                metrics=req.metrics,
-            )
-        )
-
-    def _fail(self, req: Request, error: SplitwiserError) -> None:
-        self.handles[req.request_id]._fail(error)
-        req.status = RequestStatus.FINISHED
-        if req in self.scheduler.waiting:
-            self.scheduler.waiting.remove(req)
-        self.scheduler.free(req)
-        self.requests.pop(req.request_id, None)
-        self.handles.pop(req.request_id, None)
-
-    def _abort(self, request_id: int) -> None:
-        req = self.requests.get(request_id)
-        if req is None or req.status is RequestStatus.FINISHED:
-            return
-        if req.status is RequestStatus.WAITING:
-            self.scheduler.waiting.remove(req)
-        if req.status is RequestStatus.PREFILLING:
-            req.cancelled = True  # finished when its prefill returns
-            return
-        self._finish(req, "abort", time.monotonic())
-
-    def _dispatch(self) -> None:
-        # handoffs first: their K/V already occupy blocks
-        tokens = self._ready("token")
-        while self.handoff_backlog and tokens:
-            handoff = self.handoff_backlog.popleft()
-            req = self.requests.get(handoff.request.request_id)
-            if req is None or req.status is not RequestStatus.DECODING:
-                continue
-            index = self.scheduler.pick_token_worker({i: w.load for i, w in tokens.items()})
-            req.token_worker = index
-            req.owned_by_worker = True
-            tokens[index].load += 1
-            tokens[index].send(handoff)
-        prompts = self._ready("prompt")
-        loads = {i: w.load for i, w in prompts.items()}
-        for index, batch in self.scheduler.schedule(loads):
-            prompts[index].load += 1
-            now = time.monotonic()
-            for req in batch:
-                req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or now
-            prompts[index].send(
-                m.PrefillMsg(
-                    requests=[
-                        m.RequestSpec(r.request_id, r.params, r.seed, r.max_new_tokens)
-                        for r in batch
-                    ],
-                    token_ids=[r.prompt_token_ids for r in batch],
-                    block_ids=[r.block_ids for r in batch],
-                )
-            )
-
-    # ------------------------------------------------------------------ failures
-
-    def _on_worker_died(self, worker: WorkerProc) -> None:
+    def _on_worker_lost(self, lost: LostWorker) -> None:
+        """A worker died, hung or never got ready (it is dead now): its requests run again on a
+        live worker, and it is replaced as far as the restart rate allows."""
+        worker = lost.worker
         self._drain(worker)  # what it published before dying still counts
-        role, index = worker.cfg.role, worker.cfg.index
-        code = worker.process.exitcode
-        log.warning("%s died (exit code %s)", worker.name, code)
-        worker.stop(0.0)
-        del self.workers[(role, index)]
-        if role == "prompt":
-            # prefill is deterministic and wrote nothing anyone read: run those prompts again
-            orphans = [
-                r
-                for r in self.requests.values()
-                if r.status is RequestStatus.PREFILLING and r.prompt_worker == index
-            ]
-            self.scheduler.requeue_front(sorted(orphans, key=lambda r: r.request_id))
-            self.num_retried += len(orphans)
-        else:
-            error = WorkerCrashedError(
-                f"{worker.name} died (exit code {code}) while decoding this request"
-            )
-            for req in list(self.requests.values()):
-                if req.token_worker == index and req.owned_by_worker:
-                    req.owned_by_worker = False
-                    if req.status is RequestStatus.FINISHED:
-                        self._release(req)
-                    else:
-                        self._fail(req, error)
-        if self.restarts[role] < self.config.max_worker_restarts:
-            self.restarts[role] += 1
-            self._spawn(role, index)  # ready when its ReadyMsg arrives
-        elif not any(r == role for r, _ in self.workers):
+        log.warning("%s %s", worker.name, lost.reason)
+        self.supervisor.remove(worker)
+        self.router.on_worker_lost(worker, lost.reason)
+        if self._stopping or sys.is_finalizing():
+            return  # closing: nothing to replace it for
+        self.supervisor.replace(worker.cfg.role, worker.cfg.index)
+        stopped = self.supervisor.stopped_role()
+        if stopped is not None and self._fatal is None:
+            c = self.config
             self._fatal = WorkerCrashedError(
-                f"every {role} worker died and the restart limit "
-                f"({self.config.max_worker_restarts}) was reached; create a new pipeline"
+                f"every {stopped} worker is lost and the restart rate "
+                f"({c.max_worker_restarts} per {c.worker_restart_window_s:.0f} s) is spent: "
+                f"they crash in a loop ({worker.name} {lost.reason}); create a new pipeline"
             )
-            for req in list(self.requests.values()):
-                self._fail(req, self._fatal)
+            self.router.fail_all(self._fatal)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import signal
 import threading
 import time
-from multiprocessing import resource_tracker
+from multiprocessing import resource_sharer, resource_tracker
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
 
@@ -49,22 +50,65 @@ def _sigint_held():
                 old_handler(signal.SIGINT, None)  # deliver it now: KeyboardInterrupt
 
 
+_PICKLE_LOCK = threading.Lock()
+
+
+def _pickle_shared(obj) -> tuple[bytes, set[int]]:
+    """Pickle ``obj`` with its tensors as shared handles; also return the keys under which
+    multiprocessing's resource sharer holds the file descriptors it lent (CPU shared memory).
+
+    NOTE: a CPU storage pickled outside a spawn travels as a *duplicate* of its fd, parked in
+    this process's resource sharer until the receiver fetches it. A worker killed before it
+    unpickles never fetches: those fds would pin the weights and the pool for good. The keys
+    let ``WorkerProc.stop`` close what was never fetched.
+    """
+    cache = resource_sharer._resource_sharer._cache
+    with _PICKLE_LOCK:  # keys registered meanwhile by another thread's pickling are not ours
+        before = set(cache)
+        data = bytes(ForkingPickler.dumps(obj))
+        lent = set(cache) - before
+    return data, lent
+
+
+def _close_lent(keys: set[int]) -> None:
+    cache = resource_sharer._resource_sharer._cache
+    for key in keys:
+        entry = cache.pop(key, None)  # atomic: the sharer's thread pops a fetched one the same way
+        if entry is not None:
+            entry[1]()  # closes the duplicate fd
+
+
+def _worker_entry(cfg: WorkerConfig, payload: bytes, in_conn, out_conn, parent_pid: int) -> None:
+    """The child's entry point: ``worker_main``, silent when the parent is gone. A parent that
+    died leaves its worker a broken pipe, a refused connection (the fds it lent) or an EOF:
+    nothing a traceback would explain, and the parent is not there to read it."""
+    try:
+        worker_main(cfg, payload, in_conn, out_conn)
+    except (OSError, EOFError, SystemExit) as exc:
+        parent_gone = os.getppid() != parent_pid
+        if isinstance(exc, SystemExit) and not parent_gone:
+            raise
+        if parent_gone or isinstance(exc, (BrokenPipeError, ConnectionError, EOFError)):
+            os._exit(1)  # no traceback, no atexit work on behalf of a dead parent
+        raise
+
+
 class WorkerProc:
     """One worker process and its two channels, seen from the parent."""
 
     def __init__(self, cfg: WorkerConfig, model, kv_pool):
         self.cfg = cfg
         # the weights and the pool travel as shared handles (shm fds on CPU, CUDA IPC on GPU)
-        payload = bytes(ForkingPickler.dumps((model, kv_pool)))
+        payload, self._lent = _pickle_shared((model, kv_pool))
         # NOTE: two plain pipes, no multiprocessing.Queue: a Queue's named semaphores outlive a
         # killed reader until its feeder thread notices, and that thread can block for good on a
         # full pipe whose only other reader is the parent itself.
         child_in, self._send_conn = _CTX.Pipe(duplex=False)
         self.conn, child_out = _CTX.Pipe(duplex=False)
         self.process = _CTX.Process(
-            target=worker_main,
+            target=_worker_entry,
             name=cfg.name,
-            args=(cfg, payload, child_in, child_out),
+            args=(cfg, payload, child_in, child_out, os.getpid()),
             daemon=True,  # never outlives the parent
         )
         with _sigint_held():
@@ -75,6 +119,8 @@ class WorkerProc:
         self.ready: m.ReadyMsg | None = None
         self.spawned_at = time.monotonic()
         self.load = 0  # prompt worker: batches in flight; token worker: live requests
+        # when it last sent something, or was given work while idle: the liveness clock
+        self.last_heard_at = self.spawned_at
         # a parent thread writes to the pipe, so the engine loop never blocks on a busy worker
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._feeder = threading.Thread(target=self._feed, name=f"{cfg.name}-feeder", daemon=True)
@@ -86,7 +132,24 @@ class WorkerProc:
 
     def send(self, msg) -> None:
         # pickled here, so a message that cannot travel raises in the sender, not in the feeder
-        self._outbox.put(bytes(ForkingPickler.dumps(msg)))
+        data, lent = _pickle_shared(msg)  # fds lent only by the copy handoff's K/V
+        if lent:
+            self._lent |= lent
+            if len(self._lent) > 1024:  # forget those fetched long ago
+                self._lent &= set(resource_sharer._resource_sharer._cache)
+        self._outbox.put(data)
+
+    def assign(self, num: int = 1) -> None:
+        """Count work given to it; an idle worker's liveness clock starts now."""
+        if self.load == 0:
+            self.last_heard_at = time.monotonic()
+        self.load += num
+
+    def heard(self) -> None:
+        self.last_heard_at = time.monotonic()
+
+    def silent_s(self) -> float:
+        return time.monotonic() - self.last_heard_at
 
     def _feed(self) -> None:
         while (data := self._outbox.get()) is not None:
@@ -100,6 +163,11 @@ class WorkerProc:
 
     def is_alive(self) -> bool:
         return self.process.is_alive()
+
+    def kill(self) -> None:
+        """SIGKILL: ends it even when stopped (SIGSTOP) or stuck in a system call."""
+        self.process.kill()
+        self.process.join()
 
     def stop(self, timeout_s: float) -> None:
         """Ask politely, then terminate, then kill; always release the channels. A worker still
@@ -119,6 +187,8 @@ class WorkerProc:
         self._send_conn.close()
         self.conn.close()
         self.process.close()
+        _close_lent(self._lent)  # a worker killed before it unpickled never fetched them
+        self._lent = set()
 
 
 def wait_ready(workers: list[WorkerProc], timeout_s: float) -> None:

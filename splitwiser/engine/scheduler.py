@@ -31,10 +31,12 @@ class Scheduler:
         self.waiting.append(req)
 
     def requeue_front(self, reqs: list[Request]) -> None:
-        """Put requests back at the head (their prompt worker died); they keep their blocks."""
+        """Put requests back at the head (the worker running them died); they keep their
+        blocks. A request that was decoding is prefilled again with what it generated so far."""
         for req in reversed(reqs):
             req.status = RequestStatus.WAITING
             req.prompt_worker = None
+            req.token_worker = None
             self.waiting.appendleft(req)
 
     def _admit(self, req: Request) -> bool:
@@ -52,12 +54,12 @@ class Scheduler:
         num_tokens = 0
         while self.waiting:
             req = self.waiting[0]
-            too_long = batch and num_tokens + req.num_prompt_tokens > self.max_prefill_tokens
+            too_long = batch and num_tokens + req.num_prefill_tokens > self.max_prefill_tokens
             if too_long or not self._admit(req):
                 break
             self.waiting.popleft()
             batch.append(req)
-            num_tokens += req.num_prompt_tokens
+            num_tokens += req.num_prefill_tokens
         return batch
 
     def schedule(self, prompt_worker_loads: dict[int, int]) -> list[tuple[int, list[Request]]]:

@@ -115,8 +115,8 @@ def target_command(config: ProfileConfig, workers_out: Path) -> list[str]:
     return cmd
 
 
-def _run(cmd: list[str], log: Path, hint: str = "") -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def _run(cmd: list[str], log: Path, hint: str = "", env: dict | None = None) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     log.write_text(" ".join(cmd) + "\n\n" + proc.stdout + proc.stderr)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -149,14 +149,17 @@ def run_profile(config: ProfileConfig, command: str | None = None) -> tuple[Path
         "warnings": warnings,
         "phases": {},
     }
-    with mps.session(mps_mode, "cuda") as (_, mps_state):
+    with mps.session(mps_mode, "cuda") as (daemon, mps_state):
         summary["mps"] = mps_state
+        # the profiled target and its workers join the daemon; this process never does
+        env = os.environ | daemon.env() if daemon is not None else None
         if mps_mode != config.mps:
             mps_state |= {"requested": config.mps, "reason": f"not used: {NCU_UNDER_MPS}"}
         ncu_hint = f"; {NCU_UNDER_MPS}: try --no-mps" if mps_state["active"] else ""
         if config.tool == "nsys":
             target = target_command(config, out / "workers.json")
-            _run(ncu_lib.nsys_command(tool, str(out / "timeline"), target), out / "nsys.log")
+            _run(ncu_lib.nsys_command(tool, str(out / "timeline"), target), out / "nsys.log",
+                 env=env)  # fmt: skip
             summary["report"] = "timeline.nsys-rep"
         for phase in config.phases if config.tool == "ncu" else ():
             workers = out / f"workers-{phase}.json"
@@ -165,7 +168,7 @@ def run_profile(config: ProfileConfig, command: str | None = None) -> tuple[Path
                 tool, phase, str(report), config.kernels, config.metrics,
                 target_command(config, workers),
             )  # fmt: skip
-            _run(cmd, out / f"ncu-{phase}.log", ncu_hint)
+            _run(cmd, out / f"ncu-{phase}.log", ncu_hint, env)
             csv_text = _run(ncu_lib.export_command(tool, str(report)), out / f"export-{phase}.log")
             (out / f"profile-{phase}.csv").write_text(csv_text)
             roles = {int(pid): role for pid, role in json.loads(workers.read_text()).items()}

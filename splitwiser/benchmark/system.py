@@ -1,0 +1,208 @@
+"""One system of a benchmark run (Splitwiser or a baseline), in a process of its own.
+
+The run's process spawns one child per system, one after another, and never touches CUDA
+itself. Two things follow:
+
+- Under MPS, the process that stops the daemon is never one of its clients: the daemon's
+  ``quit`` waits for every client, so a client that stops it would wait on itself.
+- A system leaves nothing on the device to the next: CUDA IPC memory that a killed worker never
+  released stays in its producer's pending-release list, and the producer (the child) exits.
+
+In the child: build the system, warm it up (the first requests, short outputs, excluded from
+the figures), replay the workload under telemetry, close it, and send back what it measured.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass, replace
+from multiprocessing import get_context, resource_tracker
+
+from tqdm import tqdm
+
+from splitwiser.benchmark.config import BenchConfig
+from splitwiser.benchmark.metrics import RequestRecord
+from splitwiser.benchmark.replay import REPLAY
+from splitwiser.benchmark.telemetry import TelemetryLog, TelemetrySampler
+from splitwiser.benchmark.workloads import BenchRequest
+from splitwiser.errors import SplitwiserError
+
+WARMUP_OUTPUT_LEN = 4
+_CTX = get_context("spawn")  # never fork: CUDA cannot survive it
+
+
+@dataclass(frozen=True)
+class SystemJob:
+    """What a system's process needs; every system of a run gets the same requests."""
+
+    name: str  # splitwiser, sequential or batched
+    config: BenchConfig
+    device: str  # resolved by the run ("cpu", "cuda"), never "auto"
+    mps_env: dict[str, str]  # CUDA_MPS_* set before this process touches CUDA; {} without MPS
+    requests: list[BenchRequest]
+    prompts: list[list[int]]  # token ids, one per request
+    show: bool  # progress bar
+
+
+@dataclass
+class SystemRun:
+    name: str
+    records: list[RequestRecord]
+    duration_s: float
+    telemetry: TelemetryLog
+    extra: dict  # system-specific facts (workers, pool size, phases)
+    pid: int  # the process the system ran in
+    device_info: dict  # the GPU as this process saw it ({} on CPU)
+
+
+def _build(job: SystemJob, device, dtype):
+    from splitwiser.baselines import BatchedPipeline, SequentialPipeline
+    from splitwiser.pipeline import SplitwiserPipeline
+
+    config = job.config
+    if job.name == "splitwiser":
+        pipe_dir = job.mps_env.get("CUDA_MPS_PIPE_DIRECTORY")
+        return SplitwiserPipeline(
+            config.model,
+            num_prompt_workers=config.num_prompt_workers,
+            num_token_workers=config.num_token_workers,
+            device=str(device),
+            dtype=dtype,
+            kv_handoff=config.kv_handoff,
+            mps_pipe_dir=pipe_dir,
+            mps_thread_percentage=config.mps_split if pipe_dir else None,
+        )
+    if job.name == "sequential":
+        return SequentialPipeline(config.model, device=str(device), dtype=dtype)
+    return BatchedPipeline(
+        config.model, device=str(device), dtype=dtype, batch_size=config.batch_size
+    )
+
+
+def _extra(job: SystemJob, pipe, dtype, records: list[RequestRecord], before: dict) -> dict:
+    if job.name != "splitwiser":
+        return {}
+    from splitwiser.engine.engine import phase_summary
+    from splitwiser.engine.kv_pool import KVLayout
+    from splitwiser.models.loader import load_model_config
+
+    layout = KVLayout.from_model_config(load_model_config(job.config.model), 16, dtype)
+    after = pipe.stats()["phases"]
+    done = [r for r in records if r.ok]
+    moved_nothing = job.config.kv_handoff == "shared"
+    return {
+        "num_kv_blocks": pipe.num_kv_blocks,
+        "kv_bytes_per_token": layout.bytes_per_token,
+        # the prompt K/V that stayed in the shared pool instead of travelling to a token worker
+        "kv_bytes_not_moved": sum(r.prompt_len for r in done) * layout.bytes_per_token
+        if moved_nothing
+        else 0,
+        # prefill and decode as the workers timed them, over the measured run only
+        "phases": phase_summary({k: after[k] - before[k] for k in after}),
+        "workers": pipe.workers(),
+        "stats": pipe.stats(),
+    }
+
+
+def _device_info(device) -> dict:
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    props = torch.cuda.get_device_properties(device)
+    return {"gpu": props.name, "gpu_memory_gib": props.total_memory / 2**30,
+            "cuda": torch.version.cuda}  # fmt: skip
+
+
+def run_system(job: SystemJob) -> SystemRun:
+    """Build, warm up, replay and close one system, in this process."""
+    from splitwiser.config import resolve_device, resolve_dtype
+
+    os.environ.update(job.mps_env)  # before anything here initialises CUDA
+    device = resolve_device(job.device)
+    dtype = resolve_dtype(job.config.dtype, device)
+    requests, prompts = job.requests, job.prompts
+    warm = [
+        replace(r, arrival_s=0.0, output_len=min(r.output_len, WARMUP_OUTPUT_LEN))
+        for r in requests[: job.config.warmup_requests]
+    ]
+    replay = REPLAY[job.name]
+    with _build(job, device, dtype) as pipe:
+        if warm:
+            replay(pipe, warm, prompts[: len(warm)], lambda n: None)
+        before = pipe.stats()["phases"] if job.name == "splitwiser" else {}
+        bar = tqdm(total=len(requests), desc=f"{job.name:>10}", unit="req", disable=not job.show)
+        with bar, TelemetrySampler(device) as telemetry:
+            records, duration_s = replay(pipe, requests, prompts, bar.update)
+        extra = _extra(job, pipe, dtype, records, before)
+    return SystemRun(
+        job.name, records, duration_s, telemetry, extra, os.getpid(), _device_info(device)
+    )
+
+
+def _child_main(job: SystemJob, conn) -> None:
+    """The system's process: one message back, ("ok", SystemRun) or ("error", exception)."""
+    try:
+        # SIGINT came blocked (see run_in_child): from here a Ctrl-C ends this run quietly
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        message = ("ok", run_system(job))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except SplitwiserError as exc:  # bad input or a documented failure: one line upstairs
+        message = ("error", exc)
+    except BaseException as exc:
+        traceback.print_exc()
+        message = ("error", SplitwiserError(f"the {job.name} run failed: {exc!r}"))
+    try:
+        conn.send(message)
+    except Exception as exc:  # an exception that does not pickle
+        conn.send(("error", SplitwiserError(f"the {job.name} run failed: {exc!r}")))
+    conn.close()
+
+
+def _stop(proc, grace_s: float = 30.0) -> None:
+    """After a Ctrl-C (which the child got too): let it close its workers, then insist."""
+    proc.join(grace_s)
+    for stop in (lambda: os.kill(proc.pid, signal.SIGINT), proc.terminate, proc.kill):
+        if proc.exitcode is not None:
+            return
+        stop()
+        proc.join(10.0)
+
+
+def run_in_child(job: SystemJob) -> SystemRun:
+    """Run one system in a fresh process and wait for it; its errors are raised here."""
+    result_conn, child_conn = _CTX.Pipe(duplex=False)
+    proc = _CTX.Process(target=_child_main, args=(job, child_conn), name=f"bench-{job.name}")
+    # NOTE: the child inherits a blocked SIGINT through exec, so a Ctrl-C while it starts up
+    # waits until _child_main can end it quietly; the resource tracker first, as its start
+    # unblocks SIGINT on its way out
+    resource_tracker.ensure_running()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        proc.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    child_conn.close()
+    try:
+        try:
+            status, value = result_conn.recv()
+        except EOFError:  # died without a word: killed, out of memory
+            proc.join(10.0)
+            raise SplitwiserError(
+                f"the {job.name} run's process ended without a result (exit code {proc.exitcode})"
+            ) from None
+        proc.join(60.0)
+    except KeyboardInterrupt:
+        _stop(proc)
+        raise
+    finally:
+        result_conn.close()
+        if proc.exitcode is None:
+            _stop(proc, grace_s=0.0)
+    if status == "error":
+        raise value
+    return value

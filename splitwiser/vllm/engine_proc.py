@@ -1,0 +1,174 @@
+"""One vLLM engine in a process of its own, owned by a pipeline in the parent.
+
+The process runs vLLM's ``LLMEngine`` with its engine core in-process (no further child), so
+the pipeline owns exactly one process per engine: it stops it on close, and the process ends
+itself if the parent dies (``PR_SET_PDEATHSIG`` and a parent check). Environment that vLLM
+reads at start-up (thread binding, KV space, MPS share, NIXL port) is set before vLLM loads.
+
+Loop: 1) receive requests and aborts  2) step the engine  3) publish new tokens with the
+time they came out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+_POLL_S = 0.2  # idle wait for a message; also how often a dead parent is noticed
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to start one engine: ``EngineArgs`` keywords and the environment it starts in."""
+
+    name: str  # process title, e.g. "sw-vllm-0" (telemetry follows "sw-*")
+    engine_args: dict  # vllm.EngineArgs keywords (model, dtype, kv_transfer_config, ...)
+    env: dict[str, str] = field(default_factory=dict)  # set before vLLM is imported
+
+
+@dataclass(frozen=True)
+class AddMsg:
+    """parent -> engine: start a request."""
+
+    request_id: int
+    prompt_token_ids: list[int]
+    params: dict  # vllm.SamplingParams keywords
+    kv_transfer_params: dict | None = None  # NIXL: do_remote_decode / the producer's output
+
+
+@dataclass(frozen=True)
+class AbortMsg:
+    request_id: int
+
+
+@dataclass(frozen=True)
+class TokensMsg:
+    """engine -> parent: what one step produced for one request."""
+
+    request_id: int
+    token_ids: list[int]  # new since the last message
+    time_s: float  # time.monotonic() when the step returned (one clock for all processes)
+    finish_reason: str | None  # vLLM's: "stop", "length", "abort"; None while running
+    kv_transfer_params: dict | None = None  # set on a KV producer's finished request
+
+
+@dataclass(frozen=True)
+class ReadyMsg:
+    pid: int
+    num_kv_blocks: int | None
+    block_size: int | None
+
+
+@dataclass(frozen=True)
+class ErrorMsg:
+    message: str  # one line: why the engine failed to start or died
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when the parent thread that started it dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() != parent_pid:  # already gone before prctl took effect
+        os._exit(1)
+
+
+def _set_title(name: str) -> None:
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(name)
+    except ImportError:
+        pass
+
+
+def _build_engine(spec: EngineSpec):
+    from vllm import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    return LLMEngine.from_engine_args(EngineArgs(**spec.engine_args))
+
+
+def _cache_shape(engine) -> tuple[int | None, int | None]:
+    cache = engine.vllm_config.cache_config
+    return getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
+
+
+def engine_main(spec: EngineSpec, parent_pid: int, inbox, outbox) -> None:
+    """The engine process: start vLLM, say ready, then serve until told to stop."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this one stops
+    os.environ.update(spec.env)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
+    _set_title(spec.name)
+    try:
+        engine = _build_engine(spec)
+    except BaseException as exc:
+        outbox.put(ErrorMsg(" ".join(f"{type(exc).__name__}: {exc}".split())[:600]))
+        sys.exit(1)
+    _set_title(spec.name)  # vLLM may have renamed the process
+    outbox.put(ReadyMsg(os.getpid(), *_cache_shape(engine)))
+    try:
+        _serve(engine, parent_pid, inbox, outbox)
+    except BaseException as exc:
+        outbox.put(ErrorMsg(" ".join(f"{type(exc).__name__}: {exc}".split())[:600]))
+        raise
+
+
+def _serve(engine, parent_pid: int, inbox, outbox) -> None:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    while True:
+        # 1) receive: block only while idle
+        messages = []
+        try:
+            idle = not engine.has_unfinished_requests()
+            messages.append(inbox.get(timeout=_POLL_S) if idle else inbox.get_nowait())
+            while True:
+                messages.append(inbox.get_nowait())
+        except queue.Empty:
+            pass
+        if os.getppid() != parent_pid:
+            return
+        for msg in messages:
+            if msg is None:  # shutdown
+                return
+            if isinstance(msg, AbortMsg):
+                engine.abort_request([str(msg.request_id)])
+                continue
+            extra = dict(msg.params.pop("extra_args", None) or {})
+            if msg.kv_transfer_params is not None:
+                extra["kv_transfer_params"] = msg.kv_transfer_params
+            params = SamplingParams(
+                **msg.params, output_kind=RequestOutputKind.DELTA, extra_args=extra or None
+            )
+            engine.add_request(
+                str(msg.request_id), {"prompt_token_ids": msg.prompt_token_ids}, params
+            )
+        if not engine.has_unfinished_requests():
+            continue
+        # 2) step
+        outputs = engine.step()
+        now = time.monotonic()
+        # 3) publish
+        for out in outputs:
+            done = out.outputs[0] if out.outputs else None
+            outbox.put(
+                TokensMsg(
+                    request_id=int(out.request_id),
+                    token_ids=list(done.token_ids) if done is not None else [],
+                    time_s=now,
+                    finish_reason=(done.finish_reason if done is not None else "abort")
+                    if out.finished
+                    else None,
+                    kv_transfer_params=getattr(out, "kv_transfer_params", None),
+                )
+            )

