@@ -87,8 +87,8 @@ class EngineConfig:
     # its requests are retried (generous: one prefill batch of a large model on a slow CPU can
     # take a while; worker_start_timeout_s applies during start-up). None: never
     worker_liveness_timeout_s: float | None = 120.0
-    # times one request is run again after the worker running it died or hung; then it fails
-    # with WorkerCrashedError
+    # times one request is run again after the worker running it died or hung, in a row
+    # without producing a token; then it fails with WorkerCrashedError
     max_request_retries: int = 3
     # "splitwiser": Splitwiser's own model code (Llama, Mistral, Qwen2, OPT); "transformers":
     # the checkpoint's Hugging Face modules with the same paged attention; "auto": the first

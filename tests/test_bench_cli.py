@@ -226,3 +226,26 @@ def test_ctrl_c_stops_everything_quietly(when, tmp_path, leftovers):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "splitwiser: interrupted"
     leftovers.assert_clean()
+
+
+def test_sigterm_to_the_run_alone_stops_the_system_process_too(tmp_path, leftovers):
+    """SIGTERM reaches only the run's process: it passes the stop on to the system running in
+    its own process at once, and every worker goes."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "splitwiser", "bench", "--out", str(tmp_path), "--num-requests",
+         "200"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_for_workers(proc.pid, "workers running")
+        t0 = time.monotonic()
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - t0 < 25  # not a grace period meant for a Ctrl-C
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "splitwiser: terminated"
+    leftovers.assert_clean()

@@ -163,8 +163,8 @@ def _child_main(job: SystemJob, conn) -> None:
     conn.close()
 
 
-def _stop(proc, grace_s: float = 30.0) -> None:
-    """After a Ctrl-C (which the child got too): let it close its workers, then insist."""
+def _stop(proc, grace_s: float) -> None:
+    """Let the child end on its own for ``grace_s``, then Ctrl-C, terminate, kill."""
     proc.join(grace_s)
     for stop in (lambda: os.kill(proc.pid, signal.SIGINT), proc.terminate, proc.kill):
         if proc.exitcode is not None:
@@ -196,8 +196,10 @@ def run_in_child(job: SystemJob) -> SystemRun:
                 f"the {job.name} run's process ended without a result (exit code {proc.exitcode})"
             ) from None
         proc.join(60.0)
-    except KeyboardInterrupt:
-        _stop(proc)
+    except KeyboardInterrupt as exc:
+        # a Ctrl-C reached the whole process group, the child included: give it time to close
+        # its workers; anything else (the CLI's SIGTERM) reached this process alone: pass it on
+        _stop(proc, grace_s=30.0 if type(exc) is KeyboardInterrupt else 0.0)
         raise
     finally:
         result_conn.close()

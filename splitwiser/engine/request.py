@@ -50,7 +50,11 @@ class Request:
     # NOTE: True while a worker may still write into the blocks; they are freed only after that
     owned_by_worker: bool = False
     cancelled: bool = False  # cancelled while in a prefill batch
-    num_retries: int = 0  # times run again after the worker running it died or hung
+    # losses in a row without a new token: each time the worker running it died or hung and
+    # it was run again; a loss after progress starts a new count (the worker, not the request,
+    # was at fault: a request that crashes every worker it touches never progresses)
+    num_retries: int = 0
+    num_output_at_retry: int = 0  # output tokens when last run again
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -241,19 +241,24 @@ class Router:
 
     def _retry(self, reqs: list[Request], what: str) -> None:
         """Prefill again (a resumed request: prompt and output so far) and go on decoding on a
-        live worker; the caller sees the same tokens, none twice. Fails past the retry budget."""
+        live worker; the caller sees the same tokens, none twice. A request lost more than
+        ``max_request_retries`` times in a row without a new token fails."""
         again = []
         for req in reqs:
+            if req.num_output_tokens > req.num_output_at_retry:
+                req.num_retries = 0  # it progressed since it was last run again
             if req.num_retries >= self.config.max_request_retries:
                 self.fail(
                     req,
                     WorkerCrashedError(
                         f"{what} while running this request, which was already run again "
-                        f"{req.num_retries} times (max_request_retries)"
+                        f"{req.num_retries} times in a row without a new token "
+                        f"(max_request_retries)"
                     ),
                 )
                 continue
             req.num_retries += 1
+            req.num_output_at_retry = req.num_output_tokens
             again.append(req)
         self.num_retried += len(again)
         self.scheduler.requeue_front(again)
