@@ -7,7 +7,8 @@ Stages (all write under DIR, default results/gpu/<date>-<device>/):
              start and a CUDA client under it (MPS as the bench and profile start it)
   tests      the GPU tests (pytest -m gpu)
   handoff    KV handoff latency, shared vs copy, at 128, 1k and 4k prompt tokens
-  bandwidth  the device's copy bandwidth; decode's achieved bandwidth and prefill's TFLOP/s
+  bandwidth  the decode-step benchmark (bench/decode_bench.py: achieved bytes/s against the
+             device's copy bandwidth) and the attention-kernel spike (bench/attention_spike.py)
   memory     device memory of each process (NVML) with 2 prompt + 2 token workers
   bench-nomps, bench-mps
              splitwiser bench on azure-conv (32 requests, capped), bf16, against sequential
@@ -197,60 +198,23 @@ def _time(fn, iters: int, device: torch.device) -> float:
     return start.elapsed_time(end) / 1e3 / iters
 
 
-def _copy_bandwidth_gb_s(dev: torch.device, num_bytes: int = 2 * GIB) -> float:
-    """Device-to-device copy: bytes read plus bytes written, per second."""
-    src = torch.empty(num_bytes, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    copy_s = _time(lambda: dst.copy_(src), 10, dev)
-    return 2 * num_bytes / copy_s / 1e9
-
-
-def stage_bandwidth(suite: Suite) -> None:
-    """gpt-fast's measure: decode moves every weight byte and the live K/V once per step."""
-    from splitwiser.engine.kv_pool import KVLayout, allocate_pool
-    from splitwiser.engine.model_runner import DecodeSeq, ModelRunner, PrefillSeq
-    from splitwiser.models.loader import load_model
-
-    dev, dtype = suite.device, suite.dtype
-    copy_gbs = _copy_bandwidth_gb_s(dev, (64 << 20) if suite.small else 2 * GIB)
-    loaded = load_model(suite.model, dtype=dtype, device=dev)
-    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    num_params = sum(p.numel() for p in loaded.model.parameters())
-    layout = KVLayout.from_model_config(loaded.model.config, 16, dtype)
-    ctx = 128 if suite.small else 1024
-    blocks_per_seq = ctx // 16 + 1
-    pool = allocate_pool(layout, 64 * blocks_per_seq, dev)
-    runner = ModelRunner(loaded.model, 16, dev)
-    decode = []
-    for batch in (1, 4) if suite.small else (1, 8, 32, 64):
-        seqs = [
-            DecodeSeq(5, ctx, list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)))
-            for i in range(batch)
-        ]
-        step_s = _time(lambda s=seqs: runner.decode(s, pool), 20, dev)
-        moved = weight_bytes + batch * (ctx + 1) * layout.bytes_per_token
-        decode.append({
-            "batch": batch, "context": ctx, "step_ms": step_s * 1e3,
-            "bytes_per_step": moved, "achieved_gb_s": moved / step_s / 1e9,
-            "fraction_of_copy_bandwidth": moved / step_s / 1e9 / copy_gbs,
-        })  # fmt: skip
-    prefill = []
-    for batch, n in ((1, 64), (2, 128)) if suite.small else ((1, 512), (4, 1024), (8, 2048)):
-        seqs = [
-            PrefillSeq(_prompt(n, i), list(range(i * 129, (i + 1) * 129))) for i in range(batch)
-        ]
-        big = allocate_pool(layout, batch * 129, dev)
-        step_s = _time(lambda s=seqs, p=big: runner.prefill(s, p), 5, dev)
-        flops = 2 * num_params * batch * n  # 2 FLOPs per parameter per token
-        prefill.append({"batch": batch, "prompt_tokens": n, "ms": step_s * 1e3,
-                        "achieved_tflop_s": flops / step_s / 1e12})  # fmt: skip
-        del big
-    _write(suite.out, "bandwidth.json", {
-        "model": suite.model, "device": str(dev), "dtype": str(dtype), "weight_bytes": weight_bytes,
-        "copy_bandwidth_gb_s": copy_gbs, "decode": decode, "prefill": prefill,
-        "note": "decode bytes = weights + live K/V read once per step; prefill FLOPs exclude "
-                "attention's quadratic term",
-    })  # fmt: skip
+def stage_bandwidth(suite: Suite) -> int:
+    """The decode-step benchmark (own code with and without CUDA graphs, the Hugging Face paths;
+    achieved bytes/s against the device's copy bandwidth) and the attention-kernel spike."""
+    model = ["--model", suite.model] if suite.model else []
+    sizes = ["--batch", "1,4", "--context", "16,64", "--iters", "2"] if suite.small else [
+        "--batch", "1,16,64,128", "--context", "128,1024,4096",
+    ]  # fmt: skip
+    rc = _child(
+        [sys.executable, "bench/decode_bench.py", *model, "--device", str(suite.device), *sizes,
+         "--out", str(suite.out / "decode_bench.json")],
+        suite.out / "decode_bench.log", suite.child_limit_s,
+    )  # fmt: skip
+    if suite.small:
+        return rc
+    spike = [sys.executable, "bench/attention_spike.py", "--device", str(suite.device),
+             "--out", str(suite.out / "attention_spike.json")]  # fmt: skip
+    return rc or _child(spike, suite.out / "attention_spike.log", suite.child_limit_s)
 
 
 def _gpu_processes(handle) -> dict[int, int]:
