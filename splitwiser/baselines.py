@@ -53,6 +53,13 @@ class _GenerateBaseline:
         loaded = load_model(model, dtype=self.dtype, device=self.device)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.eos_token_ids = eos_token_ids(self.model)
+        # pad_token_id may legitimately be 0, so no `or` chains
+        pad = self.model.generation_config.pad_token_id
+        if pad is None:
+            pad = self.model.config.pad_token_id
+        if pad is None:
+            pad = self.eos_token_ids[0] if self.eos_token_ids else 0
+        self.pad_token_id = pad
         max_len = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.checker = PromptChecker(self.tokenizer, self.model.config.vocab_size, max_len)
 
@@ -65,6 +72,9 @@ class _GenerateBaseline:
             gen_config.eos_token_id = list(params.stop_token_ids) + (
                 [] if params.ignore_eos else list(self.eos_token_ids)
             )
+        # NOTE: always set: transformers 5.17 takes the pad token from eos_token_id[0] when it is
+        # missing, which fails when ignore_eos emptied that list
+        gen_config.pad_token_id = self.pad_token_id
         gen_config.max_new_tokens = max_new_tokens
         gen_config.do_sample = not params.is_greedy
         if not params.is_greedy:
@@ -158,13 +168,6 @@ class BatchedPipeline(_GenerateBaseline):
             raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         super().__init__(model, device, dtype)
         self.batch_size = batch_size
-        # pad_token_id may legitimately be 0, so no `or` chains
-        pad = self.model.generation_config.pad_token_id
-        if pad is None:
-            pad = self.model.config.pad_token_id
-        if pad is None:
-            pad = self.eos_token_ids[0] if self.eos_token_ids else 0
-        self.pad_token_id = pad
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
         """Run the prompts in order, ``batch_size`` at a time."""
@@ -196,7 +199,6 @@ class BatchedPipeline(_GenerateBaseline):
         arrival = time.monotonic()
         max_new = [self.checker.max_new_tokens(len(x), sp) for x, sp in zip(ids, params)]
         gen_config = self._generation_config(params[0], max(max_new))
-        gen_config.pad_token_id = self.pad_token_id
         width = max(len(x) for x in ids)
         # input_ids, attention_mask: [B, width], prompts right-aligned (left padding)
         input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)

@@ -50,3 +50,15 @@ def test_batched_rejects_what_it_cannot_do(batched, model_dirs):
     mixed = [SamplingParams(), SamplingParams(temperature=0.7)]
     with pytest.raises(InvalidRequestError, match="share their sampling"):
         batched.generate_batch([[1], [2]], mixed)
+
+
+def test_ignore_eos_keeps_a_pad_token(batched):
+    """With ignore_eos the eos list is empty; transformers 5.17's generate() then takes the pad
+    token from eos_token_id[0] unless one is set, and fails on a model without a pad token."""
+    config = batched.model.generation_config
+    saved, config.pad_token_id = config.pad_token_id, None
+    try:
+        gen = batched._generation_config(SamplingParams(ignore_eos=True), 4)
+    finally:
+        config.pad_token_id = saved
+    assert gen.eos_token_id == [] and gen.pad_token_id == batched.pad_token_id is not None
