@@ -89,7 +89,7 @@ class EngineConfig:
     worker_liveness_timeout_s: float | None = 120.0
     # times one request is run again after the worker running it died or hung, in a row
     # without producing a token; then it fails with WorkerCrashedError
-    max_request_retries: int = 3
+    max_request_retries: int = 5
     # "per_request": one SDPA call per request, the arithmetic of generate() (exact);
     # "padded": one SDPA call per layer over the batch padded to the longest context (few
     # kernels: fast on a GPU; may differ from generate() in the last bits). None: per_request
