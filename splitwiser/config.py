@@ -89,7 +89,7 @@ class EngineConfig:
     worker_liveness_timeout_s: float | None = 120.0
     # times one request is run again after the worker running it died or hung, in a row
     # without producing a token; then it fails with WorkerCrashedError
-    max_request_retries: int = 3
+    max_request_retries: int = 5
     # "splitwiser": Splitwiser's own model code (Llama, Mistral, Qwen2, OPT); "transformers":
     # the checkpoint's Hugging Face modules with the same paged attention; "auto": the first
     # where the architecture has it

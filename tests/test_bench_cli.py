@@ -42,7 +42,7 @@ def bench(*args, timeout=600) -> subprocess.CompletedProcess:
         (["--rate", "2", "--trace-speedup", "2", "--workload", "azure-conv"], "not both"),
         (["--trace-speedup", "2"], "needs a trace workload"),
         (["--slo", "ttft=5"], "bad --slo entry"),
-        (["--baseline", "vllm"], "unknown baseline 'vllm'"),
+        (["--baseline", "tgi"], "unknown baseline 'tgi'"),
         (["--num-requests", "0"], "--num-requests must be"),
         (["--model", "/no/such/model"], "does not exist"),
         (["--device", "cuda"], "no CUDA GPU is available"),

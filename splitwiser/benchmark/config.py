@@ -10,7 +10,8 @@ from splitwiser.config import KV_HANDOFF_MODES
 from splitwiser.errors import ConfigError
 from splitwiser.mps import MPS_MODES
 
-BASELINES = ("sequential", "batched")
+BASELINES = ("sequential", "batched")  # the default comparison
+VLLM_SYSTEMS = ("vllm", "vllm-parallel", "vllm-split")  # see splitwiser.vllm
 MAX_REQUESTS = 1_000_000  # per system; the trace files hold fewer rows
 
 
@@ -83,12 +84,16 @@ class BenchConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"--{name.replace('_', '-')} must be finite, got {value}")
-        unknown = set(self.baselines) - set(BASELINES)
+        unknown = set(self.baselines) - set(BASELINES + VLLM_SYSTEMS)
         if unknown:
             raise ConfigError(
                 f"unknown baseline {sorted(unknown)[0]!r}; use a comma list of "
-                f"{', '.join(BASELINES)}, or none"
+                f"{', '.join(BASELINES + VLLM_SYSTEMS)}, or none"
             )
+        if set(self.baselines) & set(VLLM_SYSTEMS):
+            from splitwiser.vllm import require_vllm
+
+            require_vllm()  # one line naming the install command, before any work
 
     @property
     def num_prompt_workers(self) -> int:

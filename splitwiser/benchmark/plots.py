@@ -10,7 +10,14 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-COLORS = {"splitwiser": "tab:blue", "sequential": "tab:red", "batched": "tab:orange"}
+COLORS = {
+    "splitwiser": "tab:blue",
+    "sequential": "tab:red",
+    "batched": "tab:orange",
+    "vllm": "tab:green",
+    "vllm-parallel": "tab:olive",
+    "vllm-split": "tab:cyan",
+}
 
 
 def _cdf(ax, values: list[float], label: str) -> None:

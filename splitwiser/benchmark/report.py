@@ -136,10 +136,9 @@ def comparison_table(summary: dict) -> str:
         gpu = [(systems[n].get("telemetry") or {}).get("gpu") or {} for n in names]
         if any(g.get(key) is not None for g in gpu):
             rows.append([label, *(_fmt(g.get(key)) for g in gpu), *[""] * len(ratio_cols)])
-    sw = systems.get("splitwiser", {})
-    if sw.get("median_handoff_ms") is not None:
-        rows.append(["median handoff ms", _fmt(sw["median_handoff_ms"]),
-                     *[""] * (len(header) - 2)])  # fmt: skip
+    if any(systems[n].get("median_handoff_ms") is not None for n in names):  # the splits
+        rows.append(["median handoff ms", *(_fmt(systems[n].get("median_handoff_ms"))
+                                            for n in names), *[""] * len(ratio_cols)])  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = []
     for i, row in enumerate(rows):

@@ -77,12 +77,24 @@ def _build(job: SystemJob, device, dtype):
         )
     if job.name == "sequential":
         return SequentialPipeline(config.model, device=str(device), dtype=dtype)
+    if job.name.startswith("vllm"):
+        from splitwiser.vllm import SYSTEMS
+
+        pipe_dir = job.mps_env.get("CUDA_MPS_PIPE_DIRECTORY")
+        options = {"device": str(device), "dtype": dtype, "mps_pipe_dir": pipe_dir}
+        if job.name == "vllm-parallel":
+            options["num_engines"] = config.procs  # as many processes as Splitwiser's
+        if job.name == "vllm-split" and pipe_dir:
+            options["mps_thread_percentage"] = config.mps_split
+        return SYSTEMS[job.name](config.model, **options)
     return BatchedPipeline(
         config.model, device=str(device), dtype=dtype, batch_size=config.batch_size
     )
 
 
 def _extra(job: SystemJob, pipe, dtype, records: list[RequestRecord], before: dict) -> dict:
+    if job.name.startswith("vllm"):
+        return {"engines": pipe.workers(), "stats": pipe.stats()}
     if job.name != "splitwiser":
         return {}
     from splitwiser.engine.engine import phase_summary

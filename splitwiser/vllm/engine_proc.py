@@ -29,6 +29,7 @@ class EngineSpec:
     name: str  # process title, e.g. "sw-vllm-0" (telemetry follows "sw-*")
     engine_args: dict  # vllm.EngineArgs keywords (model, dtype, kv_transfer_config, ...)
     env: dict[str, str] = field(default_factory=dict)  # set before vLLM is imported
+    cores: tuple[int, ...] | None = None  # CPU: the cores every thread of the engine runs on
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,17 @@ def _set_title(name: str) -> None:
         pass
 
 
+def _bind(cores: tuple[int, ...]) -> None:
+    """Run every thread of this engine on ``cores``: vLLM binds its OpenMP threads itself only
+    in its multi-process executor. Threads started later (the OpenMP pool at the first parallel
+    region, NIXL's) inherit the mask."""
+    import torch
+
+    os.sched_setaffinity(0, cores)
+    os.environ["OMP_NUM_THREADS"] = str(len(cores))
+    torch.set_num_threads(len(cores))
+
+
 def _build_engine(spec: EngineSpec):
     from vllm import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
@@ -105,10 +117,12 @@ def engine_main(spec: EngineSpec, parent_pid: int, inbox, outbox) -> None:
     """The engine process: start vLLM, say ready, then serve until told to stop."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this one stops
-    os.environ.update(spec.env)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
     _set_title(spec.name)
     try:
+        os.environ.update(spec.env)
+        if spec.cores:
+            _bind(spec.cores)
         engine = _build_engine(spec)
     except BaseException as exc:
         outbox.put(ErrorMsg(" ".join(f"{type(exc).__name__}: {exc}".split())[:600]))

@@ -62,15 +62,15 @@ def vllm_params(params: SamplingParams, max_tokens: int) -> dict:
     }
 
 
-def core_lists(num_engines: int) -> list[str]:
-    """This process's cores split into ``num_engines`` contiguous shares (``0-3``, ``4-7``);
-    with fewer cores than engines, engines share cores round-robin."""
+def core_lists(num_engines: int) -> list[tuple[int, ...]]:
+    """This process's cores split into ``num_engines`` contiguous shares; with fewer cores
+    than engines, engines share cores round-robin."""
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < num_engines:
-        return [str(cores[i % len(cores)]) for i in range(num_engines)]
     n = len(cores)
-    shares = [cores[i * n // num_engines : (i + 1) * n // num_engines] for i in range(num_engines)]
-    return [",".join(map(str, share)) for share in shares]
+    if n < num_engines:
+        return [(cores[i % n],) for i in range(num_engines)]
+    return [tuple(cores[i * n // num_engines : (i + 1) * n // num_engines])
+            for i in range(num_engines)]  # fmt: skip
 
 
 @dataclass
@@ -135,13 +135,11 @@ class _EnginePool:
             args["gpu_memory_utilization"] = GPU_MEMORY_UTILIZATION * share
         return args | options | extra
 
-    def _env(self, cores: str, mps_pipe_dir: str | None, thread_percentage: int | None) -> dict:
+    def _env(self, mps_pipe_dir: str | None, thread_percentage: int | None) -> dict:
         env = {
             "TOKENIZERS_PARALLELISM": "false",
             "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
         }
-        if self.device.type == "cpu":
-            env["VLLM_CPU_OMP_THREADS_BIND"] = cores
         if mps_pipe_dir is not None:
             env["CUDA_MPS_PIPE_DIRECTORY"] = mps_pipe_dir
             if thread_percentage is not None:
@@ -327,7 +325,8 @@ class VLLMPipeline(_EnginePool):
             EngineSpec(
                 f"sw-vllm-{i}",
                 self._engine_args(1.0 / num_engines),
-                self._env(cores, mps_pipe_dir, share),
+                self._env(mps_pipe_dir, share),
+                cores if self.device.type == "cpu" else None,
             )
             for i, cores in enumerate(core_lists(num_engines))
         ]

@@ -75,10 +75,11 @@ class VLLMSplitPipeline(_EnginePool):
                 "kv_role": role,
                 "kv_buffer_device": buffer_device,
             }
-            env = self._env(cores, mps_pipe_dir, share)
+            env = self._env(mps_pipe_dir, share)
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_port())  # one per engine
             args = self._engine_args(0.5, kv_transfer_config=connector)
-            specs.append(EngineSpec(f"sw-vllm-{name}", args, env))
+            cpu_cores = cores if self.device.type == "cpu" else None
+            specs.append(EngineSpec(f"sw-vllm-{name}", args, env, cpu_cores))
         self._start(specs, startup_timeout_s)
         self.num_local_prefills = 0  # requests the decode engine had to prefill itself
 
