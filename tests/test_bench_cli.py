@@ -122,6 +122,7 @@ def test_short_bench_writes_summary_csv_and_plots(tmp_path, leftovers):
     assert summary["config"]["num_prompt_workers"] == 1
     assert summary["model"]["spec"] == "default (embedded)"
     assert summary["model"]["model_type"] == "llama" and summary["model"]["num_hidden_layers"] > 0
+    assert summary["model"]["model_impl"] == "splitwiser"  # own model code for Llama
     phases = summary["systems"]["splitwiser"]["phases"]  # the measured run, without warm-up
     assert phases["prefill_tokens"] == 144  # every prompt token prefilled once
     assert phases["decode_tokens"] == 36 - 6  # the first token of each comes from prefill

@@ -30,6 +30,8 @@ class BenchConfig:
     mps: str = "auto"  # "on": required; "auto": used where available; "off"
     mps_split: tuple[int, int] | None = None  # (prompt, token) active thread percentages
     kv_handoff: str = "shared"
+    model_impl: str = "auto"  # see EngineConfig.model_impl
+    enforce_eager: bool = False  # CUDA: decode without CUDA graphs
     workload: str = "fixed"
     num_requests: int = 64
     input_len: int = 256  # fixed workload: prompt tokens

@@ -86,11 +86,15 @@ def _source_revision() -> dict | None:
     return {"commit": commit or None, "uncommitted_changes": bool(dirty)}
 
 
-def describe_model(spec: str | None, model_config) -> dict:
+def describe_model(spec: str | None, model_config, model_impl: str = "auto") -> dict:
+    from splitwiser.models.registry import resolve_model_impl
+
     c = model_config
     return {
         "spec": spec or "default (embedded)",
         "model_type": c.model_type,
+        # which front-end Splitwiser's workers run: own model code or the Hugging Face modules
+        "model_impl": resolve_model_impl(c, model_impl),
         "num_hidden_layers": c.num_hidden_layers,
         "hidden_size": c.hidden_size,
         "num_attention_heads": c.num_attention_heads,
@@ -178,7 +182,7 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config.to_dict() | {"device": str(device), "dtype": str(dtype).split(".")[-1]},
-        "model": describe_model(config.model, model_config),
+        "model": describe_model(config.model, model_config, config.model_impl),
         "workload": workload.describe(),
         "environment": env,
         "systems": systems,

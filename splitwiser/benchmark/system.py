@@ -72,6 +72,8 @@ def _build(job: SystemJob, device, dtype):
             device=str(device),
             dtype=dtype,
             kv_handoff=config.kv_handoff,
+            model_impl=config.model_impl,
+            enforce_eager=config.enforce_eager,
             mps_pipe_dir=pipe_dir,
             mps_thread_percentage=config.mps_split if pipe_dir else None,
         )

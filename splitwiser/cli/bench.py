@@ -50,8 +50,18 @@ _BENCH = {f.name: f.default for f in fields(BenchConfig)}
     type=click.Choice(["shared", "copy"]),
     default="shared",
     show_default=True,
-    help="shared: block ids only; copy: K/V bytes through the parent (for comparison).",
+    help="shared: block ids only; copy: the K/V copied into the token worker's blocks "
+    "(device to device on CUDA), for comparison.",
 )
+@click.option(
+    "--model-impl",
+    type=click.Choice(["auto", "splitwiser", "transformers"]),
+    default=_BENCH["model_impl"],
+    show_default=True,
+    help="Splitwiser's own model code (Llama, Mistral, Qwen2, OPT) or the Hugging Face modules; "
+    "auto: own code where the architecture has it.",
+)
+@click.option("--enforce-eager", is_flag=True, help="CUDA: run decode without CUDA graphs.")
 @click.option(
     "--workload",
     type=click.Choice(list(WORKLOADS)),

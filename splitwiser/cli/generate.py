@@ -98,6 +98,7 @@ def model_info(spec) -> None:
 
     from splitwiser.models.loader import load_model
     from splitwiser.models.presets import PRESETS
+    from splitwiser.models.registry import resolve_model_impl
 
     loaded = load_model(
         spec,
@@ -110,6 +111,7 @@ def model_info(spec) -> None:
         "name": loaded.name,
         "source": loaded.source,
         "architecture": cfg.model_type,
+        "model_impl": resolve_model_impl(cfg),
         "num_parameters": num_params,
         "weights_bytes_fp32": num_params * 4,
         "num_hidden_layers": cfg.num_hidden_layers,
