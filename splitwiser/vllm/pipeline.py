@@ -138,7 +138,7 @@ class _EnginePool:
     def _env(self, mps_pipe_dir: str | None, thread_percentage: int | None) -> dict:
         env = {
             "TOKENIZERS_PARALLELISM": "false",
-            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),  # quiet bench
         }
         if mps_pipe_dir is not None:
             env["CUDA_MPS_PIPE_DIRECTORY"] = mps_pipe_dir
