@@ -137,3 +137,10 @@ def test_metrics_definitions():
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         EngineConfig(**kwargs)
+
+
+def test_no_cuda_context_in_a_process_that_never_loaded_the_driver():
+    from splitwiser.engine.engine import cuda_context_active
+
+    # torch itself does not load the driver library until CUDA is used
+    assert cuda_context_active() is torch.cuda.is_initialized()

@@ -128,8 +128,10 @@ def allocate_pool(layout: KVLayout, num_blocks: int, device: torch.device) -> to
         return pool
     if _expandable_segments_on():
         raise ConfigError(
-            "PYTORCH_CUDA_ALLOC_CONF sets expandable_segments:True; the KV pool and the weights "
-            "are shared through CUDA IPC handles of whole segments: unset it"
+            "PYTORCH_CUDA_ALLOC_CONF (or PYTORCH_ALLOC_CONF) sets expandable_segments:True; the "
+            "KV pool and the weights are shared through CUDA IPC handles of whole segments, which "
+            "expandable segments break: remove that setting from the variable, or set "
+            "expandable_segments:False"
         )
     # no cached free block to carve the pool from, and the segment rounded up to the
     # allocator's granularity belongs to the pool alone
