@@ -191,3 +191,33 @@ def test_bench_with_vllm_baseline_writes_a_valid_summary(tmp_path):
     assert m["total_output_tokens"] == 24 and m["output_throughput"] > 0
     assert m["median_ttft_ms"] > 0 and m["median_tpot_ms"] > 0
     assert "vllm" in summary["ratios"]
+
+
+@needs_vllm
+def test_engines_end_when_their_parent_is_killed(tmp_path):
+    """No orphan: a parent that dies without closing takes its engine processes with it."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys\n"
+        "from splitwiser.vllm import VLLMPipeline\n"
+        "if __name__ == '__main__':\n"
+        "    pipe = VLLMPipeline(device='cpu', enforce_eager=True)\n"
+        "    print(*[w['pid'] for w in pipe.workers().values()], flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert pids
+    finally:
+        proc.kill()
+        proc.wait(30)
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:  # already gone
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    assert alive == [], "engine processes outlived their parent"

@@ -70,8 +70,12 @@ class ErrorMsg:
     message: str  # one line: why the engine failed to start or died
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: SIGKILL this process when the parent thread that started it dies."""
+def _die_with_parent(parent_pid: int, from_main_thread: bool) -> None:
+    """Linux: SIGKILL this process when the thread that started it ends, if that thread is the
+    parent's main thread (its end is the parent's end); otherwise the serve loop notices a dead
+    parent within ``_POLL_S``."""
+    if not from_main_thread:
+        return
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -113,9 +117,11 @@ def _cache_shape(engine) -> tuple[int | None, int | None]:
     return getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
 
 
-def engine_main(spec: EngineSpec, parent_pid: int, inbox, outbox) -> None:
-    """The engine process: start vLLM, say ready, then serve until told to stop."""
-    _die_with_parent(parent_pid)
+def engine_main(spec: EngineSpec, parent: tuple[int, bool], inbox, outbox) -> None:
+    """The engine process: start vLLM, say ready, then serve until told to stop. ``parent``:
+    the parent's pid, and whether its main thread started this process."""
+    parent_pid = parent[0]
+    _die_with_parent(*parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this one stops
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
     _set_title(spec.name)

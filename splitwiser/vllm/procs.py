@@ -16,6 +16,10 @@ from splitwiser.vllm.engine_proc import EngineSpec, ErrorMsg, ReadyMsg, TokensMs
 _CTX = multiprocessing.get_context("spawn")  # never fork: CUDA and OpenMP cannot survive it
 
 
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 class EngineProcess:
     """One owned vLLM engine process. ``on_tokens`` runs on a reader thread for every
     ``TokensMsg``; ``on_death`` once if the process dies while open (with a one-line reason)."""
@@ -31,7 +35,7 @@ class EngineProcess:
         self._inbox, self._outbox = _CTX.Queue(), _CTX.Queue()
         self._proc = _CTX.Process(
             target=engine_main,
-            args=(spec, os.getpid(), self._inbox, self._outbox),
+            args=(spec, (os.getpid(), _in_main_thread()), self._inbox, self._outbox),
             name=spec.name,
             daemon=True,
         )
