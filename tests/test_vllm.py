@@ -180,7 +180,8 @@ def test_a_dead_engine_fails_its_requests_and_nothing_hangs(vllm_parallel):
 def test_bench_with_vllm_baseline_writes_a_valid_summary(tmp_path):
     cmd = [sys.executable, "-m", "splitwiser", "bench", "--procs", "2", "--num-requests", "4",
            "--input-len", "24", "--output-len", "6", "--num-warmup", "1", "--no-plots",
-           "--baseline", "vllm", "--out", str(tmp_path), "--run-id", "v"]  # fmt: skip
+           "--enforce-eager", "--baseline", "vllm", "--out", str(tmp_path),
+           "--run-id", "v"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "vllm" in proc.stdout

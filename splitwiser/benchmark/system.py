@@ -83,7 +83,8 @@ def _build(job: SystemJob, device, dtype):
         from splitwiser.vllm import SYSTEMS
 
         pipe_dir = job.mps_env.get("CUDA_MPS_PIPE_DIRECTORY")
-        options = {"device": str(device), "dtype": dtype, "mps_pipe_dir": pipe_dir}
+        options = {"device": str(device), "dtype": dtype, "mps_pipe_dir": pipe_dir,
+                   "enforce_eager": config.enforce_eager}  # fmt: skip
         if job.name == "vllm-parallel":
             options["num_engines"] = config.procs  # as many processes as Splitwiser's
         if job.name == "vllm-split" and pipe_dir:

@@ -61,7 +61,11 @@ _BENCH = {f.name: f.default for f in fields(BenchConfig)}
     help="Splitwiser's own model code (Llama, Mistral, Qwen2, OPT) or the Hugging Face modules; "
     "auto: own code where the architecture has it.",
 )
-@click.option("--enforce-eager", is_flag=True, help="CUDA: run decode without CUDA graphs.")
+@click.option(
+    "--enforce-eager",
+    is_flag=True,
+    help="CUDA: run decode without CUDA graphs; vLLM systems: no compilation either.",
+)
 @click.option(
     "--workload",
     type=click.Choice(list(WORKLOADS)),
