@@ -1,23 +1,46 @@
 """Splitwiser: a single-GPU LLM runtime that runs each request's prompt phase and token phase in
 separate worker processes sharing one device, one copy of the weights and one KV block pool."""
 
-from splitwiser.baselines import BatchedPipeline, SequentialPipeline
-from splitwiser.config import EngineConfig
-from splitwiser.engine.handle import RequestHandle
-from splitwiser.errors import (
-    ConfigError,
-    InvalidRequestError,
-    KVCacheTooSmallError,
-    ModelNotFoundError,
-    PipelineClosedError,
-    SplitwiserError,
-    WorkerCrashedError,
-    WorkerStartupError,
-)
-from splitwiser.outputs import RequestMetrics, RequestOutput
-from splitwiser.pipeline import SplitwiserPipeline
-from splitwiser.sampling import SamplingParams
-from splitwiser.vllm import VLLMParallelPipeline, VLLMPipeline, VLLMSplitPipeline  # no vllm import
+import importlib
+
+# Public names, imported on first use (PEP 562): ``import splitwiser.cli`` stays light until a
+# command needs torch, so a Ctrl-C while the command line starts is handled by the CLI itself.
+_EXPORTS = {
+    "BatchedPipeline": "splitwiser.baselines",
+    "SequentialPipeline": "splitwiser.baselines",
+    "EngineConfig": "splitwiser.config",
+    "RequestHandle": "splitwiser.engine.handle",
+    "RequestMetrics": "splitwiser.outputs",
+    "RequestOutput": "splitwiser.outputs",
+    "SplitwiserPipeline": "splitwiser.pipeline",
+    "SamplingParams": "splitwiser.sampling",
+    "VLLMParallelPipeline": "splitwiser.vllm",  # importing these does not import vllm
+    "VLLMPipeline": "splitwiser.vllm",
+    "VLLMSplitPipeline": "splitwiser.vllm",
+    **dict.fromkeys(
+        (
+            "ConfigError",
+            "InvalidRequestError",
+            "KVCacheTooSmallError",
+            "ModelNotFoundError",
+            "PipelineClosedError",
+            "SplitwiserError",
+            "WorkerCrashedError",
+            "WorkerStartupError",
+        ),
+        "splitwiser.errors",
+    ),
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'splitwiser' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

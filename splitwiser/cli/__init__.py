@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 
-import click
 
-from splitwiser import __version__
-from splitwiser.cli.bench import bench
-from splitwiser.cli.generate import generate, model
-from splitwiser.cli.mps import mps_group
-from splitwiser.cli.profile import profile
-from splitwiser.errors import SplitwiserError
+def _interrupted_while_starting(signum, frame) -> None:
+    # nothing has started yet: no worker, no daemon, nothing to close
+    sys.stderr.write("splitwiser: interrupted\n")
+    os._exit(130)
+
+
+# a Ctrl-C while torch and transformers load is one line, not an import traceback
+_starting = threading.current_thread() is threading.main_thread()
+if _starting:
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import click  # noqa: E402
+
+from splitwiser import __version__  # noqa: E402
+from splitwiser.cli.bench import bench  # noqa: E402
+from splitwiser.cli.generate import generate, model  # noqa: E402
+from splitwiser.cli.mps import mps_group  # noqa: E402
+from splitwiser.cli.profile import profile  # noqa: E402
+from splitwiser.errors import SplitwiserError  # noqa: E402
+
+if _starting:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _fail(message: str) -> None:
