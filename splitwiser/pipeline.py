@@ -9,7 +9,7 @@ from splitwiser.config import EngineConfig
 from splitwiser.engine.engine import Engine
 from splitwiser.engine.handle import RequestHandle
 from splitwiser.outputs import RequestOutput
-from splitwiser.prompts import Prompt, as_prompt_list, params_list
+from splitwiser.prompts import Prompt, submit_all
 from splitwiser.sampling import SamplingParams
 
 
@@ -84,17 +84,7 @@ class SplitwiserPipeline:
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
         """Generate for every prompt (submitted at once), in the order given. If a prompt is
         rejected, or the wait is interrupted, the requests already submitted are cancelled."""
-        prompts = as_prompt_list(prompts)
-        params = params_list(prompts, sampling_params)
-        handles: list[RequestHandle] = []
-        try:
-            for p, sp in zip(prompts, params):
-                handles.append(self.submit(p, sp))
-            return [h.result() for h in handles]
-        except BaseException:
-            for h in handles:
-                h.cancel()
-            raise
+        return submit_all(self.submit, prompts, sampling_params)
 
     def close(self) -> None:
         """Stop every worker and release the pool and the weights this process maps. Safe to

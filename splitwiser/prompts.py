@@ -31,6 +31,23 @@ def params_list(prompts: Sequence[Prompt], sampling_params) -> list[SamplingPara
     return list(sampling_params)
 
 
+def submit_all(submit, prompts, sampling_params) -> list:
+    """``generate()`` of the online pipelines: submit every prompt at once and wait for them in
+    order. If a prompt is rejected, or the wait is interrupted, the requests already submitted
+    are cancelled."""
+    prompts = as_prompt_list(prompts)
+    params = params_list(prompts, sampling_params)
+    handles = []
+    try:
+        for p, sp in zip(prompts, params):
+            handles.append(submit(p, sp))
+        return [h.result() for h in handles]
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
+
+
 def eos_token_ids(model) -> tuple[int, ...]:
     """The ids that end generation, as ``generate()`` sees them (generation config first)."""
     ids = getattr(model.generation_config, "eos_token_id", None)

@@ -206,14 +206,19 @@ def _wait_for_workers(pid: int, when: str) -> None:
     pytest.fail(f"the workers never reached the '{when}' state")
 
 
-@pytest.mark.parametrize("when", ["workers starting", "workers running"])
-def test_ctrl_c_stops_everything_quietly(when, tmp_path, leftovers):
-    """Ctrl-C reaches the whole process group: exit 130, one line, no worker traceback."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "splitwiser", "bench", "--out", str(tmp_path), "--num-requests",
+def _start_long_bench(out) -> subprocess.Popen:
+    """A bench long enough to be stopped midway, in a process group of its own."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "splitwiser", "bench", "--out", str(out), "--num-requests",
          "200"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("when", ["workers starting", "workers running"])
+def test_ctrl_c_stops_everything_quietly(when, tmp_path, leftovers):
+    """Ctrl-C reaches the whole process group: exit 130, one line, no worker traceback."""
+    proc = _start_long_bench(tmp_path)
     try:
         _wait_for_workers(proc.pid, when)
         if when == "workers running":
@@ -232,11 +237,7 @@ def test_ctrl_c_stops_everything_quietly(when, tmp_path, leftovers):
 def test_sigterm_to_the_run_alone_stops_the_system_process_too(tmp_path, leftovers):
     """SIGTERM reaches only the run's process: it passes the stop on to the system running in
     its own process at once, and every worker goes."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "splitwiser", "bench", "--out", str(tmp_path), "--num-requests",
-         "200"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
-    )  # fmt: skip
+    proc = _start_long_bench(tmp_path)
     try:
         _wait_for_workers(proc.pid, "workers running")
         t0 = time.monotonic()

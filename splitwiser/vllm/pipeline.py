@@ -30,7 +30,7 @@ from splitwiser.errors import (
 )
 from splitwiser.models.loader import RANDOM_PREFIX, _resolve, load_model_config, load_tokenizer
 from splitwiser.outputs import RequestMetrics, RequestOutput
-from splitwiser.prompts import PromptChecker, as_prompt_list, params_list
+from splitwiser.prompts import PromptChecker, submit_all
 from splitwiser.sampling import SamplingParams
 from splitwiser.vllm.engine_proc import AbortMsg, AddMsg, EngineSpec, TokensMsg
 from splitwiser.vllm.procs import EngineProcess
@@ -186,17 +186,7 @@ class _EnginePool:
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
         """Generate for every prompt (submitted at once), in the order given."""
-        prompts = as_prompt_list(prompts)
-        params = params_list(prompts, sampling_params)
-        handles: list[RequestHandle] = []
-        try:
-            for p, sp in zip(prompts, params):
-                handles.append(self.submit(p, sp))
-            return [h.result() for h in handles]
-        except BaseException:
-            for h in handles:
-                h.cancel()
-            raise
+        return submit_all(self.submit, prompts, sampling_params)
 
     def _dispatch(self, request_id: int, req: _Request) -> None:  # under the lock
         raise NotImplementedError
