@@ -20,6 +20,7 @@ from splitwiser.engine.attention import (
 )
 from splitwiser.engine.decode_batch import DecodeBatch
 from splitwiser.engine.model_runner import ModelRunner, PrefillSeq, graph_batch_sizes
+from splitwiser.models import linear as linear_mod
 from splitwiser.models.registry import resolve_model_impl
 from splitwiser.sampling import SamplingParams, sample_next, sample_token, token_generator
 from tests.conftest import ARCHS
@@ -144,6 +145,30 @@ def test_sampling_on_device_greedy_and_seeded():
     draws = {sample_token(logits[1], sampled, token_generator(sampled, 5, i, "cpu"))
              for i in range(30)}  # fmt: skip
     assert len(draws) > 1
+
+
+def test_cpu_float32_projections_run_on_onednn_and_equal_f_linear():
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn((96, 64), generator=g), torch.randn(96, generator=g)
+    fn = linear_mod.linear_for(w)
+    assert fn is linear_mod._onednn_linear  # this torch (CPU build, oneDNN) has it
+    for rows in (1, 7, 32, 300):
+        x = torch.randn((rows, 64), generator=g)
+        torch.testing.assert_close(fn(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fn(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert linear_mod.linear_for(w.to(torch.bfloat16)) is F.linear
+
+
+def test_projections_fall_back_to_f_linear_where_onednn_fails(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no oneDNN in this build")
+
+    monkeypatch.setattr(linear_mod, "_onednn_linear", broken)
+    linear_mod._onednn_works.cache_clear()
+    try:
+        assert linear_mod.linear_for(torch.zeros((4, 4))) is F.linear
+    finally:
+        linear_mod._onednn_works.cache_clear()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

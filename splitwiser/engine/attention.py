@@ -102,8 +102,11 @@ def _blocks(meta: AttentionMetadata, layer: int) -> tuple[torch.Tensor, torch.Te
 
 def _gathered_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
     """Decode attention in plain torch: the batch's live blocks gathered (whole blocks, up to
-    the longest context) into one padded batch, then one SDPA call with GQA (K/V heads not
-    repeated) and the padding masked."""
+    the longest context) into one padded batch, then one SDPA call with the padding masked.
+    The query heads that share a K/V head go in as that head's queries (``[B, kv_heads, group,
+    D]``): each K/V head is read once for its whole group, nothing is repeated, and the CPU's
+    flash kernel runs 1.5-1.7x faster than with one query per head and ``enable_gqa``
+    (``bench/README.md``)."""
     num_reqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     max_len = meta.max_context_len
@@ -117,10 +120,8 @@ def _gathered_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float)
     k = k_cache.flatten(1).index_select(0, flat).view(shape).transpose(1, 2)  # [B, kvh, L, D]
     v = v_cache.flatten(1).index_select(0, flat).view(shape).transpose(1, 2)
     live = torch.arange(length, device=q.device) < meta.context_lens[:, None]  # [B, L]
-    out = F.scaled_dot_product_attention(
-        q[:, :, None], k, v, attn_mask=live[:, None, None], scale=scale,
-        enable_gqa=num_heads != num_kv_heads,
-    )  # fmt: skip
+    grouped = q.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=live[:, None, None], scale=scale)
     return out.view(num_reqs, num_heads, head_dim)
 
 

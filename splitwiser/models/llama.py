@@ -21,6 +21,7 @@ from splitwiser.engine.attention import (
     prefill_attention,
     write_kv,
 )
+from splitwiser.models.linear import linear_for
 
 log = logging.getLogger("splitwiser")
 
@@ -102,6 +103,7 @@ class LlamaModel:
         cos, sin = base.rotary_emb(torch.empty((), device=device, dtype=dtype), positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_positions, head_dim]
         self.rms_norm, self.rotate = rms_norm, rotate
+        self.linear = linear_for(self.embed)
         if fuse:
             x = torch.randn((3, cfg.hidden_size), device=device, dtype=dtype)
             self.rms_norm = fused(rms_norm, x, self.norm, self.eps)
@@ -111,24 +113,24 @@ class LlamaModel:
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        num_tokens = input_ids.shape[0]
+        num_tokens, linear = input_ids.shape[0], self.linear
         h = F.embedding(input_ids, self.embed)  # [T, hidden]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [T, 1, D]
         for i, w in enumerate(self.layers):
             x = self.rms_norm(h, w.input_norm, self.eps)
-            q = F.linear(x, w.q, w.q_bias).view(num_tokens, self.num_heads, self.head_dim)
-            k = F.linear(x, w.k, w.k_bias).view(num_tokens, self.num_kv_heads, self.head_dim)
-            v = F.linear(x, w.v, w.v_bias).view(num_tokens, self.num_kv_heads, self.head_dim)
+            q = linear(x, w.q, w.q_bias).view(num_tokens, self.num_heads, self.head_dim)
+            k = linear(x, w.k, w.k_bias).view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = linear(x, w.v, w.v_bias).view(num_tokens, self.num_kv_heads, self.head_dim)
             q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
             write_kv(meta, i, k, v)
             if meta.is_prefill:
                 attn = prefill_attention(q, k, v, meta, self.scale)
             else:
                 attn = decode_attention(q, meta, i, self.scale)
-            h = h + F.linear(attn.reshape(num_tokens, -1), w.o)
+            h = h + linear(attn.reshape(num_tokens, -1), w.o)
             x = self.rms_norm(h, w.post_norm, self.eps)
-            h = h + F.linear(self.act(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
+            h = h + linear(self.act(linear(x, w.gate)) * linear(x, w.up), w.down)
         return self.rms_norm(h, self.norm, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.linear(hidden, self.lm_head).float()

@@ -13,6 +13,7 @@ from splitwiser.engine.attention import (
     prefill_attention,
     write_kv,
 )
+from splitwiser.models.linear import linear_for
 
 _POSITION_OFFSET = 2  # OPT's learned positions start at index 2
 
@@ -40,41 +41,42 @@ class OPTModel:
         self.final_norm = dec.final_layer_norm
         self.layers = dec.layers  # modules kept for their weights and layer norms
         self.lm_head = hf_model.lm_head.weight
+        self.linear = linear_for(self.embed)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        num_tokens = input_ids.shape[0]
+        num_tokens, linear = input_ids.shape[0], self.linear
         h = F.embedding(input_ids, self.embed)
         if self.project_in is not None:
-            h = F.linear(h, *self.project_in)
+            h = linear(h, *self.project_in)
         h = h + F.embedding(positions + _POSITION_OFFSET, self.positions)
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             x = _layer_norm(h, layer.self_attn_layer_norm) if self.pre_norm else h
-            q = (F.linear(x, a.q_proj.weight, a.q_proj.bias) * self.scaling).view(
+            q = (linear(x, a.q_proj.weight, a.q_proj.bias) * self.scaling).view(
                 num_tokens, self.num_heads, self.head_dim
             )
-            k = F.linear(x, a.k_proj.weight, a.k_proj.bias).view(num_tokens, self.num_heads, -1)
-            v = F.linear(x, a.v_proj.weight, a.v_proj.bias).view(num_tokens, self.num_heads, -1)
+            k = linear(x, a.k_proj.weight, a.k_proj.bias).view(num_tokens, self.num_heads, -1)
+            v = linear(x, a.v_proj.weight, a.v_proj.bias).view(num_tokens, self.num_heads, -1)
             write_kv(meta, i, k, v)
             if meta.is_prefill:
                 attn = prefill_attention(q, k, v, meta, 1.0)
             else:
                 attn = decode_attention(q, meta, i, 1.0)
-            h = h + F.linear(attn.reshape(num_tokens, -1), a.out_proj.weight, a.out_proj.bias)
+            h = h + linear(attn.reshape(num_tokens, -1), a.out_proj.weight, a.out_proj.bias)
             if not self.pre_norm:
                 h = _layer_norm(h, layer.self_attn_layer_norm)
             x = _layer_norm(h, layer.final_layer_norm) if self.pre_norm else h
-            x = layer.activation_fn(F.linear(x, layer.fc1.weight, layer.fc1.bias))
-            h = h + F.linear(x, layer.fc2.weight, layer.fc2.bias)
+            x = layer.activation_fn(linear(x, layer.fc1.weight, layer.fc1.bias))
+            h = h + linear(x, layer.fc2.weight, layer.fc2.bias)
             if not self.pre_norm:
                 h = _layer_norm(h, layer.final_layer_norm)
         if self.final_norm is not None:
             h = _layer_norm(h, self.final_norm)
         if self.project_out is not None:
-            h = F.linear(h, *self.project_out)
+            h = linear(h, *self.project_out)
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.linear(hidden, self.lm_head).float()
