@@ -7,7 +7,8 @@ Decode (one query token per request over paged K/V): the Triton kernel that read
 table (CUDA), the gathered-blocks + SDPA torch path, and transformers-style SDPA over K/V
 repeated per query head. Prefill (packed prompts, causal): one SDPA call over the right-padded
 batch, one SDPA call per prompt, and ``torch.nn.attention.varlen.varlen_attn`` where this torch
-has it (CUDA).
+has it (CUDA). On the CPU also the projections' matmul: ``F.linear`` (MKL's sgemm) against
+torch's oneDNN linear on the weight as it is (chosen) and on a copy packed for oneDNN.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from splitwiser.engine.attention import (
     _gathered_decode,
     prefill_attention,
 )
+from splitwiser.models import linear
 
 HEADS, KV_HEADS, HEAD_DIM, BS = 32, 8, 64, 16  # Llama-3.2-1B's attention
 
@@ -60,6 +62,15 @@ def decode_candidates(device, dtype, batch: int, ctx: int) -> list[dict]:
     scale = HEAD_DIM**-0.5
     ref = _gathered_decode(q.double(), k_cache.double(), v_cache.double(), meta, scale)
 
+    def per_head_gqa():  # one query per head, SDPA's enable_gqa (before grouping)
+        k = k_cache.flatten(1)[table.flatten().long()].view(batch, -1, KV_HEADS, HEAD_DIM)
+        v = v_cache.flatten(1)[table.flatten().long()].view(batch, -1, KV_HEADS, HEAD_DIM)
+        live = torch.arange(k.shape[1], device=device) < lens[:, None]
+        return F.scaled_dot_product_attention(
+            q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), attn_mask=live[:, None, None],
+            scale=scale, enable_gqa=True,
+        )[:, :, 0]  # fmt: skip
+
     def repeated():  # what transformers' SDPA does given a mask: K/V copied per query head
         k = k_cache[table.long()].view(batch, -1, KV_HEADS, HEAD_DIM).transpose(1, 2)
         v = v_cache[table.long()].view(batch, -1, KV_HEADS, HEAD_DIM).transpose(1, 2)
@@ -67,7 +78,7 @@ def decode_candidates(device, dtype, batch: int, ctx: int) -> list[dict]:
         return F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale)[:, :, 0]
 
     cands = {"gathered_sdpa": lambda: _gathered_decode(q, k_cache, v_cache, meta, scale),
-             "repeat_kv_sdpa": repeated}  # fmt: skip
+             "gathered_sdpa_per_head_gqa": per_head_gqa, "repeat_kv_sdpa": repeated}  # fmt: skip
     if device.type == "cuda" and triton_attention.AVAILABLE:
         cands["triton_paged"] = lambda: triton_attention.paged_decode(
             q, k_cache, v_cache, table, lens, scale
@@ -134,11 +145,35 @@ def prefill_candidates(device, dtype, lens: list[int]) -> list[dict]:
     return rows
 
 
+def linear_candidates(rows: int, in_features: int, out_features: int) -> list[dict]:
+    """CPU float32: the projections' matmul, one weight, ``rows`` tokens."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((rows, in_features), generator=gen)
+    w = torch.randn((out_features, in_features), generator=gen)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_size=rows)
+    cands = {"f_linear_mkl": lambda: F.linear(x, w),
+             "onednn_in_place": lambda: linear._onednn_linear(x, w),
+             "onednn_packed_copy": lambda: linear._onednn_linear(x, packed)}  # fmt: skip
+    ref = F.linear(x.double(), w.double())
+    out = []
+    for name, fn in cands.items():
+        err = ((fn().double() - ref).norm() / ref.norm()).item()
+        ms = _time_ms(fn, torch.device("cpu"), iters=50)
+        out.append({"phase": "linear", "kernel": name, "rows": rows, "in": in_features,
+                    "out": out_features, "ms": ms,
+                    "gflop_s": 2 * rows * in_features * out_features / ms / 1e6,
+                    "rel_error": err})  # fmt: skip
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     small = device.type == "cpu"
@@ -151,12 +186,17 @@ def main() -> int:
         rows += decode_candidates(device, dtype, batch, ctx)
     for lens in ([128, 64, 32], [256] * 4) if small else ([512] * 8, [2048, 300, 100, 40], [4096]):
         rows += prefill_candidates(device, dtype, lens)
+    if device.type == "cpu":  # the embedded model's MLP and Llama-3.2-1B's
+        for shape in ((256, 704), (2048, 8192)):
+            for n in (1, 8, 32, 128, 4096):
+                rows += linear_candidates(n, *shape)
     for r in rows:
         print(json.dumps(r))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         info = {"device": str(device), "dtype": str(dtype), "torch": torch.__version__,
                 "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+                "threads": torch.get_num_threads(),
                 "command": " ".join(["python", *sys.argv]), "rows": rows}  # fmt: skip
         args.out.write_text(json.dumps(info, indent=2) + "\n")
     return 0
