@@ -4,7 +4,8 @@ tensors: nothing is copied, so the weights still exist once and every worker map
 
 The arithmetic follows the Hugging Face modules operation for operation (the RMSNorm's float32
 upcast, RoPE's ``q * cos + rotate_half(q) * sin``, the residual order), so greedy float32 tokens
-equal ``generate()``'s. Projections are not merged: merging would change the weights' layout.
+equal ``generate()``'s; the projections' matmul is ``linear.linear_for``'s (oneDNN on the CPU).
+Projections are not merged: merging would change the weights' layout.
 """
 
 from __future__ import annotations
