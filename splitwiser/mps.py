@@ -283,13 +283,14 @@ def load_recorded() -> MPSDaemon | None:
         return None
 
 
-def stop_recorded() -> MPSDaemon | None:
-    """Stop the daemon ``splitwiser mps start`` recorded; returns it, or ``None`` if none was."""
+def stop_recorded(timeout_s: float = 10.0) -> tuple[MPSDaemon | None, str | None]:
+    """Stop the daemon ``splitwiser mps start`` recorded: (it or ``None`` if none was, what kept
+    it from stopping or ``None``). A daemon that did not stop stays recorded."""
     daemon = load_recorded()
-    if daemon is not None:
-        daemon.stop()
+    problem = daemon.stop(timeout_s) if daemon is not None else None
+    if daemon is not None and problem is None:
         state_file().unlink(missing_ok=True)
-    return daemon
+    return daemon, problem
 
 
 def gpu_present() -> bool:

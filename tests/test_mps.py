@@ -244,3 +244,54 @@ def test_mps_is_active_only_when_a_client_really_connected(fake_gpu, monkeypatch
                 pass
         assert "\n" not in str(exc.value)
         assert not list(fake_gpu.rglob("control"))  # the daemon started for the check stopped
+
+
+def test_cli_start_checks_that_a_cuda_client_is_served(fake_gpu, monkeypatch, capsys):
+    """`splitwiser mps start` runs the client check too: a daemon that serves nobody is
+    stopped again and reported in one line (exit 2), never left recorded as usable."""
+    from splitwiser.cli import main
+
+    def cli(*args) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exit_:
+            main.main(["mps", *args])
+        out, err = capsys.readouterr()
+        return exit_.value.code, out, err
+
+    code, out, _ = cli("start")
+    assert code == 0 and "a CUDA client ran under MPS" in out
+    assert mps.load_recorded() is not None
+    assert cli("stop")[0] == 0 and mps.load_recorded() is None
+    for behaviour, reason in (("fail", "busy or unavailable"), ("no-mps", "no MPS server")):
+        monkeypatch.setenv("FAKE_CUDA_CLIENT", behaviour)
+        code, out, err = cli("start")
+        assert code == 2 and err.count("\n") == 1, err
+        assert "no CUDA client could use the MPS daemon" in err and reason in err
+        assert "(stopped)" in err and mps.load_recorded() is None
+        assert not list(fake_gpu.rglob("control"))  # the daemon it started is gone
+    code, out, _ = cli("start", "--no-check")  # the operator's choice: no client run
+    assert code == 0 and "a CUDA client ran" not in out
+    assert cli("stop")[0] == 0
+
+
+def test_cli_stop_with_a_client_attached_says_so_and_keeps_the_record(fake_mps, capsys):
+    from splitwiser.cli import main
+
+    def cli(*args) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exit_:
+            main.main(["mps", *args])
+        out, err = capsys.readouterr()
+        return exit_.value.code, out + err
+
+    assert cli("start")[0] == 0
+    daemon = mps.load_recorded()
+    client = _client(daemon)
+    try:
+        code, text = cli("stop", "--timeout", "0.5")
+        assert code == 2 and "did not quit" in text and text.count("\n") == 1, text
+        assert mps.daemon_responds(daemon.pipe_dir) and mps.load_recorded() is not None
+    finally:
+        client.stdin.close()
+        client.wait(10)
+    code, text = cli("stop")
+    assert code == 0 and "stopped the MPS control daemon" in text
+    assert not mps.daemon_responds(daemon.pipe_dir) and mps.load_recorded() is None

@@ -13,11 +13,29 @@ def mps_group() -> None:
 
 
 @mps_group.command("start")
-def mps_start() -> None:
+@click.option(
+    "--check/--no-check",
+    default=True,
+    show_default=True,
+    help="Run a tiny CUDA client under the daemon and check that it served it.",
+)
+def mps_start(check) -> None:
     """Start a private MPS control daemon, or report the one already running."""
     from splitwiser import mps
 
     daemon = mps.start_daemon()
+    if check and mps.gpu_present():
+        result = mps.check_client(daemon)
+        if not result["ok"]:
+            kept = "stopped" if daemon.owned else "left running (not started here)"
+            daemon.stop()  # only a daemon started here
+            raise mps.MPSUnavailableError(
+                f"no CUDA client could use the MPS daemon on {daemon.pipe_dir} ({kept}): "
+                f"{result['problem']}"
+            )
+        click.echo(f"a CUDA client ran under MPS (server pid {result['server_pids'][0]})")
+    elif check:
+        click.echo("client check skipped: NVML sees no GPU on this machine")
     if daemon.owned:
         mps.record(daemon)
         click.echo(f"started the MPS control daemon (pid {daemon.pid}), pipe {daemon.pipe_dir}")
@@ -27,11 +45,22 @@ def mps_start() -> None:
 
 
 @mps_group.command("stop")
-def mps_stop() -> None:
-    """Stop the daemon that `splitwiser mps start` started; never any other."""
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the daemon's clients to leave.",
+)
+def mps_stop(timeout_s) -> None:
+    """Stop the daemon that `splitwiser mps start` started; never any other. One with a client
+    still attached is left running (and recorded): exit 2."""
     from splitwiser import mps
 
-    daemon = mps.stop_recorded()
+    daemon, problem = mps.stop_recorded(timeout_s)
+    if problem is not None:
+        raise click.ClickException(problem)
     if daemon is None:
         click.echo("no MPS daemon started by splitwiser is recorded; nothing stopped")
     else:
