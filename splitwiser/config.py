@@ -11,6 +11,9 @@ from splitwiser.errors import ConfigError
 
 KV_HANDOFF_MODES = ("shared", "copy")
 MODEL_IMPLS = ("auto", "splitwiser", "transformers")
+PHASE_PRIORITIES = ("prefill", "equal", "decode")
+# the niceness given to the workers of the phase that yields (the most a process can take)
+_YIELDING_NICE = 19
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -102,6 +105,12 @@ class EngineConfig:
     mps_pipe_dir: str | None = None
     # (prompt, token) workers' CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; needs mps_pipe_dir
     mps_thread_percentage: tuple[int, int] | None = None
+    # CPU: which phase's workers the OS favours where they share cores. "prefill": token
+    # workers run at the lowest priority (nice 19), so waiting prompts are prefilled first and
+    # decode runs at full batches (throughput and first tokens; later tokens wait); "decode":
+    # prompt workers yield instead; "equal": neither. CUDA: no effect (the GPU is shared
+    # through MPS, see mps_thread_percentage)
+    phase_priority: str = "prefill"
 
     def __post_init__(self) -> None:
         for name in ("num_prompt_workers", "num_token_workers"):
@@ -136,6 +145,11 @@ class EngineConfig:
                     f"mps_thread_percentage is two percentages 1..100 (prompt, token), "
                     f"got {self.mps_thread_percentage!r}"
                 )
+        if self.phase_priority not in PHASE_PRIORITIES:
+            raise ConfigError(
+                f"phase_priority must be one of {', '.join(PHASE_PRIORITIES)}, "
+                f"got {self.phase_priority!r}"
+            )
         if self.model_impl not in MODEL_IMPLS:
             raise ConfigError(
                 f"model_impl must be one of {', '.join(MODEL_IMPLS)}, got {self.model_impl!r}"
@@ -166,6 +180,11 @@ class EngineConfig:
             share = self.mps_thread_percentage[0 if role == "prompt" else 1]
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(share)
         return env
+
+    def worker_nice(self, role: str, device: torch.device) -> int:
+        """How much a worker of ``role`` lowers its own CPU priority (``os.nice``)."""
+        yielding = {"prefill": "token", "decode": "prompt"}.get(self.phase_priority)
+        return _YIELDING_NICE if device.type == "cpu" and role == yielding else 0
 
     def threads_per_worker(self) -> int:
         if self.worker_threads is not None:

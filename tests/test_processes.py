@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from splitwiser import SamplingParams, SplitwiserPipeline
+from splitwiser import ConfigError, SamplingParams, SplitwiserPipeline
 from tests.conftest import build_model_dir, hf_greedy
 
 
@@ -182,3 +182,37 @@ def test_a_worker_starts_with_ctrl_c_held_even_as_the_first_spawn(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=120, cwd=root, env=dict(os.environ, PYTHONPATH=root))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("priority", ["prefill", "equal", "decode"])
+def test_phase_priority_sets_the_yielding_workers_niceness(
+    model_dirs, reference_models, leftovers, priority
+):
+    """On the CPU the phase that yields runs its workers at niceness 19 (the OS favours the
+    other where they share cores); output is the same whatever the priority."""
+    base = psutil.Process().nice()
+    yielding = {"prefill": "token", "decode": "prompt"}.get(priority)
+    prompt = [5, 9, 200, 31, 7]
+    with SplitwiserPipeline(model_dirs["llama"], device="cpu", phase_priority=priority) as pipe:
+        for name, info in pipe.workers().items():
+            want = min(19, base + 19) if f"-{yielding}-" in name else base
+            assert psutil.Process(info["pid"]).nice() == want, name
+        out = pipe.generate([prompt], SamplingParams(max_new_tokens=8, ignore_eos=True))
+        assert out[0].token_ids == hf_greedy(reference_models["llama"], prompt, 8)
+        if yielding == "token":  # a replaced worker yields too
+            _kill(_worker_pid(pipe, "splitwiser-token-0"))
+            deadline = time.monotonic() + 60
+            while (
+                pipe.stats()["restarts"]["token"] < 1 or "splitwiser-token-0" not in pipe.workers()
+            ):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert psutil.Process(_worker_pid(pipe, "splitwiser-token-0")).nice() == min(
+                19, base + 19
+            )
+    leftovers.assert_clean()
+
+
+def test_phase_priority_must_be_known():
+    with pytest.raises(ConfigError, match="phase_priority must be one of prefill, equal, decode"):
+        SplitwiserPipeline(device="cpu", phase_priority="tokens")

@@ -32,6 +32,7 @@ class BenchConfig:
     kv_handoff: str = "shared"
     model_impl: str = "auto"  # see EngineConfig.model_impl
     enforce_eager: bool = False  # CUDA: decode without CUDA graphs
+    phase_priority: str = "prefill"  # CPU: see EngineConfig.phase_priority
     workload: str = "fixed"
     num_requests: int = 64
     input_len: int = 256  # fixed workload: prompt tokens

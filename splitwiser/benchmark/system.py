@@ -74,6 +74,7 @@ def _build(job: SystemJob, device, dtype):
             kv_handoff=config.kv_handoff,
             model_impl=config.model_impl,
             enforce_eager=config.enforce_eager,
+            phase_priority=config.phase_priority,
             mps_pipe_dir=pipe_dir,
             mps_thread_percentage=config.mps_split if pipe_dir else None,
         )

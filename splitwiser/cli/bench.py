@@ -62,6 +62,14 @@ _BENCH = {f.name: f.default for f in fields(BenchConfig)}
     "auto: own code where the architecture has it.",
 )
 @click.option(
+    "--phase-priority",
+    type=click.Choice(["prefill", "equal", "decode"]),
+    default=_BENCH["phase_priority"],
+    show_default=True,
+    help="CPU: whose workers the OS favours on shared cores; prefill: token workers yield "
+    "(prompts first, full decode batches), decode: prompt workers yield.",
+)
+@click.option(
     "--enforce-eager",
     is_flag=True,
     help="CUDA: run decode without CUDA graphs; vLLM systems: no compilation either.",

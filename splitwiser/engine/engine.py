@@ -201,6 +201,7 @@ class Engine:
             model_impl=self.model_impl,
             max_model_len=self.max_model_len,
             enforce_eager=self.config.enforce_eager,
+            nice=self.config.worker_nice(role, self.device),
         )
         return WorkerProc(cfg, self.model, self.kv_pool)
 

@@ -40,6 +40,7 @@ class WorkerConfig:
     model_impl: str = "splitwiser"  # or "transformers" (see splitwiser.models.registry)
     max_model_len: int = 2048  # prompt + output tokens of one request
     enforce_eager: bool = False  # token worker on CUDA: no decode CUDA graphs
+    nice: int = 0  # added to the process's niceness (EngineConfig.phase_priority)
 
     @property
     def name(self) -> str:
@@ -147,6 +148,8 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
     cfg = for_attached_profiler(cfg)
     keep_freed_memory()
     torch.set_num_threads(cfg.num_threads)
+    if cfg.nice:
+        os.nice(cfg.nice)
     device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
