@@ -202,6 +202,7 @@ class Engine:
             max_model_len=self.max_model_len,
             enforce_eager=self.config.enforce_eager,
             nice=self.config.worker_nice(role, self.device),
+            max_prefill_tokens=self.config.max_prefill_tokens,
         )
         return WorkerProc(cfg, self.model, self.kv_pool)
 
