@@ -93,6 +93,7 @@ class ReadyMsg:
     pid: int
     uss_before_weights: int  # bytes of private memory before the model was unpickled
     uss_after_weights: int  # ... and after: the difference is what mapping the weights cost
+    heap_reserved: int  # bytes of heap faulted in for prefill temporaries (CPU prompt worker)
     num_params_shared: int  # parameters whose storage is shared with the parent
     num_params: int
     mps_env: dict[str, str]  # the CUDA_MPS_* variables the worker runs with

@@ -182,14 +182,17 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
     params = list(model.parameters())
     for p in params:  # touch every page so USS shows whether the weights are private or shared
         p.sum()
+    uss_after = _uss()
     graphs = device.type == "cuda" and cfg.model_impl == "splitwiser" and not cfg.enforce_eager
     runner = ModelRunner(
         model, cfg.block_size, device, model_impl=cfg.model_impl,
         max_model_len=cfg.max_model_len, fuse=graphs,
     )  # fmt: skip
+    reserved = 0
     if cfg.role == "prompt" and device.type == "cpu":
         itemsize = params[0].element_size()
-        reserve_heap(prefill_heap_bytes(model.config, cfg.max_prefill_tokens, itemsize))
+        reserved = prefill_heap_bytes(model.config, cfg.max_prefill_tokens, itemsize)
+        reserve_heap(reserved)
     batch = None
     if cfg.role == "token":
         batch = _decode_batch(cfg, kv_pool, device)
@@ -200,7 +203,8 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
             name=cfg.name,
             pid=os.getpid(),
             uss_before_weights=uss_before,
-            uss_after_weights=_uss(),
+            uss_after_weights=uss_after,
+            heap_reserved=reserved,
             num_params_shared=sum(p.is_shared() for p in params),
             num_params=len(params),
             mps_env={k: v for k, v in os.environ.items() if k.startswith("CUDA_MPS_")},
