@@ -143,7 +143,7 @@ def prefill_heap_bytes(model_config, num_tokens: int, itemsize: int) -> int:
     kv = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * (
         getattr(c, "head_dim", None) or hidden // c.num_attention_heads
     )
-    per_token = 4 * hidden + 3 * inter + 4 * hidden + 4 * kv
+    per_token = 8 * hidden + 3 * inter + 4 * kv  # hidden-sized and query-sized, MLP, K/V
     return min(2 * num_tokens * per_token * itemsize, _MAX_HEAP_RESERVE)
 
 
