@@ -9,7 +9,8 @@ Stages (all write under DIR, default results/gpu/<date>-<device>/):
   handoff    KV handoff latency, shared vs copy, at 128, 1k and 4k prompt tokens
   bandwidth  the decode-step benchmark (bench/decode_bench.py: achieved bytes/s against the
              device's copy bandwidth) and the attention-kernel spike (bench/attention_spike.py)
-  memory     device memory of each process (NVML) with 2 prompt + 2 token workers
+  memory     device memory of each process (NVML) with 2 prompt + 2 token workers; then
+             what a token worker SIGKILLed mid-run leaves in this process (memory-sigkill.json)
   bench-nomps, bench-mps
              splitwiser bench on azure-conv (32 requests, capped), bf16, against sequential
              and batched
@@ -271,7 +272,49 @@ def stage_memory(suite: Suite) -> int:
     missing = [n for n, w in workers.items() if w["pid"] not in used]
     if parent is None or missing:
         print(f"gpu_suite: NVML did not list {['parent', *missing] if parent is None else missing}")
+    try:
+        report = _sigkill_leftovers(suite, handle)
+    except Exception as exc:  # recorded: the measurement above stands on its own
+        report = {"error": f"{type(exc).__name__}: {exc}"}
+    _write(suite.out, "memory-sigkill.json", report)
     return 0
+
+
+def _sigkill_leftovers(suite: Suite, handle) -> dict:
+    """What a token worker SIGKILLed mid-run leaves in this process (which allocated the
+    weights and the pool and lent them through CUDA IPC): its device memory (NVML) and torch's
+    own counts, before the kill, after the restarted worker finished the requests, and after
+    ``close()``. Memory still held after close is what a later system in the same process
+    would inherit (the bench runs each system in a process of its own for this reason)."""
+    me = os.getpid()
+
+    def snapshot() -> dict:
+        torch.cuda.synchronize()
+        return {"nvml_used_bytes": _gpu_processes(handle).get(me),
+                "torch_allocated": torch.cuda.memory_allocated(),
+                "torch_reserved": torch.cuda.memory_reserved()}  # fmt: skip
+
+    params = SamplingParams(max_new_tokens=64, ignore_eos=True)
+    report = {"before_pipeline": snapshot()}
+    with SplitwiserPipeline(
+        suite.model, device="cuda", num_prompt_workers=1, num_token_workers=2,
+        kv_cache_bytes=2 * GIB,
+    ) as pipe:  # fmt: skip
+        pipe.generate([_prompt(256, 1)] * 4, params)
+        report["before_kill"] = snapshot()
+        handles = [pipe.submit(_prompt(256, 10 + i), params) for i in range(16)]
+        victim = "splitwiser-token-0"
+        for h in handles:  # every request past its first decode step: both workers decode
+            tokens = h.stream(timeout=60)
+            next(tokens), next(tokens)
+        os.kill(pipe.workers()[victim]["pid"], signal.SIGKILL)
+        outs = [h.result(timeout=120) for h in handles]
+        report |= {"killed": victim, "completed": len(outs), "stats": pipe.stats(),
+                   "after_restart": snapshot()}  # fmt: skip
+    torch.cuda.empty_cache()
+    torch.cuda.ipc_collect()
+    report["after_close"] = snapshot()
+    return report
 
 
 def stage_bench(suite: Suite, use_mps: bool) -> int:

@@ -19,7 +19,7 @@ set -uo pipefail
 usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 cd "$(dirname "$0")/.."
 declare -A limit_s=(
-    [env]=120 [handoff]=180 [bandwidth]=300 [memory]=150 [tests]=540
+    [env]=120 [handoff]=180 [bandwidth]=300 [memory]=240 [tests]=540
     [bench-nomps]=280 [bench-mps]=280 [profile-nomps]=540 [profile-mps]=540
 )
 stages=() options=() archive=""
