@@ -287,8 +287,10 @@ def stop_recorded(timeout_s: float = 10.0) -> tuple[MPSDaemon | None, str | None
     """Stop the daemon ``splitwiser mps start`` recorded: (it or ``None`` if none was, what kept
     it from stopping or ``None``). A daemon that did not stop stays recorded."""
     daemon = load_recorded()
-    problem = daemon.stop(timeout_s) if daemon is not None else None
-    if daemon is not None and problem is None:
+    if daemon is None:
+        return None, None
+    problem = daemon.stop(timeout_s)
+    if problem is None:
         state_file().unlink(missing_ok=True)
     return daemon, problem
 

@@ -9,6 +9,7 @@ import click
 from splitwiser.benchmark.config import BenchConfig
 from splitwiser.benchmark.workloads import WORKLOADS
 from splitwiser.cli.common import command_line, mps_options, resolve_mps
+from splitwiser.config import PHASE_PRIORITIES
 
 
 def _csv_list(text: str) -> tuple[str, ...]:
@@ -63,7 +64,7 @@ _BENCH = {f.name: f.default for f in fields(BenchConfig)}
 )
 @click.option(
     "--phase-priority",
-    type=click.Choice(["prefill", "equal", "decode"]),
+    type=click.Choice(PHASE_PRIORITIES),
     default=_BENCH["phase_priority"],
     show_default=True,
     help="CPU: whose workers the OS favours on shared cores; prefill: token workers yield "

@@ -57,11 +57,29 @@ def decode_workspace_bytes(
     memory pool holds the largest batch's activations and logits (float32 and model dtype), plus
     the block table and a fixed allowance for cuBLAS and Triton."""
     itemsize = torch.empty((), dtype=layout.dtype).element_size()
-    hidden = model_config.hidden_size
-    inner = getattr(model_config, "intermediate_size", None) or 4 * hidden
-    per_seq = model_config.vocab_size * (4 + itemsize) + (3 * inner + 8 * hidden) * itemsize
+    per_seq = model_config.vocab_size * (4 + itemsize) + _activation_bytes(model_config, itemsize)
     table = -(-max_model_len // layout.block_size) * 4
     return max_num_seqs * (per_seq + table) + (256 << 20)
+
+
+def prefill_workspace_bytes(model_config, layout: KVLayout, num_tokens: int) -> int:
+    """About twice one prefill batch's temporaries on the CPU (each token's activations, its
+    Q/K/V and their padded copies), at most 512 MiB: what a prompt worker reserves at start-up."""
+    itemsize = torch.empty((), dtype=layout.dtype).element_size()
+    kv = layout.num_kv_heads * layout.head_dim * itemsize
+    per_token = _activation_bytes(model_config, itemsize) + 4 * kv
+    return min(2 * num_tokens * per_token, 1 << 29)
+
+
+def _activation_bytes(model_config, itemsize: int) -> int:
+    """One token's activations through a layer: hidden-sized and query-sized tensors, the MLP's."""
+    hidden = model_config.hidden_size
+    inner = (
+        getattr(model_config, "intermediate_size", None)
+        or getattr(model_config, "ffn_dim", None)  # OPT
+        or 4 * hidden
+    )
+    return (3 * inner + 8 * hidden) * itemsize
 
 
 def default_num_blocks(

@@ -20,7 +20,7 @@ import torch
 
 from splitwiser.engine import messages as m
 from splitwiser.engine.decode_batch import DecodeBatch
-from splitwiser.engine.kv_pool import slots_for
+from splitwiser.engine.kv_pool import KVLayout, prefill_workspace_bytes, slots_for
 from splitwiser.engine.model_runner import ModelRunner, PrefillSeq, graph_batch_sizes
 from splitwiser.sampling import sample_next, sample_tokens
 
@@ -131,20 +131,6 @@ def keep_freed_memory() -> None:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-_MAX_HEAP_RESERVE = 1 << 29
-
-
-def prefill_heap_bytes(model_config, num_tokens: int, itemsize: int) -> int:
-    """About twice the temporaries of one prefill batch of ``num_tokens`` tokens (hidden
-    states, the MLP's, Q/K/V and their padded copies), at most 512 MiB."""
-    c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    hidden = c.hidden_size
-    inter = getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or 4 * hidden
-    kv = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * (
-        getattr(c, "head_dim", None) or hidden // c.num_attention_heads
-    )
-    per_token = 8 * hidden + 3 * inter + 4 * kv  # hidden-sized and query-sized, MLP, K/V
-    return min(2 * num_tokens * per_token * itemsize, _MAX_HEAP_RESERVE)
 
 
 def reserve_heap(num_bytes: int) -> None:
@@ -190,8 +176,8 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
     )  # fmt: skip
     reserved = 0
     if cfg.role == "prompt" and device.type == "cpu":
-        itemsize = params[0].element_size()
-        reserved = prefill_heap_bytes(model.config, cfg.max_prefill_tokens, itemsize)
+        layout = KVLayout.from_model_config(model.config, cfg.block_size, params[0].dtype)
+        reserved = prefill_workspace_bytes(model.config, layout, cfg.max_prefill_tokens)
         reserve_heap(reserved)
     batch = None
     if cfg.role == "token":
