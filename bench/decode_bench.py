@@ -25,11 +25,12 @@ import torch
 
 from splitwiser.config import resolve_device, resolve_dtype
 from splitwiser.engine.decode_batch import DecodeBatch
+from splitwiser.engine.heap import keep_freed_memory
 from splitwiser.engine.kv_pool import KVLayout
 from splitwiser.engine.model_runner import ModelRunner
-from splitwiser.engine.worker import keep_freed_memory
 from splitwiser.models.loader import load_model
 from splitwiser.models.registry import resolve_model_impl
+from splitwiser.models.shape import ModelShape
 from splitwiser.sampling import SamplingParams, sample_next
 
 BLOCK_SIZE = 16
@@ -83,7 +84,7 @@ def time_hf_steps(hf, batch: int, ctx: int, device, iters: int) -> float:
     attention over its DynamicCache (cropped back to ``ctx`` between steps, untimed)."""
     from transformers import DynamicCache
 
-    layout = KVLayout.from_model_config(hf.config, BLOCK_SIZE, hf.dtype)
+    layout = KVLayout.from_shape(ModelShape.from_hf(hf.config), BLOCK_SIZE, hf.dtype)
     cache = DynamicCache(config=hf.config)
     shape = (batch, layout.num_kv_heads, ctx, layout.head_dim)
     for layer in range(layout.num_layers):  # random K/V: a prefill of this size costs minutes
@@ -122,7 +123,7 @@ def run(args) -> dict:
     loaded = load_model(args.model, dtype=dtype, device=device)
     hf = loaded.model
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
-    layout = KVLayout.from_model_config(hf.config, BLOCK_SIZE, dtype)
+    layout = KVLayout.from_shape(ModelShape.from_hf(hf.config), BLOCK_SIZE, dtype)
     batches, contexts = _ints(args.batch), _ints(args.context)
     max_len = max(contexts) + 1
     blocks_per_seq = -(-max_len // BLOCK_SIZE)

@@ -7,6 +7,7 @@ import importlib
 # command needs torch, so a Ctrl-C while the command line starts is handled by the CLI itself.
 _EXPORTS = {
     "BatchedPipeline": "splitwiser.baselines",
+    "ColocatedPipeline": "splitwiser.pipeline",
     "SequentialPipeline": "splitwiser.baselines",
     "EngineConfig": "splitwiser.config",
     "RequestHandle": "splitwiser.engine.handle",
@@ -46,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchedPipeline",
+    "ColocatedPipeline",
     "ConfigError",
     "EngineConfig",
     "InvalidRequestError",

@@ -77,7 +77,13 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from kv_cache_bytes
     kv_cache_bytes: int | None = None  # None: 1 GiB on CPU, 30% of free memory on CUDA
     max_num_seqs: int = 64  # requests decoded together by one token worker
-    max_prefill_tokens: int = 4096  # token budget of one prefill batch
+    max_prefill_tokens: int = 4096  # token budget of one prefill batch (longer prompts: chunks)
+    # ONE colocated worker runs both phases (vLLM v1's policy) instead of prompt and token
+    # workers; the baseline the split is measured against
+    colocated: bool = False
+    # colocated: the token budget of one step (decodes first, then prefill chunks). None: as
+    # vLLM, 8192 on GPUs with 70 GiB or more (H100/H200 class), 2048 on smaller ones and on CPU
+    max_num_batched_tokens: int | None = None
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     worker_threads: int | None = None  # torch threads per worker; None: cores / workers
     worker_start_timeout_s: float = 300.0
@@ -117,6 +123,21 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_num_batched_tokens is not None and (
+            not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1
+        ):
+            raise ConfigError(
+                f"max_num_batched_tokens must be a positive integer, got "
+                f"{self.max_num_batched_tokens!r}"
+            )
+        if (
+            self.colocated
+            and (self.max_num_batched_tokens or self.max_num_seqs) < self.max_num_seqs
+        ):
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}): every running request decodes one token per step"
+            )
         for name in ("block_size", "max_num_seqs", "max_prefill_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -168,15 +189,31 @@ class EngineConfig:
             raise ConfigError(f"worker_threads must be >= 1, got {self.worker_threads!r}")
 
     @property
+    def workers_per_role(self) -> dict[str, int]:
+        """The worker processes of each role."""
+        if self.colocated:
+            return {"colocated": 1}
+        return {"prompt": self.num_prompt_workers, "token": self.num_token_workers}
+
+    @property
     def num_workers(self) -> int:
-        return self.num_prompt_workers + self.num_token_workers
+        return sum(self.workers_per_role.values())
+
+    def step_token_budget(self, device: torch.device) -> int:
+        """``max_num_batched_tokens``, resolved for ``device`` (see the field)."""
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            return 8192 if total >= 70 << 30 else 2048
+        return 2048
 
     def worker_env(self, role: str) -> dict[str, str]:
         """Environment a worker of ``role`` sets before CUDA starts (MPS connection and share)."""
         if self.mps_pipe_dir is None:
             return {}
         env = {"CUDA_MPS_PIPE_DIRECTORY": self.mps_pipe_dir}
-        if self.mps_thread_percentage is not None:
+        if self.mps_thread_percentage is not None and role in ("prompt", "token"):
             share = self.mps_thread_percentage[0 if role == "prompt" else 1]
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(share)
         return env

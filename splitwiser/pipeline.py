@@ -8,42 +8,18 @@ import torch
 from splitwiser.config import EngineConfig
 from splitwiser.engine.engine import Engine
 from splitwiser.engine.handle import RequestHandle
+from splitwiser.errors import ConfigError
 from splitwiser.outputs import RequestOutput
 from splitwiser.prompts import Prompt, submit_all
 from splitwiser.sampling import SamplingParams
 
 
-class SplitwiserPipeline:
-    """Generate with prompt workers (prefill) and token workers (decode) sharing one device.
+class _EnginePipeline:
+    """The public contract of a pipeline on the engine (``generate``, ``submit``, ``stats``,
+    ``workers``, ``close``); subclasses say which workers it runs."""
 
-    ``model`` is a Hugging Face causal-LM directory, a hub id (offline from the local cache),
-    ``"random:<preset>"``, or ``None`` for the embedded default. Other keyword arguments are the
-    fields of :class:`splitwiser.config.EngineConfig`. A context manager; or call ``close()``.
-    """
-
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        num_prompt_workers: int = 1,
-        num_token_workers: int = 1,
-        device: str = "auto",
-        dtype: str | torch.dtype | None = None,
-        kv_handoff: str = "shared",
-        block_size: int = 16,
-        **engine_options,
-    ):
-        self.config = EngineConfig(
-            model=model,
-            num_prompt_workers=num_prompt_workers,
-            num_token_workers=num_token_workers,
-            device=device,
-            dtype=dtype,
-            kv_handoff=kv_handoff,
-            block_size=block_size,
-            **engine_options,
-        )
-        self._engine = Engine(self.config)
+    config: EngineConfig
+    _engine: Engine
 
     @property
     def tokenizer(self):
@@ -91,8 +67,74 @@ class SplitwiserPipeline:
         call twice; a pipeline still open at interpreter exit is closed then."""
         self._engine.close()
 
-    def __enter__(self) -> SplitwiserPipeline:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class SplitwiserPipeline(_EnginePipeline):
+    """Generate with prompt workers (prefill) and token workers (decode) sharing one device.
+
+    ``model`` is a Hugging Face causal-LM directory, a hub id (offline from the local cache),
+    ``"random:<preset>"``, or ``None`` for the embedded default. Other keyword arguments are the
+    fields of :class:`splitwiser.config.EngineConfig`. A context manager; or call ``close()``.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        num_prompt_workers: int = 1,
+        num_token_workers: int = 1,
+        device: str = "auto",
+        dtype: str | torch.dtype | None = None,
+        kv_handoff: str = "shared",
+        block_size: int = 16,
+        **engine_options,
+    ):
+        self.config = EngineConfig(
+            model=model,
+            num_prompt_workers=num_prompt_workers,
+            num_token_workers=num_token_workers,
+            device=device,
+            dtype=dtype,
+            kv_handoff=kv_handoff,
+            block_size=block_size,
+            **engine_options,
+        )
+        self._engine = Engine(self.config)
+
+
+class ColocatedPipeline(_EnginePipeline):
+    """Generate with ONE worker process running both phases on Splitwiser's own data plane (the
+    same model code, attention, sampler, block pool and CUDA graphs), scheduled as vLLM v1
+    schedules: each step the running decodes first, then prefill chunks, first come first
+    served, up to ``max_num_batched_tokens`` tokens and ``max_num_seqs`` requests. The fair
+    baseline for the split: the same kernels in one engine. Same contract and supervision as
+    :class:`SplitwiserPipeline` (a killed worker's requests resume on its replacement)."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        device: str = "auto",
+        dtype: str | torch.dtype | None = None,
+        block_size: int = 16,
+        max_num_batched_tokens: int | None = None,
+        **engine_options,
+    ):
+        for name in ("num_prompt_workers", "num_token_workers", "kv_handoff"):
+            if name in engine_options:
+                raise ConfigError(f"{name} is not an option of the colocated pipeline")
+        self.config = EngineConfig(
+            model=model,
+            device=device,
+            dtype=dtype,
+            block_size=block_size,
+            colocated=True,
+            max_num_batched_tokens=max_num_batched_tokens,
+            **engine_options,
+        )
+        self._engine = Engine(self.config)

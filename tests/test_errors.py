@@ -106,8 +106,7 @@ def test_cpu_pool_larger_than_free_shared_memory(model_dirs, monkeypatch, leftov
     leftovers.assert_clean()
     # by default the pool takes at most half of what is free there
     with SplitwiserPipeline(model_dirs["llama"], device="cpu") as pipe:
-        layout = kv_pool.KVLayout.from_model_config(pipe._engine.model.config, 16, pipe.dtype)
-        assert pipe.num_kv_blocks * layout.bytes_per_block <= 4 << 20
+        assert pipe.num_kv_blocks * pipe.stats()["kv_bytes_per_block"] <= 4 << 20
 
 
 def test_expandable_segments_detected(monkeypatch):

@@ -1,7 +1,9 @@
 """The contract: greedy float32 tokens equal ``generate(do_sample=False)``, for Llama (GQA),
 Qwen2, Mistral and OPT, in real worker processes, alone and 32 at once, 1+1 and 2+2 workers,
-both handoff modes, both model front-ends (own code, Hugging Face modules); on CPU, and on CUDA
-(CUDA IPC, Triton decode kernel, CUDA graphs) where a GPU is present."""
+both handoff modes, both model front-ends (own code, Hugging Face modules), prompts prefilled
+whole and in chunks; the colocated pipeline likewise (mixed steps of prefill chunks and
+decodes); on CPU, and on CUDA (CUDA IPC, Triton decode kernel, CUDA graphs) where a GPU is
+present."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import random
 import pytest
 import torch
 
-from splitwiser import SamplingParams, SplitwiserPipeline
+from splitwiser import ColocatedPipeline, SamplingParams, SplitwiserPipeline
 from tests.conftest import ARCHS, hf_greedy
 
 # 1 token, around and at exact multiples of the block size (16), several blocks
@@ -46,18 +48,21 @@ def references(reference_models, device):
     return prompts, refs
 
 
-# every architecture on its own model code; the Hugging Face front-end (same attention) too
+# every architecture on its own model code; the Hugging Face front-end (same attention) too;
+# a prefill budget of 24 tokens: the longer prompts (up to 127) are prefilled in chunks
 CASES = (
-    [(arch, 1, 1, "shared", "auto") for arch in ARCHS]
-    + [(arch, 2, 2, "copy", "auto") for arch in ARCHS]
-    + [(arch, 2, 2, "shared", "transformers") for arch in ("llama", "opt")]
-    + [("llama", 2, 2, "shared", "auto"), ("llama", 1, 1, "copy", "transformers")]
+    [(arch, 1, 1, "shared", "auto", 4096) for arch in ARCHS]
+    + [(arch, 2, 2, "copy", "auto", 4096) for arch in ARCHS]
+    + [(arch, 2, 2, "shared", "transformers", 4096) for arch in ("llama", "opt")]
+    + [("llama", 2, 2, "shared", "auto", 4096), ("llama", 1, 1, "copy", "transformers", 4096)]
+    + [(arch, 1, 2, "shared", "auto", 24) for arch in ARCHS]
+    + [("llama", 2, 1, "shared", "transformers", 24)]
 )
 
 
-@pytest.mark.parametrize("arch, num_prompt, num_token, handoff, model_impl", CASES)
+@pytest.mark.parametrize("arch, num_prompt, num_token, handoff, model_impl, budget", CASES)
 def test_greedy_equals_generate(
-    model_dirs, references, device, arch, num_prompt, num_token, handoff, model_impl
+    model_dirs, references, device, arch, num_prompt, num_token, handoff, model_impl, budget
 ):
     prompts, refs = references
     params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
@@ -69,8 +74,11 @@ def test_greedy_equals_generate(
         dtype="float32",
         kv_handoff=handoff,
         model_impl=model_impl,
+        max_prefill_tokens=budget,
     ) as pipe:
         alone = pipe.generate([prompts[3]], params)[0]  # one request on an idle pipeline
+        longest = pipe.generate([prompts[-1]], params)[0]  # 127 tokens, alone
+        num_batches = pipe.stats()["phases"]["prefill_batches"] - 1
         together = pipe.generate(prompts, params)  # 32 concurrent requests
         stats = pipe.stats()
     assert stats["model_impl"] == ("transformers" if model_impl == "transformers" else "splitwiser")
@@ -84,3 +92,36 @@ def test_greedy_equals_generate(
         assert m.handoff_s is not None and m.handoff_s >= 0
         assert (m.kv_bytes_copied > 0) == (handoff == "copy")
     assert stats["num_free_blocks"] == stats["num_kv_blocks"]  # every block back in the pool
+    assert longest.token_ids == refs[arch][-1]
+    assert num_batches == -(-len(prompts[-1]) // budget)  # chunks of the budget, or whole
+
+
+# a step budget of 24 tokens over at most 12 running requests: prompts of up to 127 tokens are
+# prefilled in chunks across several steps, mixed with the decodes of the others
+COLOCATED_CASES = [(arch, "auto") for arch in ARCHS] + [("llama", "transformers")]
+
+
+@pytest.mark.parametrize("arch, model_impl", COLOCATED_CASES)
+def test_colocated_greedy_equals_generate(model_dirs, references, device, arch, model_impl):
+    prompts, refs = references
+    params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+    with ColocatedPipeline(
+        model_dirs[arch],
+        device=device,
+        dtype="float32",
+        model_impl=model_impl,
+        max_num_batched_tokens=24,
+        max_num_seqs=12,
+    ) as pipe:
+        alone = pipe.generate([prompts[-1]], params)[0]  # 127 tokens: 6 chunks, then decode
+        together = pipe.generate(prompts, params)
+        stats = pipe.stats()
+    assert alone.token_ids == refs[arch][-1]
+    for i, out in enumerate(together):
+        assert out.token_ids == refs[arch][i], f"prompt {i} ({len(prompts[i])} tokens) differs"
+        assert out.finish_reason == "length" and len(out.metrics.token_times) == MAX_NEW
+    phases = stats["phases"]
+    assert phases["mixed_steps"] > 0 and phases["decode_steps"] > 0
+    assert phases["prefill_tokens"] == len(prompts[-1]) + sum(map(len, prompts))
+    assert stats["num_free_blocks"] == stats["num_kv_blocks"]
+    assert set(stats["workers"]) == {"colocated"}

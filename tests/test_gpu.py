@@ -11,7 +11,6 @@ import torch
 
 from splitwiser import SamplingParams, SplitwiserPipeline
 from splitwiser.config import DEFAULT_GPU_KV_FRACTION
-from splitwiser.engine.kv_pool import KVLayout
 
 pytestmark = [
     pytest.mark.gpu,
@@ -23,9 +22,7 @@ def test_cuda_defaults_to_bfloat16_and_sizes_the_pool_from_free_memory(model_dir
     free_before, _ = torch.cuda.mem_get_info()
     with SplitwiserPipeline(model_dirs["llama"], device="cuda") as pipe:
         assert pipe.dtype == torch.bfloat16 and pipe.device.type == "cuda"
-        cfg = pipe._engine.model.config
-        layout = KVLayout.from_model_config(cfg, pipe.config.block_size, torch.bfloat16)
-        pool_bytes = pipe.num_kv_blocks * layout.bytes_per_block
+        pool_bytes = pipe.num_kv_blocks * pipe.stats()["kv_bytes_per_block"]
         # a fraction of what was free once the weights were loaded (tiny model: ~free_before)
         assert pool_bytes <= DEFAULT_GPU_KV_FRACTION * free_before
         assert pool_bytes >= 0.9 * DEFAULT_GPU_KV_FRACTION * free_before

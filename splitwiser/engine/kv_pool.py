@@ -17,6 +17,7 @@ import torch
 
 from splitwiser.config import DEFAULT_CPU_KV_BYTES, DEFAULT_GPU_KV_FRACTION
 from splitwiser.errors import ConfigError
+from splitwiser.models.shape import ModelShape
 
 SHM_DIR = "/dev/shm"  # where the CPU pool's shared storage lives
 _SEGMENT = 2 << 20  # the CUDA caching allocator rounds large segments to 2 MiB
@@ -31,16 +32,12 @@ class KVLayout:
     dtype: torch.dtype
 
     @classmethod
-    def from_model_config(cls, config, block_size: int, dtype: torch.dtype) -> KVLayout:
-        num_heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        return cls(config.num_hidden_layers, num_kv_heads, head_dim, block_size, dtype)
+    def from_shape(cls, shape: ModelShape, block_size: int, dtype: torch.dtype) -> KVLayout:
+        return cls(shape.num_layers, shape.num_kv_heads, shape.head_dim, block_size, dtype)
 
     @property
     def bytes_per_token(self) -> int:
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
     @property
     def bytes_per_block(self) -> int:

@@ -40,9 +40,7 @@ class RequestSpec:
 
     request_id: int
     params: SamplingParams
-    seed: (
-        int  # base seed of the per-token generators (drawn by the parent when params.seed is None)
-    )
+    seed: int  # base seed of the per-token generators (drawn by the parent if params.seed is None)
     max_new_tokens: int  # params.max_new_tokens capped by the model's context
 
 
@@ -51,11 +49,13 @@ class RequestSpec:
 
 @dataclass
 class PrefillMsg:
-    """Prefill these prompts (one packed forward pass)."""
+    """Prefill these prompts, or chunks of them (one packed forward pass)."""
 
     requests: list[RequestSpec]
-    token_ids: list[list[int]]  # each request's prompt
+    token_ids: list[list[int]]  # each request's prompt, or its next chunk
     block_ids: list[list[int]]  # each request's blocks, enough for prompt + all new tokens
+    # tokens of each request already in its blocks (earlier chunks): its chunk starts there
+    num_computed: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -68,6 +68,19 @@ class HandoffMsg:
     first_token: int  # sampled by the prompt worker, not yet cached
     published_at: float  # time.monotonic() when the prompt worker published the prefill
     kv_copy: KVCopy | None = None  # copy handoff only
+
+
+@dataclass
+class RunMsg:
+    """Run a request through both phases (colocated worker): prefill ``token_ids`` in chunks
+    into its blocks, then decode it."""
+
+    request: RequestSpec
+    token_ids: list[int]  # what to prefill: the prompt (resumed: and its output but the last)
+    block_ids: list[int]  # its blocks, enough for prompt + all new tokens
+    # resumed: its last generated token, the first decode input (not reported again); None:
+    # sample the first token after the prefill
+    next_token: int | None = None
 
 
 @dataclass
@@ -117,12 +130,20 @@ class TokensMsg:
 
     request_ids: list[int]
     tokens: list[int]
-    finished: list[bool]  # the worker is done with the request and its blocks
-    released: list[int] = field(default_factory=list)  # aborted requests it no longer touches
-    handoff_s: dict[int, float] = field(
-        default_factory=dict
-    )  # admitted this step: publish -> admit
+    finished: list[bool]  # the worker is done with the request and its blocks (stop_reason)
+    # admitted this step: request id -> seconds from the prefill's publish to the admission
+    handoff_s: dict[int, float] = field(default_factory=dict)
     step_s: float = 0.0
+    # colocated worker: prompt tokens prefilled in the same step (0: a decode-only step); the
+    # step's tokens include the first token of each request whose prefill ended in it
+    num_prefill_tokens: int = 0
+
+
+@dataclass
+class ReleasedMsg:
+    """Aborted requests this worker no longer touches: their blocks may go."""
+
+    request_ids: list[int]
 
 
 @dataclass

@@ -15,8 +15,6 @@ from splitwiser.engine.procs import WorkerProc
 
 log = logging.getLogger("splitwiser")
 
-ROLES = ("prompt", "token")
-
 
 @dataclass
 class LostWorker:
@@ -38,16 +36,13 @@ class Supervisor:
         self._spawn = spawn
         self.workers: dict[tuple[str, int], WorkerProc] = {}
         self.vacant: set[tuple[str, int]] = set()
-        self.restarts = dict.fromkeys(ROLES, 0)  # over the pipeline's life
-        self._recent: dict[str, deque[float]] = {r: deque() for r in ROLES}  # restart times
-        self.num_configured = {
-            "prompt": config.num_prompt_workers,
-            "token": config.num_token_workers,
-        }
+        self.num_configured = config.workers_per_role
+        self.restarts = dict.fromkeys(self.num_configured, 0)  # over the pipeline's life
+        self._recent: dict[str, deque[float]] = {r: deque() for r in self.num_configured}
 
     def start_all(self) -> None:
-        for role in ROLES:
-            for index in range(self.num_configured[role]):
+        for role, num in self.num_configured.items():
+            for index in range(num):
                 self.workers[(role, index)] = self._spawn(role, index)
 
     def ready(self, role: str) -> dict[int, WorkerProc]:
@@ -55,17 +50,18 @@ class Supervisor:
 
     # ------------------------------------------------------------------ losses
 
-    def find_lost(self) -> list[LostWorker]:
-        """Workers that died, hung with work outstanding, or never became ready; the last two
-        are killed here, so every lost worker is dead when this returns."""
+    def find_lost(self, busy: set[tuple[str, int]]) -> list[LostWorker]:
+        """Workers that died, hung with work outstanding (``busy``: the keys of the workers
+        that own requests), or never became ready; the last two are killed here, so every lost
+        worker is dead when this returns."""
         lost = []
         start_s = self.config.worker_start_timeout_s
         live_s = self.config.worker_liveness_timeout_s
-        for w in list(self.workers.values()):
+        for key, w in list(self.workers.items()):
             if w.ready is None and w.age_s() > start_s:
                 w.kill()
                 lost.append(LostWorker(w, f"was not ready after {start_s:.0f} s; killed"))
-            elif w.ready is not None and w.load > 0 and live_s and w.silent_s() > live_s:
+            elif w.ready is not None and key in busy and live_s and w.silent_s() > live_s:
                 silent = w.silent_s()
                 w.kill()
                 lost.append(
@@ -109,7 +105,7 @@ class Supervisor:
 
     def stopped_role(self) -> str | None:
         """A role none of whose workers is running or starting, and none may restart yet."""
-        for role in ROLES:
+        for role in self.num_configured:
             if not any(r == role for r, _ in self.workers):
                 return role
         return None
@@ -120,7 +116,7 @@ class Supervisor:
         """Per role: workers configured, ready, starting, vacant (a restart waits for the rate);
         restarts over the pipeline's life and within the current window."""
         out = {}
-        for role in ROLES:
+        for role in self.num_configured:
             mine = [w for (r, _), w in self.workers.items() if r == role]
             self._may_restart(role)  # drops restarts older than the window
             out[role] = {

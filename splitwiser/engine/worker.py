@@ -4,55 +4,84 @@ decode. Both map the parent's weights and KV pool (shared memory on CPU, CUDA IP
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pickle
 import queue
 import signal
-import time
-import traceback
-from collections import deque
 from dataclasses import dataclass, replace
-from multiprocessing.reduction import ForkingPickler
 
 import psutil
 import torch
 
+from splitwiser.config import EngineConfig
 from splitwiser.engine import messages as m
 from splitwiser.engine.decode_batch import DecodeBatch
-from splitwiser.engine.kv_pool import KVLayout, prefill_workspace_bytes, slots_for
-from splitwiser.engine.model_runner import ModelRunner, PrefillSeq, graph_batch_sizes
-from splitwiser.sampling import sample_next, sample_tokens
+from splitwiser.engine.heap import keep_freed_memory, reserve_heap
+from splitwiser.engine.kv_pool import KVLayout, prefill_workspace_bytes
+from splitwiser.engine.model_runner import ModelRunner, graph_batch_sizes
+from splitwiser.models.shape import ModelShape
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    role: str  # "prompt" or "token"
-    index: int
-    device: str
-    block_size: int
-    kv_handoff: str  # "shared" or "copy"
-    num_threads: int
-    max_num_seqs: int  # token worker: running requests per decode step
+    """What one worker runs with: the pipeline's own config, the worker's role and index, and
+    the facts the parent resolved once (device, front-end, context length, end-of-sequence ids).
+    One per worker, made with ``dataclasses.replace``."""
+
+    engine: EngineConfig
+    device: str  # resolved: "cpu" or "cuda:<index>"
+    model_impl: str  # resolved: "splitwiser" or "transformers" (splitwiser.models.registry)
+    max_model_len: int  # prompt + output tokens of one request (sliding window applied)
     eos_token_ids: tuple[int, ...]
-    env: tuple[tuple[str, str], ...] = ()  # set before CUDA starts (MPS pipe, thread share)
-    nvtx: bool = False  # NVTX ranges per prefill batch / decode step (CUDA only)
-    model_impl: str = "splitwiser"  # or "transformers" (see splitwiser.models.registry)
-    max_model_len: int = 2048  # prompt + output tokens of one request
-    enforce_eager: bool = False  # token worker on CUDA: no decode CUDA graphs
-    nice: int = 0  # added to the process's niceness (EngineConfig.phase_priority)
-    max_prefill_tokens: int = 4096  # prompt worker: tokens of its largest prefill batch
+    max_num_batched_tokens: int = 2048  # colocated: resolved step budget (EngineConfig's)
+    role: str = "prompt"  # "prompt", "token" or "colocated"
+    index: int = 0
+    # NVTX ranges per prefill batch / decode step (CUDA only): asked for (nvtx_ranges) or a
+    # profiler attached (see for_attached_profiler)
+    nvtx: bool = False
 
     @property
     def name(self) -> str:
         return f"splitwiser-{self.role}-{self.index}"
+
+    @property
+    def block_size(self) -> int:
+        return self.engine.block_size
+
+    @property
+    def kv_handoff(self) -> str:
+        return self.engine.kv_handoff
+
+    @property
+    def max_num_seqs(self) -> int:  # token worker: running requests per decode step
+        return self.engine.max_num_seqs
+
+    @property
+    def max_prefill_tokens(self) -> int:  # prompt worker: tokens of its largest prefill batch
+        return self.engine.max_prefill_tokens
+
+    @property
+    def enforce_eager(self) -> bool:  # token worker on CUDA: no decode CUDA graphs
+        return self.engine.enforce_eager
+
+    @property
+    def num_threads(self) -> int:
+        return self.engine.threads_per_worker()
+
+    @property
+    def env(self) -> dict[str, str]:  # set before CUDA starts (MPS pipe, thread share)
+        return self.engine.worker_env(self.role)
+
+    @property
+    def nice(self) -> int:  # added to the process's niceness (EngineConfig.phase_priority)
+        return self.engine.worker_nice(self.role, torch.device(self.device))
 
 
 def _uss() -> int:
     return psutil.Process().memory_full_info().uss
 
 
-def _get(in_conn, block: bool):
+def get_msg(in_conn, block: bool):
     """The next message (``queue.Empty`` if none and not blocking); exit when the parent is gone
     (never leave an orphan)."""
     if block:
@@ -104,42 +133,18 @@ def phase_range(cfg: WorkerConfig, device: torch.device, name: str):
     return _NO_RANGE
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _settle(device: torch.device) -> None:
+def settle(device: torch.device) -> None:
     """After a failed step: let kernels already queued finish writing into the requests' blocks
     before the parent hands those blocks to someone else."""
     try:
-        _synchronize(device)
+        synchronize(device)
     except Exception:  # a broken context: nothing more will run on it anyway
         pass
-
-
-def keep_freed_memory() -> None:
-    """Serve the step's large temporaries (gathered K/V, logits) from the heap instead of a
-    fresh mmap each time: glibc's default returns them to the kernel on free, and faulting their
-    pages in again every step doubled the CPU decode step (measured at batch 32, context 512)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-
-
-def reserve_heap(num_bytes: int) -> None:
-    """Fault ``num_bytes`` of heap in now, once, and keep it (``keep_freed_memory``): the first
-    full prefill batch otherwise spends its time in page faults (measured: a third of a
-    4,096-token batch's time on the embedded model), as every larger batch after it would."""
-    buf = torch.empty(num_bytes, dtype=torch.uint8)
-    buf.fill_(0)  # touches every page
-    del buf
 
 
 def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
@@ -149,7 +154,7 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     # NOTE: before anything touches CUDA: the driver reads the MPS variables when it initialises
-    os.environ.update(dict(cfg.env))
+    os.environ.update(cfg.env)
     try:
         with open("/proc/self/comm", "w") as f:  # visible in `ps`: sw-prompt-0, sw-token-1
             f.write(f"sw-{cfg.role}-{cfg.index}"[:15])
@@ -175,12 +180,14 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
         max_model_len=cfg.max_model_len, fuse=graphs,
     )  # fmt: skip
     reserved = 0
-    if cfg.role == "prompt" and device.type == "cpu":
-        layout = KVLayout.from_model_config(model.config, cfg.block_size, params[0].dtype)
-        reserved = prefill_workspace_bytes(model.config, layout, cfg.max_prefill_tokens)
+    if cfg.role != "token" and device.type == "cpu":  # the prefill's temporaries
+        shape = ModelShape.from_hf(model.config)
+        layout = KVLayout.from_shape(shape, cfg.block_size, params[0].dtype)
+        step = cfg.max_prefill_tokens if cfg.role == "prompt" else cfg.max_num_batched_tokens
+        reserved = prefill_workspace_bytes(model.config, layout, step)
         reserve_heap(reserved)
     batch = None
-    if cfg.role == "token":
+    if cfg.role in ("token", "colocated"):  # both decode from a persistent batch
         batch = _decode_batch(cfg, kv_pool, device)
         if graphs:
             runner.capture_decode_graphs(batch, kv_pool, graph_batch_sizes(cfg.max_num_seqs))
@@ -196,13 +203,20 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
             mps_env={k: v for k, v in os.environ.items() if k.startswith("CUDA_MPS_")},
         )
     )
+    # NOTE: imported here: the loops import this module's helpers
+    from splitwiser.engine.colocated_worker import ColocatedWorker
+    from splitwiser.engine.prompt_worker import PromptWorker
+    from splitwiser.engine.token_worker import TokenWorker
+
     if cfg.role == "prompt":
         PromptWorker(cfg, runner, kv_pool, in_conn, out_conn, device).run()
-    else:
+    elif cfg.role == "token":
         TokenWorker(cfg, runner, kv_pool, in_conn, out_conn, device, batch).run()
+    else:
+        ColocatedWorker(cfg, runner, kv_pool, in_conn, out_conn, device, batch).run()
     # on CUDA: hand the parent's storages back now (their IPC reference counts), not at
     # interpreter teardown
-    _settle(device)
+    settle(device)
     del runner, model, kv_pool, params, batch
 
 
@@ -211,165 +225,3 @@ def _decode_batch(cfg: WorkerConfig, kv_pool: torch.Tensor, device) -> DecodeBat
     scratch = kv_pool.shape[2] // cfg.block_size - 1
     max_blocks = -(-cfg.max_model_len // cfg.block_size)
     return DecodeBatch(cfg.max_num_seqs, max_blocks, scratch, device)
-
-
-class PromptWorker:
-    def __init__(self, cfg, runner: ModelRunner, kv_pool, in_conn, out_conn, device):
-        self.cfg, self.runner, self.kv_pool = cfg, runner, kv_pool
-        self.in_conn, self.out_conn, self.device = in_conn, out_conn, device
-
-    def run(self) -> None:
-        while True:
-            msg = _get(self.in_conn, block=True)  # 1) receive
-            if isinstance(msg, m.ShutdownMsg):
-                return
-            try:
-                self.out_conn.send(self.prefill(msg))
-            except Exception:
-                ids = [r.request_id for r in msg.requests]
-                _settle(self.device)
-                self.out_conn.send(m.WorkerErrorMsg(ids, traceback.format_exc(limit=4)))
-
-    def prefill(self, msg: m.PrefillMsg) -> m.PrefillDoneMsg:
-        t0 = time.monotonic()
-        seqs = [PrefillSeq(t, b) for t, b in zip(msg.token_ids, msg.block_ids)]
-        copy = self.cfg.kv_handoff == "copy"
-        total = sum(len(t) for t in msg.token_ids)
-        if copy:  # K/V go to a private staging buffer and then, through host memory, to the parent
-            layers, _, _, kv_heads, head_dim = self.kv_pool.shape
-            target = torch.empty(
-                (layers, 2, total, kv_heads, head_dim), dtype=self.kv_pool.dtype, device=self.device
-            )
-        else:  # K/V go straight into the requests' blocks
-            target = self.kv_pool
-        with phase_range(self.cfg, self.device, f"prefill b={len(seqs)} t={total}"):
-            logits = self.runner.prefill(seqs, target, contiguous_slots=copy)  # [B, vocab]
-            first = sample_tokens(logits, [(r.params, r.seed, 0) for r in msg.requests])
-        # NOTE: publish only after the prefill kernels finished: the token worker reads at once
-        _synchronize(self.device)
-        done = time.monotonic()  # the K/V are ready: the handoff starts here, in both modes
-        kv_copies = None
-        if copy:
-            kv_copies, start = [], 0
-            for t in msg.token_ids:
-                kv = target[:, :, start : start + len(t)]
-                start += len(t)
-                nbytes = kv.numel() * kv.element_size()
-                if self.device.type == "cuda":  # stays on the device; the IPC handle travels
-                    kv_copies.append(m.KVCopy(nbytes, cuda_ipc=bytes(ForkingPickler.dumps(kv))))
-                else:
-                    kv_copies.append(m.KVCopy(nbytes, tensor=kv.clone()))
-            # buffers of earlier batches whose token workers are done with them
-            if self.device.type == "cuda":
-                torch.cuda.ipc_collect()
-        return m.PrefillDoneMsg(
-            request_ids=[r.request_id for r in msg.requests],
-            first_tokens=first,
-            published_at=done,
-            kv_copies=kv_copies,
-            batch_tokens=total,
-            compute_s=done - t0,
-        )
-
-
-@dataclass
-class _RunningSeq:
-    spec: m.RequestSpec
-    num_generated: int
-
-
-class TokenWorker:
-    """Continuous batching over the persistent ``DecodeBatch``: ``self.rows[i]`` is the request
-    in the batch's row ``i``."""
-
-    def __init__(self, cfg, runner: ModelRunner, kv_pool, in_conn, out_conn, device, batch):
-        self.cfg, self.runner, self.kv_pool = cfg, runner, kv_pool
-        self.in_conn, self.out_conn, self.device = in_conn, out_conn, device
-        self.batch: DecodeBatch = batch
-        self.rows: list[_RunningSeq] = []
-        self.pending: deque[m.HandoffMsg] = deque()
-        self.eos = set(cfg.eos_token_ids)
-
-    def run(self) -> None:
-        while True:
-            # 1) receive: block while idle, otherwise take what arrived since the last step
-            if self._receive(block=not self.rows and not self.pending):
-                return
-            # 2) admit handed-off requests at the step boundary
-            handoff_s = self._admit()
-            if not self.rows:
-                continue
-            # 3) run one decode step, 4) publish its tokens
-            try:
-                self.out_conn.send(self._step(handoff_s))
-            except Exception:
-                ids = [s.spec.request_id for s in self.rows]
-                self.rows.clear()
-                self.batch.clear()
-                _settle(self.device)
-                self.out_conn.send(m.WorkerErrorMsg(ids, traceback.format_exc(limit=4)))
-
-    def _receive(self, block: bool) -> bool:
-        """Drain the incoming messages; True when asked to shut down."""
-        while True:
-            try:
-                msg = _get(self.in_conn, block)
-            except queue.Empty:
-                return False
-            block = False
-            if isinstance(msg, m.ShutdownMsg):
-                return True
-            if isinstance(msg, m.HandoffMsg):
-                self.pending.append(msg)
-            elif isinstance(msg, m.AbortMsg):
-                self._abort(msg.request_ids)
-
-    def _remove(self, row: int) -> None:
-        moved = self.batch.remove(row)
-        last = self.rows.pop()
-        if moved is not None:
-            self.rows[row] = last
-
-    def _abort(self, request_ids: list[int]) -> None:
-        ids = set(request_ids)
-        self.pending = deque(h for h in self.pending if h.request.request_id not in ids)
-        for row in reversed(range(len(self.rows))):
-            if self.rows[row].spec.request_id in ids:
-                self._remove(row)
-        # NOTE: acknowledged at once: this worker no longer touches their blocks
-        self.out_conn.send(m.TokensMsg([], [], [], released=sorted(ids)))
-
-    def _admit(self) -> dict[int, float]:
-        handoff_s = {}
-        while self.pending and len(self.rows) < self.cfg.max_num_seqs:
-            h = self.pending.popleft()
-            if h.kv_copy is not None:  # copy handoff: scatter the received K/V into the blocks
-                slots = slots_for(h.block_ids, h.prompt_len, self.cfg.block_size, self.device)
-                kv = h.kv_copy.open()  # CUDA: maps the prompt worker's buffer
-                self.kv_pool[:, :, slots] = kv  # device to device on CUDA
-                _synchronize(self.device)  # the handoff ends when the K/V are in place
-                del kv  # CUDA: the prompt worker may free its buffer now
-            self.batch.add(h.block_ids, h.prompt_len, h.first_token)
-            self.rows.append(_RunningSeq(h.request, 1))
-            handoff_s[h.request.request_id] = time.monotonic() - h.published_at
-        return handoff_s
-
-    def _step(self, handoff_s: dict[int, float]) -> m.TokensMsg:
-        t0 = time.monotonic()
-        seqs = list(self.rows)
-        with phase_range(self.cfg, self.device, f"decode b={len(seqs)}"):
-            logits = self.runner.decode(self.batch, self.kv_pool)  # [B, vocab]
-            new = sample_next(logits, [(s.spec.params, s.spec.seed, s.num_generated) for s in seqs])
-            self.batch.advance(new)
-            tokens = new.tolist()  # the step's one host synchronisation
-        finished = []
-        for s, tok in zip(seqs, tokens):
-            p = s.spec.params
-            s.num_generated += 1
-            done = s.num_generated >= s.spec.max_new_tokens or tok in p.stop_token_ids
-            finished.append(done or (not p.ignore_eos and tok in self.eos))
-        for row in reversed(range(len(seqs))):  # highest first: moves never touch a done row
-            if finished[row]:
-                self._remove(row)
-        ids = [s.spec.request_id for s in seqs]
-        return m.TokensMsg(ids, tokens, finished, [], handoff_s, time.monotonic() - t0)

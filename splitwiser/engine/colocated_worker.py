@@ -1,0 +1,183 @@
+"""The colocated worker's loop: ONE process runs both phases on the same data plane, with vLLM
+v1's policy. Each step takes the running decodes first, then fills the rest of a token budget
+(``max_num_batched_tokens``) with prefill chunks, first come first served, under
+``max_num_seqs``; a step with chunks is one forward over the mixed batch, a decode-only step is
+the token worker's (CUDA graphs on CUDA)."""
+
+from __future__ import annotations
+
+import queue
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from splitwiser.engine import messages as m
+from splitwiser.engine.decode_batch import DecodeBatch
+from splitwiser.engine.model_runner import ModelRunner, PrefillSeq
+from splitwiser.engine.worker import get_msg, phase_range, settle
+from splitwiser.prompts import stop_reason
+from splitwiser.sampling import sample_next
+
+
+@dataclass
+class _Prefilling:
+    run: m.RunMsg
+    num_computed: int = 0  # tokens of ``run.token_ids`` whose K/V are in the blocks
+
+    @property
+    def num_left(self) -> int:
+        return len(self.run.token_ids) - self.num_computed
+
+
+@dataclass
+class _Decoding:
+    spec: m.RequestSpec
+    block_ids: list[int]
+    next_token: int  # its next input (host copy of the batch row's)
+    num_generated: int
+
+
+class ColocatedWorker:
+    def __init__(self, cfg, runner: ModelRunner, kv_pool, in_conn, out_conn, device, batch):
+        self.cfg, self.runner, self.kv_pool = cfg, runner, kv_pool
+        self.in_conn, self.out_conn, self.device = in_conn, out_conn, device
+        self.batch: DecodeBatch = batch
+        self.rows: list[_Decoding] = []  # self.rows[i] is the request in the batch's row i
+        self.waiting: deque[_Prefilling] = deque()  # FCFS, the one being chunked first
+        self.eos = cfg.eos_token_ids
+        self.budget = cfg.max_num_batched_tokens
+
+    def run(self) -> None:
+        while True:
+            # 1) receive: block while idle, otherwise take what arrived since the last step
+            if self._receive(block=not self.rows and not self.waiting):
+                return
+            # 2) schedule: the decodes, then prefill chunks up to the token budget
+            chunks = self._schedule()
+            if not self.rows and not chunks:
+                continue
+            # 3) run one step, 4) publish its tokens
+            try:
+                self.out_conn.send(self._step(chunks))
+            except Exception:
+                ids = [s.spec.request_id for s in self.rows]
+                ids += [p.run.request.request_id for p in self.waiting]
+                self.rows.clear()
+                self.waiting.clear()
+                self.batch.clear()
+                settle(self.device)
+                self.out_conn.send(m.WorkerErrorMsg(ids, traceback.format_exc(limit=4)))
+
+    def _receive(self, block: bool) -> bool:
+        """Drain the incoming messages; True when asked to shut down."""
+        while True:
+            try:
+                msg = get_msg(self.in_conn, block)
+            except queue.Empty:
+                return False
+            block = False
+            if isinstance(msg, m.ShutdownMsg):
+                return True
+            if isinstance(msg, m.RunMsg):
+                self.waiting.append(_Prefilling(msg))
+            elif isinstance(msg, m.AbortMsg):
+                self._abort(msg.request_ids)
+
+    def _abort(self, request_ids: list[int]) -> None:
+        ids = set(request_ids)
+        self.waiting = deque(p for p in self.waiting if p.run.request.request_id not in ids)
+        for row in reversed(range(len(self.rows))):
+            if self.rows[row].spec.request_id in ids:
+                self._remove(row)
+        # NOTE: acknowledged at once: this worker no longer touches their blocks
+        self.out_conn.send(m.ReleasedMsg(sorted(ids)))
+
+    def _remove(self, row: int) -> None:
+        moved = self.batch.remove(row)
+        last = self.rows.pop()
+        if moved is not None:
+            self.rows[row] = last
+
+    def _schedule(self) -> list[tuple[_Prefilling, int]]:
+        """Prefill chunks for this step: ``[(request, chunk length)]``. The decodes take one
+        token of the budget each; a request being prefilled counts as running."""
+        left = self.budget - len(self.rows)
+        chunks = []
+        for p in self.waiting:
+            if left <= 0 or len(self.rows) + len(chunks) >= self.cfg.max_num_seqs:
+                break
+            n = min(p.num_left, left)
+            chunks.append((p, n))
+            left -= n
+        return chunks
+
+    @torch.inference_mode()
+    def _step(self, chunks: list[tuple[_Prefilling, int]]) -> m.TokensMsg:
+        t0 = time.monotonic()
+        rows, num_rows = list(self.rows), len(self.rows)
+        num_prefill = sum(n for _, n in chunks)
+        name = f"step b={num_rows} t={num_prefill}"
+        with phase_range(self.cfg, self.device, name):
+            if not chunks:  # decode only: the persistent batch (CUDA graphs)
+                logits = self.runner.decode(self.batch, self.kv_pool)  # [B, vocab]
+            else:  # one forward: each decode a 1-token chunk, then the prefill chunks
+                seqs = [
+                    PrefillSeq([r.next_token], r.block_ids, pos)
+                    for r, pos in zip(rows, self.batch.host_positions)
+                ]
+                seqs += [
+                    PrefillSeq(p.run.token_ids[p.num_computed : p.num_computed + n],
+                               p.run.block_ids, p.num_computed)
+                    for p, n in chunks
+                ]  # fmt: skip
+                logits = self.runner.prefill(seqs, self.kv_pool)  # [B + chunks, vocab]
+            sample = [(r.spec.params, r.spec.seed, r.num_generated) for r in rows]
+            ended = [p for p, n in chunks if n == p.num_left]  # their prompt is complete
+            picks = list(range(num_rows))
+            for j, (p, n) in enumerate(chunks):
+                if n == p.num_left and p.run.next_token is None:
+                    spec = p.run.request
+                    sample.append((spec.params, spec.seed, 0))  # its first token
+                    picks.append(num_rows + j)
+            new = sample_next(logits[picks], sample) if picks else logits.new_zeros(0).long()
+            if num_rows:
+                self.batch.advance(new[:num_rows])
+            tokens = new.tolist()  # the step's one host synchronisation
+        ids, out, finished = [], [], []
+        for r, tok in zip(rows, tokens):
+            r.num_generated += 1
+            r.next_token = tok
+            ids.append(r.spec.request_id)
+            out.append(tok)
+            finished.append(self._stops(r.spec, tok, r.num_generated))
+        for row in reversed(range(num_rows)):  # highest first: moves never touch a done row
+            if finished[row]:
+                self._remove(row)
+        for p, n in chunks:
+            p.num_computed += n
+        firsts = iter(tokens[num_rows:])
+        for p in ended:
+            self.waiting.remove(p)
+            run = p.run
+            first = run.next_token
+            if first is None:  # a fresh request: its first token is reported
+                first = next(firsts)
+                ids.append(run.request.request_id)
+                out.append(first)
+                done = self._stops(run.request, first, 1)
+                finished.append(done)
+                if done:
+                    continue
+            self.batch.add(run.block_ids, len(run.token_ids), first)
+            self.rows.append(_Decoding(run.request, run.block_ids, first, 1))
+        return m.TokensMsg(
+            ids, out, finished, step_s=time.monotonic() - t0, num_prefill_tokens=num_prefill
+        )
+
+    def _stops(self, spec: m.RequestSpec, token: int, num_generated: int) -> bool:
+        """The parent applies the same rule to the same token."""
+        reason = stop_reason(token, num_generated, spec.max_new_tokens, spec.params, self.eos)
+        return reason is not None

@@ -1,0 +1,277 @@
+"""The engine core: the request table, the scheduler, the block allocator, the stop rule, the
+routing between worker roles and what happens to the requests of a lost worker.
+
+Driven by inputs (a new request, an abort, a worker's message, a worker's loss, a scheduling
+tick) and answering with what to send to which worker: ``[(worker_key, msg)]``. No pipes, no
+processes, no threads: ``Engine`` (engine.py) runs it on its thread and does the sending, and
+tests drive it in one process with scripted worker messages.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
+
+from splitwiser.config import EngineConfig
+from splitwiser.engine import messages as m
+from splitwiser.engine.block_manager import BlockAllocator
+from splitwiser.engine.handle import RequestHandle
+from splitwiser.engine.request import Request, RequestStatus, WorkerKey
+from splitwiser.engine.roles import ColocatedRole, PromptRole, Role, TokenRole
+from splitwiser.engine.scheduler import Scheduler
+from splitwiser.errors import KVCacheTooSmallError, SplitwiserError, WorkerCrashedError
+from splitwiser.outputs import RequestMetrics
+from splitwiser.prompts import PromptChecker, stop_reason
+from splitwiser.sampling import SamplingParams
+
+Send = tuple[WorkerKey, object]  # a message and the worker it goes to
+
+PHASE_COUNTERS = (
+    "prefill_batches", "prefill_tokens", "prefill_s", "decode_steps", "decode_tokens", "decode_s",
+    "mixed_steps", "mixed_s",  # colocated: steps that ran prefill chunks and decodes together
+)  # fmt: skip
+
+
+class EngineCore:
+    """``roles`` maps a role's name to what it does; their order is the scheduling order (the
+    token workers' handoffs first: their K/V already occupy blocks)."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        num_blocks: int,
+        checker: PromptChecker,
+        eos_token_ids: tuple[int, ...],
+        roles: dict[str, Role] | None = None,
+    ):
+        self.config = config
+        self.checker = checker
+        self.eos_token_ids = eos_token_ids
+        self.allocator = BlockAllocator(num_blocks)
+        # NOTE: the copy handoff stages a prompt's K/V outside the pool: whole prompts only
+        self.scheduler = Scheduler(
+            self.allocator, config.block_size, config.max_prefill_tokens,
+            chunked=config.kv_handoff == "shared",
+        )  # fmt: skip
+        self.roles: dict[str, Role] = roles or default_roles(config)
+        self.requests: dict[int, Request] = {}  # every unfinished request, and finished ones
+        # whose blocks a worker still holds
+        self.decode_queue: deque[Request] = deque()  # prefilled, waiting for a token worker
+        # what each phase did, as the workers measured it: prefill batches, decode steps
+        self.phase_counters = dict.fromkeys(PHASE_COUNTERS, 0.0)
+        self.num_retried = 0  # requests run again after the worker running them died or hung
+        self._request_ids = itertools.count()  # next() is atomic: callers on any thread
+        self._batch_ids = itertools.count()
+
+    # ------------------------------------------------------------------ inputs
+
+    def new_request(self, prompt, params: SamplingParams, cancel=None) -> Request:
+        """Validate a prompt into a request with its handle (any thread; ``cancel(request_id)``
+        is what the handle's ``cancel()`` calls). Raises ``InvalidRequestError``, or
+        ``KVCacheTooSmallError`` for a request that could never fit the pool."""
+        token_ids = self.checker.token_ids(prompt)
+        max_new = self.checker.max_new_tokens(len(token_ids), params)
+        req = Request(
+            request_id=next(self._request_ids),
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=token_ids,
+            params=params,
+            seed=params.seed if params.seed is not None else random.getrandbits(62),
+            max_new_tokens=max_new,
+            metrics=RequestMetrics(arrival_time=time.monotonic()),
+        )
+        needed = req.num_blocks_needed(self.config.block_size)
+        if needed > self.allocator.num_blocks:
+            raise KVCacheTooSmallError(
+                f"request needs {needed} KV blocks ({len(token_ids)} prompt + {max_new} new tokens "
+                f"at block_size {self.config.block_size}) but the pool has only "
+                f"{self.allocator.num_blocks}; raise num_kv_blocks / kv_cache_bytes or lower "
+                f"max_new_tokens"
+            )
+        req.handle = RequestHandle(req.request_id, cancel=cancel)
+        return req
+
+    def add_request(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_id: int) -> list[Send]:
+        """Cancel: ``result()`` returns what was generated, finish_reason "abort"."""
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return []
+        self.scheduler.remove(req)
+        return self.finish(req, "abort", time.monotonic())
+
+    def on_message(self, worker: WorkerKey, msg) -> list[Send]:
+        """A worker's message (its ``ReadyMsg`` is the process side's)."""
+        if isinstance(msg, m.ReleasedMsg):
+            for rid in msg.request_ids:
+                req = self.requests.get(rid)
+                if req is not None and req.owner == worker:
+                    req.let_go()
+                    self.release(req)
+            return []
+        if isinstance(msg, m.WorkerErrorMsg):  # the failed batch's requests: let go, failed
+            error = SplitwiserError(f"{worker_name(worker)}: {msg.error}")
+            for rid in msg.request_ids:
+                req = self.requests.get(rid)
+                if req is not None and req.owner == worker:
+                    req.let_go()
+                    if req.is_finished:  # ended meanwhile (an abort): its output stands
+                        self.release(req)
+                    else:
+                        self.fail(req, error)
+            return []
+        return self.roles[worker[0]].on_message(self, worker, msg)
+
+    def on_worker_lost(self, worker: WorkerKey, reason: str) -> None:
+        """A worker died, hung or never got ready (it is dead now, so it holds no block): what
+        it owned runs again, prefilled with its output so far."""
+        orphans = []
+        for req in self.owned_by(worker):
+            req.let_go()
+            if req.is_finished:  # only its abort was outstanding
+                self.release(req)
+            else:
+                orphans.append(req)
+        self._retry(orphans, f"{worker_name(worker)} {reason}")
+
+    def schedule(self, ready: dict[str, Iterable[int]]) -> list[Send]:
+        """Work for the ready workers (``ready``: role -> indices), role by role."""
+        sends: list[Send] = []
+        for name, role in self.roles.items():
+            indices = list(ready.get(name, ()))
+            if indices:
+                sends += role.schedule(self, indices)
+        return sends
+
+    def fail_all(self, error: SplitwiserError) -> list[Send]:
+        sends: list[Send] = []
+        for req in list(self.requests.values()):
+            if not req.is_finished:
+                self.scheduler.remove(req)
+                sends += self.fail(req, error)
+        self.decode_queue.clear()
+        return sends
+
+    def close(self, error: SplitwiserError) -> None:
+        """The pool goes with the pipeline: fail what is unfinished, forget every block."""
+        for req in self.requests.values():
+            req.handle._fail(error)
+        self.requests.clear()
+        self.decode_queue.clear()
+        self.scheduler.waiting.clear()
+
+    # ------------------------------------------------------------------ loads
+
+    def owned_by(self, worker: WorkerKey) -> list[Request]:
+        return [r for r in self.requests.values() if r.owner == worker]
+
+    def loads(self, role: str) -> Counter:
+        """Per worker index of ``role``: the requests it owns (prompt workers: their batches)."""
+        if role == "prompt":
+            batches = {(r.owner[1], r.batch_id) for r in self.requests.values()
+                       if r.owner is not None and r.owner[0] == role}  # fmt: skip
+            return Counter(index for index, _ in batches)
+        return Counter(r.owner[1] for r in self.requests.values()
+                       if r.owner is not None and r.owner[0] == role)  # fmt: skip
+
+    def busy_workers(self) -> set[WorkerKey]:
+        """Workers with work outstanding (the liveness clock runs for these)."""
+        return {r.owner for r in self.requests.values() if r.owner is not None}
+
+    @property
+    def num_unfinished(self) -> int:
+        return sum(not r.is_finished for r in self.requests.values())
+
+    def next_batch_id(self) -> int:
+        return next(self._batch_ids)
+
+    # ------------------------------------------------------------------ tokens and endings
+
+    def append_token(self, req: Request, token: int, now: float) -> list[Send]:
+        """The one place a generated token joins a request; the stop rule decides its end."""
+        req.output_token_ids.append(token)
+        req.metrics.token_times.append(now)
+        req.handle._push(token)
+        reason = stop_reason(
+            token, req.num_output_tokens, req.max_new_tokens, req.params, self.eos_token_ids
+        )
+        text = None
+        if reason is None and req.params.stop:
+            text, matched = self.checker.apply_stop_strings(req.output_token_ids, req.params.stop)
+            reason = "stop" if matched else None
+        if reason is None:
+            return []
+        return self.finish(req, reason, now, text)
+
+    def finish(self, req: Request, reason: str | None, now: float, text=None) -> list[Send]:
+        """End a request (``reason`` None: failed). Its blocks go at once if no worker owns it;
+        otherwise once the owner lets go (a token worker is told to; a prompt worker lets go at
+        the end of its batch)."""
+        if text is None:
+            text = self.checker.decode(req.output_token_ids)
+        req.finish(reason, now, text)
+        if req.owner is None:
+            self.release(req)
+            return []
+        stop = self.roles[req.owner[0]].stop_msg([req.request_id])
+        return [] if stop is None else [(req.owner, stop)]
+
+    def fail(self, req: Request, error: SplitwiserError) -> list[Send]:
+        req.handle._fail(error)  # at once: the caller need not wait for the blocks
+        return self.finish(req, None, time.monotonic(), text="")
+
+    def release(self, req: Request) -> None:
+        """Free the blocks, then resolve the handle: so after generate(), all blocks are free."""
+        assert req.is_finished and req.owner is None
+        self.scheduler.free(req)
+        self.requests.pop(req.request_id, None)
+        if req.finish_reason is not None:
+            req.handle._finish(req.output())
+
+    # ------------------------------------------------------------------ retries
+
+    def _retry(self, reqs: list[Request], what: str) -> None:
+        """Prefill again (a resumed request: prompt and output so far) and go on decoding on a
+        live worker; the caller sees the same tokens, none twice. A request lost more than
+        ``max_request_retries`` times in a row without a new token fails."""
+        again = []
+        for req in sorted(reqs, key=lambda r: r.request_id):
+            if req.num_output_tokens > req.num_output_at_retry:
+                req.num_retries = 0  # it progressed since it was last run again
+            if req.num_retries >= self.config.max_request_retries:
+                self.fail(
+                    req,
+                    WorkerCrashedError(
+                        f"{what} while running this request, which was already run again "
+                        f"{req.num_retries} times in a row without a new token "
+                        f"(max_request_retries)"
+                    ),
+                )
+                continue
+            req.num_retries += 1
+            req.num_output_at_retry = req.num_output_tokens
+            again.append(req)
+        self.num_retried += len(again)
+        self.scheduler.requeue_front(again)
+
+
+def default_roles(config: EngineConfig) -> dict[str, Role]:
+    """The roles of ``config.workers_per_role``, in scheduling order."""
+    if config.colocated:  # a few requests queued beyond the running ones: no idle step
+        return {"colocated": ColocatedRole(max_outstanding=2 * config.max_num_seqs)}
+    return {"token": TokenRole(), "prompt": PromptRole()}
+
+
+def worker_name(worker: WorkerKey) -> str:
+    """The process name of a worker: ``splitwiser-token-1``."""
+    role, index = worker
+    return f"splitwiser-{role}-{index}"
+
+
+__all__ = ["EngineCore", "RequestStatus", "Send", "worker_name"]
