@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from splitwiser import SamplingParams, SequentialPipeline
-from splitwiser.errors import ConfigError, WorkerCrashedError
-from splitwiser.vllm.engine_proc import AddMsg
+from splitwiser.errors import ConfigError, InvalidRequestError, WorkerCrashedError
+from splitwiser.vllm.messages import EngineAddMsg
 
 needs_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
@@ -104,6 +104,17 @@ def test_stream_and_stop_token(vllm_one, expected):
 
 
 @needs_vllm
+def test_prompts_are_checked_against_the_models_context_as_splitwiser_does(vllm_one):
+    from splitwiser.models.shape import ModelShape
+
+    context = ModelShape.from_hf(vllm_one.model_config).max_model_len()
+    assert vllm_one.engine_options["max_model_len"] == context  # what vLLM was started with
+    with pytest.raises(InvalidRequestError, match="context"):
+        vllm_one.submit([5] * context, GREEDY)
+    assert vllm_one.stats()["num_unfinished"] == 0
+
+
+@needs_vllm
 def test_parallel_engines_equal_generate_and_share_the_load(vllm_parallel, expected):
     assert len(vllm_parallel.workers()) == 2
     outs = vllm_parallel.generate(_prompts() * 2, GREEDY)
@@ -134,7 +145,7 @@ def _engine_run(pipe, engine: int, request_id: int, ids, params: dict, kv) -> tu
 
     pipe._on_tokens = tap
     try:
-        pipe.engines[engine].send(AddMsg(request_id, ids, params, kv))
+        pipe.engines[engine].send(EngineAddMsg(request_id, ids, params, kv))
         tokens = []
         while True:
             msg = got.get(timeout=120)

@@ -1,54 +1,24 @@
-"""Owning worker processes: spawn, readiness handshake, shutdown message, join, terminate, kill."""
+"""Owning worker processes: spawn, readiness handshake, shutdown message, join, terminate, kill.
+
+The generic plumbing (spawn context, channel, stop ladder, main-guard check) is ``spawn``'s;
+this module adds the worker's payload and the fds lent to it."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import queue
-import signal
 import threading
 import time
-from multiprocessing import resource_sharer, resource_tracker
+from multiprocessing import resource_sharer
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
 
-import torch.multiprocessing as mp  # registers the tensor reductions (shm / CUDA IPC)
-
 from splitwiser.engine import messages as m
+from splitwiser.engine import spawn
 from splitwiser.engine.worker import WorkerConfig, worker_main
 from splitwiser.errors import WorkerStartupError
 
-# NOTE: spawn, never fork: CUDA cannot survive fork, and a forked child running multi-threaded
-# torch on CPU can deadlock in MKL.
-_CTX = mp.get_context("spawn")
-
-
-@contextlib.contextmanager
-def _sigint_held():
-    """Hold Ctrl-C while a worker is spawned; the parent alone handles it, afterwards.
-
-    The child inherits a blocked SIGINT through exec, so a Ctrl-C while it imports torch waits
-    until ``worker_main`` ignores it. In the main thread, where Python raises
-    KeyboardInterrupt, the handler is deferred too: an interrupt in the middle of ``start()``
-    would leave the child a truncated start-up message.
-    """
-    # NOTE: the first spawn also starts multiprocessing's resource tracker, whose own start
-    # unblocks SIGINT on the way out, and with it the block below: start it beforehand
-    resource_tracker.ensure_running()
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    in_main = threading.current_thread() is threading.main_thread()
-    caught = []
-    if in_main:
-        old_handler = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        if in_main:
-            signal.signal(signal.SIGINT, old_handler)
-            if caught and callable(old_handler):
-                old_handler(signal.SIGINT, None)  # deliver it now: KeyboardInterrupt
-
+# the names tests/test_processes.py spawns with
+_CTX, _sigint_held = spawn.CTX, spawn.sigint_held
 
 _PICKLE_LOCK = threading.Lock()
 
@@ -84,11 +54,13 @@ def _close_lent(keys: set[int]) -> None:
             entry[1]()  # closes the duplicate fd
 
 
-def _worker_entry(cfg: WorkerConfig, payload: bytes, in_conn, out_conn, parent_pid: int) -> None:
-    """The child's entry point: ``worker_main``, silent when the parent is gone. A parent that
-    died leaves its worker a broken pipe, a refused connection (the fds it lent) or an EOF:
-    nothing a traceback would explain, and the parent is not there to read it."""
+def _worker_entry(cfg: WorkerConfig, in_conn, out_conn, parent_pid: int) -> None:
+    """The child's entry point: the payload (the first message), then ``worker_main``; silent
+    when the parent is gone. A parent that died leaves its worker a broken pipe, a refused
+    connection (the fds it lent) or an EOF: nothing a traceback would explain, and the parent
+    is not there to read it."""
     try:
+        payload = in_conn.recv_bytes()
         worker_main(cfg, payload, in_conn, out_conn)
     except (OSError, EOFError, SystemExit) as exc:
         parent_gone = os.getppid() != parent_pid
@@ -104,33 +76,32 @@ class WorkerProc:
 
     def __init__(self, cfg: WorkerConfig, model, kv_pool):
         self.cfg = cfg
-        # the weights and the pool travel as shared handles (shm fds on CPU, CUDA IPC on GPU)
-        payload, self._lent = _pickle_shared((model, kv_pool))
-        # NOTE: two plain pipes, no multiprocessing.Queue: a Queue's named semaphores outlive a
-        # killed reader until its feeder thread notices, and that thread can block for good on a
-        # full pipe whose only other reader is the parent itself.
-        child_in, self._send_conn = _CTX.Pipe(duplex=False)
-        self.conn, child_out = _CTX.Pipe(duplex=False)
-        self.process = _CTX.Process(
+        self._channel = spawn.Channel(cfg.name)
+        self._feeder = self._channel.feeder  # a parent thread writes to the worker's pipe
+        self.conn = self._channel.conn
+        self.process = spawn.CTX.Process(
             target=_worker_entry,
             name=cfg.name,
-            args=(cfg, payload, child_in, child_out, os.getpid()),
+            args=(cfg, self._channel.child_in, self._channel.child_out, os.getpid()),
             daemon=True,  # never outlives the parent
         )
-        with _sigint_held():
-            self.process.start()
-        # the parent keeps no copy of the child's ends: a dead child means EOF / EPIPE at once
-        child_in.close()
-        child_out.close()
+        self._lent: set[int] = set()
+        try:
+            spawn.start(self.process)  # a child re-running an unguarded script ends here
+            self._channel.close_child_ends()
+            # the weights and the pool travel as shared handles (shm fds on CPU, CUDA IPC on
+            # GPU), as the first message: spawn arguments must stay small (see spawn.start)
+            payload, self._lent = _pickle_shared((model, kv_pool))
+            self._channel.send_bytes(payload)
+        except BaseException:
+            spawn.stop(self.process, 0.0)
+            self._release()
+            raise
         self.ready: m.ReadyMsg | None = None
         self.spawned_at = time.monotonic()
         self.load = 0  # prompt worker: batches in flight; token worker: live requests
         # when it last sent something, or was given work while idle: the liveness clock
         self.last_heard_at = self.spawned_at
-        # a parent thread writes to the pipe, so the engine loop never blocks on a busy worker
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._feeder = threading.Thread(target=self._feed, name=f"{cfg.name}-feeder", daemon=True)
-        self._feeder.start()
 
     @property
     def name(self) -> str:
@@ -143,7 +114,7 @@ class WorkerProc:
             self._lent |= lent
             if len(self._lent) > 1024:  # forget those fetched long ago
                 self._lent &= set(_lent_fds())
-        self._outbox.put(data)
+        self._channel.send_bytes(data)
 
     def assign(self, num: int = 1) -> None:
         """Count work given to it; an idle worker's liveness clock starts now."""
@@ -156,13 +127,6 @@ class WorkerProc:
 
     def silent_s(self) -> float:
         return time.monotonic() - self.last_heard_at
-
-    def _feed(self) -> None:
-        while (data := self._outbox.get()) is not None:
-            try:
-                self._send_conn.send_bytes(data)
-            except OSError:  # the worker is gone; its death is noticed on the other pipe
-                return
 
     def age_s(self) -> float:
         return time.monotonic() - self.spawned_at
@@ -178,20 +142,13 @@ class WorkerProc:
     def stop(self, timeout_s: float) -> None:
         """Ask politely, then terminate, then kill; always release the channels. A worker still
         starting up (no ready message yet) holds nothing worth waiting for: terminated at once."""
-        if self.process.is_alive() and self.ready is not None:
-            self.send(m.ShutdownMsg())
-            self.process.join(timeout_s)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(2.0)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        # the reader is dead: a write in progress fails with EPIPE, so the feeder ends promptly
-        self._outbox.put(None)
-        self._feeder.join(5.0)
-        self._send_conn.close()
-        self.conn.close()
+        ask = None if self.ready is None else lambda: self.send(m.ShutdownMsg())
+        spawn.stop(self.process, timeout_s, ask)
+        self._release()
+
+    def _release(self) -> None:
+        """Once the process has ended (or never started)."""
+        self._channel.close()
         self.process.close()
         _close_lent(self._lent)  # a worker killed before it unpickled never fetched them
         self._lent = set()
@@ -219,7 +176,5 @@ def wait_ready(workers: list[WorkerProc], timeout_s: float) -> None:
                     del pending[w.conn]
                     continue
             if not w.process.is_alive():
-                raise WorkerStartupError(
-                    f"worker {w.name} exited during start-up (exit code {w.process.exitcode}); "
-                    f"its error is printed above"
-                )
+                # the missing main guard: a ConfigError naming the fix, raised here once
+                raise spawn.startup_error(f"worker {w.name}", w.process)

@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import ctypes
 import os
-import queue
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
+
+from splitwiser.engine.messages import ShutdownMsg
+from splitwiser.vllm.messages import (
+    EngineAbortMsg,
+    EngineErrorMsg,
+    EngineReadyMsg,
+    EngineTokensMsg,
+)
 
 _POLL_S = 0.2  # idle wait for a message; also how often a dead parent is noticed
 
@@ -30,44 +37,6 @@ class EngineSpec:
     engine_args: dict  # vllm.EngineArgs keywords (model, dtype, kv_transfer_config, ...)
     env: dict[str, str] = field(default_factory=dict)  # set before vLLM is imported
     cores: tuple[int, ...] | None = None  # CPU: the cores every thread of the engine runs on
-
-
-@dataclass(frozen=True)
-class AddMsg:
-    """parent -> engine: start a request."""
-
-    request_id: int
-    prompt_token_ids: list[int]
-    params: dict  # vllm.SamplingParams keywords
-    kv_transfer_params: dict | None = None  # NIXL: do_remote_decode / the producer's output
-
-
-@dataclass(frozen=True)
-class AbortMsg:
-    request_id: int
-
-
-@dataclass(frozen=True)
-class TokensMsg:
-    """engine -> parent: what one step produced for one request."""
-
-    request_id: int
-    token_ids: list[int]  # new since the last message
-    time_s: float  # time.monotonic() when the step returned (one clock for all processes)
-    finish_reason: str | None  # vLLM's: "stop", "length", "abort"; None while running
-    kv_transfer_params: dict | None = None  # set on a KV producer's finished request
-
-
-@dataclass(frozen=True)
-class ReadyMsg:
-    pid: int
-    num_kv_blocks: int | None
-    block_size: int | None
-
-
-@dataclass(frozen=True)
-class ErrorMsg:
-    message: str  # one line: why the engine failed to start or died
 
 
 def _die_with_parent(parent_pid: int, from_main_thread: bool) -> None:
@@ -117,9 +86,14 @@ def _cache_shape(engine) -> tuple[int | None, int | None]:
     return getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
 
 
-def engine_main(spec: EngineSpec, parent: tuple[int, bool], inbox, outbox) -> None:
+def _one_line(exc: BaseException) -> EngineErrorMsg:
+    return EngineErrorMsg(" ".join(f"{type(exc).__name__}: {exc}".split())[:600])
+
+
+def engine_main(spec: EngineSpec, parent: tuple[int, bool], in_conn, out_conn) -> None:
     """The engine process: start vLLM, say ready, then serve until told to stop. ``parent``:
-    the parent's pid, and whether its main thread started this process."""
+    the parent's pid, and whether its main thread started this process; ``in_conn`` /
+    ``out_conn``: this engine's ends of its two pipes."""
     parent_pid = parent[0]
     _die_with_parent(*parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this one stops
@@ -131,37 +105,44 @@ def engine_main(spec: EngineSpec, parent: tuple[int, bool], inbox, outbox) -> No
             _bind(spec.cores)
         engine = _build_engine(spec)
     except BaseException as exc:
-        outbox.put(ErrorMsg(" ".join(f"{type(exc).__name__}: {exc}".split())[:600]))
+        out_conn.send(_one_line(exc))
         sys.exit(1)
     _set_title(spec.name)  # vLLM may have renamed the process
-    outbox.put(ReadyMsg(os.getpid(), *_cache_shape(engine)))
+    out_conn.send(EngineReadyMsg(os.getpid(), *_cache_shape(engine)))
     try:
-        _serve(engine, parent_pid, inbox, outbox)
+        _serve(engine, parent_pid, in_conn, out_conn)
+    except (BrokenPipeError, EOFError):
+        if os.getppid() != parent_pid:
+            os._exit(1)  # the parent is gone: nobody to tell, nothing to explain
+        raise
     except BaseException as exc:
-        outbox.put(ErrorMsg(" ".join(f"{type(exc).__name__}: {exc}".split())[:600]))
+        out_conn.send(_one_line(exc))
         raise
 
 
-def _serve(engine, parent_pid: int, inbox, outbox) -> None:
+def _receive(engine, in_conn) -> list:
+    """Every message waiting; blocks up to ``_POLL_S`` for the first one while idle."""
+    messages = []
+    timeout = _POLL_S if not engine.has_unfinished_requests() else 0
+    while in_conn.poll(timeout):
+        messages.append(in_conn.recv())
+        timeout = 0
+    return messages
+
+
+def _serve(engine, parent_pid: int, in_conn, out_conn) -> None:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     while True:
         # 1) receive: block only while idle
-        messages = []
-        try:
-            idle = not engine.has_unfinished_requests()
-            messages.append(inbox.get(timeout=_POLL_S) if idle else inbox.get_nowait())
-            while True:
-                messages.append(inbox.get_nowait())
-        except queue.Empty:
-            pass
+        messages = _receive(engine, in_conn)
         if os.getppid() != parent_pid:
             return
         for msg in messages:
-            if msg is None:  # shutdown
+            if isinstance(msg, ShutdownMsg):
                 return
-            if isinstance(msg, AbortMsg):
+            if isinstance(msg, EngineAbortMsg):
                 engine.abort_request([str(msg.request_id)])
                 continue
             extra = dict(msg.params.pop("extra_args", None) or {})
@@ -181,8 +162,8 @@ def _serve(engine, parent_pid: int, inbox, outbox) -> None:
         # 3) publish
         for out in outputs:
             done = out.outputs[0] if out.outputs else None
-            outbox.put(
-                TokensMsg(
+            out_conn.send(
+                EngineTokensMsg(
                     request_id=int(out.request_id),
                     token_ids=list(done.token_ids) if done is not None else [],
                     time_s=now,

@@ -22,6 +22,7 @@ import weakref
 from dataclasses import dataclass, field
 
 from splitwiser.config import resolve_device, resolve_dtype
+from splitwiser.engine import spawn
 from splitwiser.engine.handle import RequestHandle
 from splitwiser.errors import (
     ConfigError,
@@ -29,10 +30,12 @@ from splitwiser.errors import (
     WorkerCrashedError,
 )
 from splitwiser.models.loader import RANDOM_PREFIX, _resolve, load_model_config, load_tokenizer
+from splitwiser.models.shape import ModelShape
 from splitwiser.outputs import RequestMetrics, RequestOutput
 from splitwiser.prompts import PromptChecker, submit_all
 from splitwiser.sampling import SamplingParams
-from splitwiser.vllm.engine_proc import AbortMsg, AddMsg, EngineSpec, TokensMsg
+from splitwiser.vllm.engine_proc import EngineSpec
+from splitwiser.vllm.messages import EngineAbortMsg, EngineAddMsg, EngineTokensMsg
 from splitwiser.vllm.procs import EngineProcess
 
 INSTALL_HINT = "bash bench/install_vllm_cpu.sh (CPU) or pip install 'splitwiser[vllm]' (GPU)"
@@ -80,17 +83,19 @@ class _Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int
-    engine: int  # index of the engine producing its tokens
     metrics: RequestMetrics
+    engine: int | None = None  # index of the engine producing its tokens; None: not sent yet
     token_ids: list[int] = field(default_factory=list)
-    prefill_done_s: float | None = None  # split only: the prefill engine's output arrived
-    handoff_pending: bool = False  # split only: KV sent to the decode engine, no token yet
 
 
 class _EnginePool:
     """What the vLLM pipelines share: model resolution, prompt checks, handles, engines."""
 
+    request_type: type[_Request] = _Request  # what a pipeline keeps per request
+
     def __init__(self, model, device, dtype, engine_options: dict):
+        # in an engine process re-running an unguarded main script: end it before any loading
+        spawn.exit_if_bootstrapping()
         require_vllm()
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -102,9 +107,11 @@ class _EnginePool:
         self.model_path = _resolve(model)[0]
         self.model_config = load_model_config(model)
         self.tokenizer = load_tokenizer(model)
-        max_len = getattr(self.model_config, "max_position_embeddings", None) or 2048
-        self.checker = PromptChecker(self.tokenizer, self.model_config.vocab_size, max_len)
-        self.engine_options = {"max_model_len": max_len} | engine_options
+        self.shape = ModelShape.from_hf(self.model_config)
+        # the context Splitwiser serves (the sliding window applied): the same prompts rejected
+        max_len = self.shape.max_model_len(engine_options.get("max_model_len"))
+        self.checker = PromptChecker(self.tokenizer, self.shape.vocab_size, max_len)
+        self.engine_options = engine_options | {"max_model_len": max_len}
         self.engines: list[EngineProcess] = []
         self._requests: dict[int, _Request] = {}
         self._lock = threading.Lock()
@@ -179,7 +186,7 @@ class _EnginePool:
             request_id = next(self._ids)
             handle = RequestHandle(request_id, cancel=self._cancel)
             metrics = RequestMetrics(arrival_time=time.monotonic())
-            req = _Request(handle, prompt, ids, params, max_tokens, -1, metrics)
+            req = self.request_type(handle, prompt, ids, params, max_tokens, metrics)
             self._requests[request_id] = req
             self._dispatch(request_id, req)
         return handle
@@ -191,14 +198,14 @@ class _EnginePool:
     def _dispatch(self, request_id: int, req: _Request) -> None:  # under the lock
         raise NotImplementedError
 
-    def _on_tokens(self, engine: int, msg: TokensMsg) -> None:
+    def _on_tokens(self, engine: int, msg: EngineTokensMsg) -> None:
         with self._lock:
             req = self._requests.get(msg.request_id)
             if req is None or req.engine != engine:  # finished, cancelled, or a stale engine
                 return
             self._append(req, msg)
 
-    def _append(self, req: _Request, msg: TokensMsg) -> None:  # under the lock
+    def _append(self, req: _Request, msg: EngineTokensMsg) -> None:  # under the lock
         for token in msg.token_ids:
             req.token_ids.append(token)
             req.metrics.token_times.append(msg.time_s)
@@ -227,8 +234,8 @@ class _EnginePool:
             req = self._requests.get(request_id)
             if req is None:
                 return
-            if req.engine >= 0:
-                self.engines[req.engine].send(AbortMsg(request_id))
+            if req.engine is not None:
+                self.engines[req.engine].send(EngineAbortMsg(request_id))
             self._finish(req, "abort", time.monotonic())
 
     def _on_death(self, reason: str) -> None:
@@ -256,7 +263,7 @@ class _EnginePool:
         with self._lock:
             per_engine = [0] * len(self.engines)
             for req in self._requests.values():
-                if req.engine >= 0:
+                if req.engine is not None:
                     per_engine[req.engine] += 1
             health = "closed" if self._closed else ("failed" if self._error else "ok")
             return {
@@ -327,13 +334,13 @@ class VLLMPipeline(_EnginePool):
         # the least loaded engine; ties go round-robin
         load = [0] * len(self.engines)
         for other in self._requests.values():
-            if other.engine >= 0:
+            if other.engine is not None:
                 load[other.engine] += 1
         start = next(self._next) % len(self.engines)
         order = [(start + k) % len(self.engines) for k in range(len(self.engines))]
         req.engine = min(order, key=lambda i: load[i])
         params = vllm_params(req.params, req.max_tokens)
-        self.engines[req.engine].send(AddMsg(request_id, req.prompt_token_ids, params))
+        self.engines[req.engine].send(EngineAddMsg(request_id, req.prompt_token_ids, params))
 
 
 class VLLMParallelPipeline(VLLMPipeline):

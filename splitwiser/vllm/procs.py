@@ -1,79 +1,77 @@
-"""The parent's side of one engine process: start it, wait until ready, talk to it, stop it."""
+"""The parent's side of one engine process: start it, wait until ready, talk to it, stop it.
+The plumbing (spawn, the two-pipe channel, the stop ladder) is ``splitwiser.engine.spawn``'s."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import queue
-import signal
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.connection import wait
 
+from splitwiser.engine import spawn
+from splitwiser.engine.messages import ShutdownMsg
 from splitwiser.errors import WorkerStartupError
-from splitwiser.vllm.engine_proc import EngineSpec, ErrorMsg, ReadyMsg, TokensMsg, engine_main
-
-_CTX = multiprocessing.get_context("spawn")  # never fork: CUDA and OpenMP cannot survive it
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
+from splitwiser.vllm.engine_proc import EngineSpec, engine_main
+from splitwiser.vllm.messages import EngineErrorMsg, EngineReadyMsg, EngineTokensMsg
 
 
 class EngineProcess:
     """One owned vLLM engine process. ``on_tokens`` runs on a reader thread for every
-    ``TokensMsg``; ``on_death`` once if the process dies while open (with a one-line reason)."""
+    ``EngineTokensMsg``; ``on_death`` once if the process dies while open (a one-line reason)."""
 
     def __init__(
         self,
         spec: EngineSpec,
-        on_tokens: Callable[[TokensMsg], None],
+        on_tokens: Callable[[EngineTokensMsg], None],
         on_death: Callable[[str], None],
     ):
         self.spec = spec
         self._on_tokens, self._on_death = on_tokens, on_death
-        self._inbox, self._outbox = _CTX.Queue(), _CTX.Queue()
-        self._proc = _CTX.Process(
+        self._channel = spawn.Channel(spec.name)
+        parent = (os.getpid(), threading.current_thread() is threading.main_thread())
+        self._proc = spawn.CTX.Process(
             target=engine_main,
-            args=(spec, (os.getpid(), _in_main_thread()), self._inbox, self._outbox),
+            args=(spec, parent, self._channel.child_in, self._channel.child_out),
             name=spec.name,
             daemon=True,
         )
         self._closing = False
         self._reader: threading.Thread | None = None
-        self.ready: ReadyMsg | None = None
-        # NOTE: SIGINT held while spawning, so a Ctrl-C cannot kill the child half-started
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        self.ready: EngineReadyMsg | None = None
         try:
-            self._proc.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            spawn.start(self._proc)  # a child re-running an unguarded script ends here
+        except BaseException:
+            self._channel.close()
+            raise
+        self._channel.close_child_ends()
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid
 
-    def wait_ready(self, timeout_s: float) -> ReadyMsg:
-        """Block until the engine said ready; raises ``WorkerStartupError`` otherwise."""
+    def wait_ready(self, timeout_s: float) -> EngineReadyMsg:
+        """Block until the engine said ready; raises ``WorkerStartupError`` otherwise (a
+        ``ConfigError`` when it re-ran a main script without the ``__main__`` guard)."""
         if self.ready is not None:
             return self.ready
+        conn = self._channel.conn
         deadline = time.monotonic() + timeout_s
         while self.ready is None:
-            try:
-                msg = self._outbox.get(timeout=0.5)
-            except queue.Empty:
-                if not self._proc.is_alive():
-                    raise WorkerStartupError(
-                        f"{self.spec.name} exited during start-up (exit code {self._proc.exitcode})"
-                    ) from None
-                if time.monotonic() > deadline:
-                    raise WorkerStartupError(
-                        f"{self.spec.name} was not ready within {timeout_s:.0f} s"
-                    ) from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerStartupError(f"{self.spec.name} was not ready within {timeout_s:.0f} s")
+            if not wait([conn, self._proc.sentinel], timeout=left):
                 continue
-            if isinstance(msg, ErrorMsg):
+            if not conn.poll():  # the process ended and said nothing more
+                raise spawn.startup_error(self.spec.name, self._proc)
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                raise spawn.startup_error(self.spec.name, self._proc) from None
+            if isinstance(msg, EngineErrorMsg):
                 raise WorkerStartupError(f"{self.spec.name} failed to start: {msg.message}")
-            if isinstance(msg, ReadyMsg):
+            if isinstance(msg, EngineReadyMsg):
                 self.ready = msg
         self._reader = threading.Thread(
             target=self._read, name=f"{self.spec.name}-reader", daemon=True
@@ -82,26 +80,24 @@ class EngineProcess:
         return self.ready
 
     def send(self, msg) -> None:
-        self._inbox.put(msg)
+        self._channel.send(msg)
 
     def _read(self) -> None:
-        reason = None
-        while not self._closing:
+        """Until the process ends: its pipe gives EOF once it is gone (the parent holds no copy
+        of the other end), so no polling."""
+        error = None
+        while True:
             try:
-                msg = self._outbox.get(timeout=0.5)
-            except queue.Empty:
-                if not self._proc.is_alive() and not self._closing:
-                    reason = f"exit code {self._proc.exitcode}"
-                    break
-                continue
+                msg = self._channel.conn.recv()
             except (EOFError, OSError):
-                reason = "its queue closed"
                 break
-            if isinstance(msg, TokensMsg):
+            if isinstance(msg, EngineTokensMsg):
                 self._on_tokens(msg)
-            elif isinstance(msg, ErrorMsg):
-                reason = msg.message
+            elif isinstance(msg, EngineErrorMsg):
+                error = msg.message
         if not self._closing:
+            self._proc.join(1.0)
+            reason = error or f"exit code {self._proc.exitcode}"
             self._on_death(f"{self.spec.name} died ({reason})")
 
     def close(self, timeout_s: float = 20.0) -> None:
@@ -109,19 +105,8 @@ class EngineProcess:
         self._closing = True
         if self._proc.pid is None:
             return
-        if self._proc.is_alive():
-            try:
-                self._inbox.put(None)
-            except (OSError, ValueError):
-                pass
-            self._proc.join(timeout_s)
-        for stop in (self._proc.terminate, self._proc.kill):
-            if self._proc.exitcode is not None:
-                break
-            stop()
-            self._proc.join(5.0)
+        spawn.stop(self._proc, timeout_s, ask=lambda: self.send(ShutdownMsg()))
+        # the process is gone: the reader sees EOF
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(2.0)
-        for q in (self._inbox, self._outbox):
-            q.cancel_join_thread()
-            q.close()
+        self._channel.close()

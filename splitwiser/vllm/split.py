@@ -16,8 +16,10 @@ the decode engine's first token (the KV read and the request admitted into a dec
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 
-from splitwiser.vllm.engine_proc import AddMsg, EngineSpec, TokensMsg
+from splitwiser.vllm.engine_proc import EngineSpec
+from splitwiser.vllm.messages import EngineAddMsg, EngineTokensMsg
 from splitwiser.vllm.pipeline import (
     STARTUP_TIMEOUT_S,
     _EnginePool,
@@ -35,12 +37,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kv_bytes_per_token(model_config, dtype) -> int:
-    """K and V of one token over every layer, in bytes."""
-    c = model_config
-    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * heads * head_dim * dtype.itemsize
+@dataclass
+class _SplitRequest(_Request):
+    """A request of the split pipeline: also when its KV handoff started."""
+
+    prefill_done_s: float | None = None  # the prefill engine's result arrived (KV published)
+    handoff_pending: bool = False  # KV sent to the decode engine, no token from it yet
 
 
 class VLLMSplitPipeline(_EnginePool):
@@ -50,6 +52,8 @@ class VLLMSplitPipeline(_EnginePool):
     (``mps_pipe_dir``) they get ``mps_thread_percentage = (prefill, decode)`` of the threads.
     Other keywords as :class:`splitwiser.vllm.VLLMPipeline`.
     """
+
+    request_type = _SplitRequest
 
     def __init__(
         self,
@@ -63,7 +67,7 @@ class VLLMSplitPipeline(_EnginePool):
         **engine_options,
     ):
         super().__init__(model, device, dtype, engine_options)
-        self.kv_bytes_per_token = kv_bytes_per_token(self.model_config, self.dtype)
+        self.kv_bytes_per_token = self.shape.kv_bytes_per_token(self.dtype)
         buffer_device = "cpu" if self.device.type == "cpu" else "cuda"
         shares = mps_thread_percentage or (None, None)
         specs = []
@@ -83,7 +87,7 @@ class VLLMSplitPipeline(_EnginePool):
         self._start(specs, startup_timeout_s)
         self.num_local_prefills = 0  # requests the decode engine had to prefill itself
 
-    def _dispatch(self, request_id: int, req: _Request) -> None:  # under the lock
+    def _dispatch(self, request_id: int, req: _SplitRequest) -> None:  # under the lock
         # prefill only: one token, never stopped early (NIXL keeps the blocks of a request
         # that ended on its length), and the blocks kept for the decode engine to read
         params = vllm_params(req.params, 1) | {
@@ -94,10 +98,10 @@ class VLLMSplitPipeline(_EnginePool):
         }
         req.engine = PREFILL
         self.engines[PREFILL].send(
-            AddMsg(request_id, req.prompt_token_ids, params, {"do_remote_decode": True})
+            EngineAddMsg(request_id, req.prompt_token_ids, params, {"do_remote_decode": True})
         )
 
-    def _on_tokens(self, engine: int, msg: TokensMsg) -> None:
+    def _on_tokens(self, engine: int, msg: EngineTokensMsg) -> None:
         with self._lock:
             req = self._requests.get(msg.request_id)
             if req is None or req.engine != engine:
@@ -122,7 +126,8 @@ class VLLMSplitPipeline(_EnginePool):
             req.engine = DECODE
             req.handoff_pending = kv is not None
             params = vllm_params(req.params, req.max_tokens)
-            self.engines[DECODE].send(AddMsg(msg.request_id, req.prompt_token_ids, params, kv))
+            add = EngineAddMsg(msg.request_id, req.prompt_token_ids, params, kv)
+            self.engines[DECODE].send(add)
 
     def stats(self) -> dict:
         return super().stats() | {"num_local_prefills": self.num_local_prefills}
