@@ -17,6 +17,7 @@ from multiprocessing.connection import Pipe, wait
 import torch
 
 from splitwiser.config import EngineConfig, resolve_device, resolve_dtype
+from splitwiser.engine import spawn
 from splitwiser.engine.core import EngineCore, Send
 from splitwiser.engine.cuda_context import join_mps
 from splitwiser.engine.handle import RequestHandle
@@ -55,6 +56,8 @@ def _register_at_exit() -> None:
 
 class Engine:
     def __init__(self, config: EngineConfig):
+        # a spawned child re-running a script that lacks the main guard: out before any work
+        spawn.exit_if_bootstrapping()
         self.config = config
         if config.mps_pipe_dir is not None and str(config.device) != "cpu":
             join_mps(config.mps_pipe_dir)

@@ -99,8 +99,8 @@ class WorkerProc:
             raise
         self.ready: m.ReadyMsg | None = None
         self.spawned_at = time.monotonic()
-        self.load = 0  # prompt worker: batches in flight; token worker: live requests
-        # when it last sent something, or was given work while idle: the liveness clock
+        # when it last sent something, or was given work while idle (the engine calls heard()
+        # then): the liveness clock; what it owns is the core's (EngineCore.busy_workers)
         self.last_heard_at = self.spawned_at
 
     @property
@@ -115,12 +115,6 @@ class WorkerProc:
             if len(self._lent) > 1024:  # forget those fetched long ago
                 self._lent &= set(_lent_fds())
         self._channel.send_bytes(data)
-
-    def assign(self, num: int = 1) -> None:
-        """Count work given to it; an idle worker's liveness clock starts now."""
-        if self.load == 0:
-            self.last_heard_at = time.monotonic()
-        self.load += num
 
     def heard(self) -> None:
         self.last_heard_at = time.monotonic()
