@@ -42,6 +42,13 @@ class _EnginePipeline:
         safe from any thread while workers are replaced."""
         return self._engine.worker_info()
 
+    def phase_log(self, since_s: float = 0.0) -> list:
+        """Every prefill batch and decode step (``kind``, ``worker``, ``start_s``, ``end_s``,
+        ``num_tokens``) that began at or after ``since_s`` (``time.monotonic()``), as the
+        workers timed them, oldest first; at most the latest 65,536. What the interference
+        figures of ``splitwiser sweep`` are computed from."""
+        return self._engine.phase_log(since_s)
+
     def stats(self) -> dict:
         """A consistent snapshot, safe from any thread: KV blocks (``num_kv_blocks``,
         ``num_free_blocks``), ``num_unfinished`` (counted from ``submit()``), ``num_retried``,

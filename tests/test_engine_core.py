@@ -387,3 +387,16 @@ def test_restart_rate_spent_stops_the_role_and_fails_everything(make_core):
     with pytest.raises(WorkerCrashedError):
         req.handle.result(timeout=0)
     assert core.allocator.num_free == 64 and core.requests == {}
+
+
+def test_the_phase_log_keeps_each_batch_and_step_as_the_worker_timed_it(make_core):
+    core = make_core()
+    req = submit(core)
+    ((_, prefill),) = core.schedule({"prompt": [0]})
+    core.on_message(P0, m.PrefillDoneMsg([req.request_id], [100], 50.0, None, 5, 0.25))
+    core.schedule({"token": [0]})
+    core.on_message(T0, m.TokensMsg([req.request_id], [101], [False], step_s=0.5, started_at=60.0))
+    assert [(r.kind, r.worker, r.start_s, r.end_s, r.num_tokens) for r in core.phase_log] == [
+        ("prefill", P0, 49.75, 50.0, 5), ("decode", T0, 60.0, 60.5, 1),
+    ]  # fmt: skip
+    assert core.phase_counters["prefill_tokens"] == 5 and core.phase_counters["decode_steps"] == 1

@@ -1,10 +1,14 @@
 """Paged attention: the one implementation both model front-ends call, one call per layer.
 
-- Prefill: causal attention of packed prompts over their own fresh K/V (``prefill_attention``).
-- Decode: one query token per request over its blocks in the pool, read through the block
-  table (``decode_attention``): GQA query heads share their K/V head, nothing is repeated in
-  memory, and the cost follows each request's live tokens. On CUDA a Triton kernel reads the
-  blocks in place; elsewhere a gather of the batch's live blocks feeds a grouped matmul.
+- Prefill: causal attention of packed prompts over their own fresh K/V (``prefill_attention``),
+  when no request of the batch has anything cached yet.
+- Paged: query tokens over their requests' K/V in the pool, read through the block table
+  (``decode_attention``). Decode is one query token per request: GQA query heads share their
+  K/V head, nothing is repeated in memory, and the cost follows each request's live tokens. On
+  CUDA a Triton kernel reads the blocks in place; elsewhere a gather of the batch's live blocks
+  feeds a grouped matmul. A mixed batch (vLLM v1's step: running decodes plus prefill chunks
+  whose prompt prefix is already cached) runs in the same call: its decode tokens as above, its
+  chunks causally over their cached prefix and themselves (``chunked_attention``).
 - ``write_kv`` puts the new tokens' K/V at their slots in the pool before either.
 
 Splitwiser's own model code (``splitwiser.models``) calls these directly; any other Hugging Face
@@ -13,7 +17,7 @@ architecture reaches the same functions through ``AttentionInterface`` (``hf_att
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,26 +30,40 @@ ATTN_IMPLEMENTATION = "splitwiser_paged"
 
 @dataclass
 class AttentionMetadata:
-    """Where one forward pass's tokens live. Prefill packs whole prompts; decode packs one token
-    per request. Tensors are on the model's device; the ``max_*`` fields are host integers."""
+    """Where one forward pass's tokens live. Tensors are on the model's device; the ``max_*`` and
+    ``num_*`` fields are host integers.
+
+    - ``is_prefill``: whole prompts, nothing cached: ``query_starts``, ``max_query_len`` and
+      ``padded_index`` describe them, attention runs over their fresh K/V.
+    - decode (``is_prefill`` false, ``query_starts`` None): one token per request, row ``i`` of
+      ``block_table`` and ``context_lens`` being token ``i``'s request.
+    - mixed (``is_prefill`` false, ``query_starts`` set): each request's tokens are a chunk at
+      positions ``context_len - query_len .. context_len - 1``; the first ``num_decodes``
+      requests have one token each (decode tokens), the rest are prefill chunks, and
+      ``max_query_len``, ``padded_index`` and ``max_chunk_context_len`` describe those chunks.
+    """
 
     is_prefill: bool
     # [layers, 2 (key, value), slots, kv_heads, head_dim]: the shared pool or a staging buffer
     kv_cache: torch.Tensor
     block_size: int
     slot_mapping: torch.Tensor  # [num_tokens] long: the pool slot each new token's K/V goes to
-    # prefill: [num_reqs + 1] long, offset of each request's tokens in the packed batch
+    # prefill and mixed: [num_reqs + 1] long, offset of each request's tokens in the packed batch
     query_starts: torch.Tensor | None = None
-    max_query_len: int = 0
-    # prefill with several requests: [num_tokens] long, each token's row in the padded batch
-    # ``[num_reqs * max_query_len]`` that one causal SDPA call runs over
+    max_query_len: int = 0  # the longest prompt (prefill) or prefill chunk (mixed)
+    # [num_padded_tokens] long, each token's row in the padded batch ``[num_padded_reqs *
+    # max_query_len]`` that one SDPA call runs over: prefill with several prompts (every
+    # token), mixed (the chunks' tokens, counted from the first chunk's)
     padded_index: torch.Tensor | None = None
-    # decode: [num_reqs, max_blocks] int32, each request's blocks in order
+    # decode and mixed: [num_reqs, max_blocks] int32, each request's blocks in order
     block_table: torch.Tensor | None = None
-    context_lens: torch.Tensor | None = None  # decode: [num_reqs] int32, new token included
-    # decode: the longest context of the batch, or None when unknown (CUDA graphs: the kernel
-    # reads each request's length on the device)
+    # decode and mixed: [num_reqs] int32, each request's cached tokens plus its new ones
+    context_lens: torch.Tensor | None = None
+    # decode: the longest context of the batch (mixed: of its decode tokens), or None when
+    # unknown (CUDA graphs: the kernel reads each request's length on the device)
     max_context_len: int | None = None
+    num_decodes: int = 0  # mixed: the one-token requests, which come first
+    max_chunk_context_len: int = 0  # mixed: the longest context of its prefill chunks
 
 
 def write_kv(meta: AttentionMetadata, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -83,8 +101,11 @@ def _sdpa(q, k, v, scale):
 def decode_attention(
     q: torch.Tensor, meta: AttentionMetadata, layer: int, scale: float
 ) -> torch.Tensor:
-    """One query token per request over its cached K/V (its new token's included, see
-    ``write_kv``): q [B, heads, D] -> [B, heads, D]."""
+    """Query tokens over their requests' cached K/V (the new tokens' included, see
+    ``write_kv``): q [num_tokens, heads, D] -> [num_tokens, heads, D]. Decode: one token per
+    request; a mixed batch: its decode tokens here, its prefill chunks in ``chunked_attention``."""
+    if meta.query_starts is not None:
+        return _mixed_attention(q, meta, layer, scale)
     k_cache, v_cache = _blocks(meta, layer)
     if q.is_cuda and triton_attention.AVAILABLE:
         return triton_attention.paged_decode(
@@ -93,11 +114,78 @@ def decode_attention(
     return _gathered_decode(q, k_cache, v_cache, meta, scale)
 
 
+def _mixed_attention(q, meta: AttentionMetadata, layer: int, scale: float) -> torch.Tensor:
+    """A mixed batch: its decode tokens (first) as a decode batch, then its prefill chunks."""
+    num_decodes = meta.num_decodes
+    if num_decodes == 0:
+        return chunked_attention(q, meta, layer, scale)
+    decodes = replace(
+        meta,
+        query_starts=None,
+        block_table=meta.block_table[:num_decodes],
+        context_lens=meta.context_lens[:num_decodes],
+    )
+    if num_decodes == meta.context_lens.shape[0]:
+        return decode_attention(q, decodes, layer, scale)
+    return torch.cat([
+        decode_attention(q[:num_decodes], decodes, layer, scale),
+        chunked_attention(q[num_decodes:], meta, layer, scale),
+    ])  # fmt: skip
+
+
+def chunked_attention(
+    q: torch.Tensor, meta: AttentionMetadata, layer: int, scale: float
+) -> torch.Tensor:
+    """The prefill chunks of a mixed batch, requests ``num_decodes..`` of ``meta``: each chunk's
+    queries over its request's cached prefix and the chunk itself, causally (a query at position
+    ``p`` sees its request's keys at positions ``<= p``): q [chunk_tokens, heads, D] -> same.
+
+    The chunks' blocks, up to the longest chunk context, are gathered into one padded batch and
+    one SDPA call runs over it with that mask, on every device. NOTE: on CUDA this is a first
+    version; a varlen paged kernel (Triton or FlashInfer) that reads the blocks in place is to be
+    chosen by a spike on a GPU (``bench/README.md``)."""
+    first = meta.num_decodes
+    k_cache, v_cache = _blocks(meta, layer)
+    num_chunks = meta.context_lens.shape[0] - first
+    num_heads, head_dim = q.shape[1:]
+    num_blocks = -(-meta.max_chunk_context_len // meta.block_size)
+    table = meta.block_table[first:, :num_blocks]
+    k, v = _gather(k_cache, table), _gather(v_cache, table)  # [C, kv_heads, L, D]
+    starts = meta.query_starts[first:]
+    num_cached = meta.context_lens[first:] - (starts[1:] - starts[:-1])  # [C]
+    length = meta.max_query_len
+    # each padded query row's position in its request; padding rows see some keys too (no row
+    # is fully masked) and are dropped
+    positions = num_cached[:, None] + torch.arange(length, device=q.device)  # [C, Lq]
+    keys = torch.arange(k.shape[2], device=q.device)
+    visible = keys[None, None, :] <= positions[:, :, None]  # [C, Lq, L]
+    padded = q.new_zeros((num_chunks * length, num_heads, head_dim))
+    padded = padded.index_copy_(0, meta.padded_index, q).view(num_chunks, length, num_heads, -1)
+    # NOTE: enable_gqa, not _gathered_decode's grouped queries: with hundreds of queries per
+    # request the CPU's flash kernel ran 1.3x faster this way (bench/README.md)
+    out = F.scaled_dot_product_attention(
+        padded.transpose(1, 2), k, v, attn_mask=visible[:, None], scale=scale, enable_gqa=True
+    )  # [C, heads, Lq, D]
+    out = out.transpose(1, 2).reshape(num_chunks * length, num_heads, head_dim)
+    return out.index_select(0, meta.padded_index)
+
+
 def _blocks(meta: AttentionMetadata, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's keys and values as [num_blocks, block_size, kv_heads, head_dim] views."""
     kv = meta.kv_cache[layer]
     shape = (-1, meta.block_size, *kv.shape[2:])
     return kv[0].view(shape), kv[1].view(shape)
+
+
+def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The blocks of ``table`` [B, n] from ``cache`` [num_blocks, block_size, kv_heads, D],
+    each row's in order: [B, kv_heads, n * block_size, D]."""
+    num_reqs, num_blocks = table.shape
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    # NOTE: blocks as rows of a 2-D view: index_select copies whole rows (fast on CPU)
+    rows = cache.flatten(1).index_select(0, table.flatten())
+    shape = (num_reqs, num_blocks * block_size, num_kv_heads, head_dim)
+    return rows.view(shape).transpose(1, 2)
 
 
 def _gathered_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
@@ -113,13 +201,9 @@ def _gathered_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float)
     if max_len is None:  # every block of the table (CUDA graphs without Triton)
         max_len = meta.block_table.shape[1] * meta.block_size
     num_blocks = -(-max_len // meta.block_size)
-    flat = meta.block_table[:, :num_blocks].flatten()  # [B * n]
-    length = num_blocks * meta.block_size
-    shape = (num_reqs, length, num_kv_heads, head_dim)
-    # NOTE: blocks as rows of a 2-D view: index_select copies whole rows (fast on CPU)
-    k = k_cache.flatten(1).index_select(0, flat).view(shape).transpose(1, 2)  # [B, kvh, L, D]
-    v = v_cache.flatten(1).index_select(0, flat).view(shape).transpose(1, 2)
-    live = torch.arange(length, device=q.device) < meta.context_lens[:, None]  # [B, L]
+    table = meta.block_table[:, :num_blocks]
+    k, v = _gather(k_cache, table), _gather(v_cache, table)  # [B, kvh, L, D]
+    live = torch.arange(k.shape[2], device=q.device) < meta.context_lens[:, None]  # [B, L]
     grouped = q.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=live[:, None, None], scale=scale)
     return out.view(num_reqs, num_heads, head_dim)

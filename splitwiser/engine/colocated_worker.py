@@ -174,7 +174,12 @@ class ColocatedWorker:
             self.batch.add(run.block_ids, len(run.token_ids), first)
             self.rows.append(_Decoding(run.request, run.block_ids, first, 1))
         return m.TokensMsg(
-            ids, out, finished, step_s=time.monotonic() - t0, num_prefill_tokens=num_prefill
+            ids,
+            out,
+            finished,
+            step_s=time.monotonic() - t0,
+            started_at=t0,
+            num_prefill_tokens=num_prefill,
         )
 
     def _stops(self, spec: m.RequestSpec, token: int, num_generated: int) -> bool:

@@ -14,6 +14,7 @@ import random
 import time
 from collections import Counter, deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from splitwiser.config import EngineConfig
 from splitwiser.engine import messages as m
@@ -28,6 +29,19 @@ from splitwiser.prompts import PromptChecker, stop_reason
 from splitwiser.sampling import SamplingParams
 
 Send = tuple[WorkerKey, object]  # a message and the worker it goes to
+PHASE_LOG_LEN = 1 << 16  # the latest prefill batches and steps kept (bounded: a long life)
+
+
+@dataclass(frozen=True)
+class PhaseRecord:
+    """One prefill batch or decode step as its worker timed it (``time.monotonic()``)."""
+
+    kind: str  # "prefill", "decode" or "mixed" (colocated: prefill chunks and decodes)
+    worker: WorkerKey
+    start_s: float
+    end_s: float
+    num_tokens: int  # prefill: prompt tokens; decode: requests; mixed: prompt tokens
+
 
 PHASE_COUNTERS = (
     "prefill_batches", "prefill_tokens", "prefill_s", "decode_steps", "decode_tokens", "decode_s",
@@ -62,6 +76,7 @@ class EngineCore:
         self.decode_queue: deque[Request] = deque()  # prefilled, waiting for a token worker
         # what each phase did, as the workers measured it: prefill batches, decode steps
         self.phase_counters = dict.fromkeys(PHASE_COUNTERS, 0.0)
+        self.phase_log: deque[PhaseRecord] = deque(maxlen=PHASE_LOG_LEN)
         self.num_retried = 0  # requests run again after the worker running them died or hung
         self._request_ids = itertools.count()  # next() is atomic: callers on any thread
         self._batch_ids = itertools.count()
@@ -187,6 +202,9 @@ class EngineCore:
     @property
     def num_unfinished(self) -> int:
         return sum(not r.is_finished for r in self.requests.values())
+
+    def log_phase(self, kind: str, worker: WorkerKey, end_s: float, took_s: float, n: int):
+        self.phase_log.append(PhaseRecord(kind, worker, end_s - took_s, end_s, n))
 
     def next_batch_id(self) -> int:
         return next(self._batch_ids)

@@ -178,6 +178,12 @@ class Engine:
                 "phases": dict(self.core.phase_counters),
             }
 
+    def phase_log(self, since_s: float = 0.0) -> list:
+        """The prefill batches and decode steps that began at or after ``since_s``
+        (``time.monotonic()``), as ``PhaseRecord``s, oldest first (at most the latest 65,536)."""
+        with self._lock:
+            return [r for r in self.core.phase_log if r.start_s >= since_s]
+
     def worker_info(self) -> dict[str, dict]:
         """Ready workers: name -> the fields of their ready message (a copy, from any thread)."""
         with self._lock:

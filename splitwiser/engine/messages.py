@@ -134,6 +134,7 @@ class TokensMsg:
     # admitted this step: request id -> seconds from the prefill's publish to the admission
     handoff_s: dict[int, float] = field(default_factory=dict)
     step_s: float = 0.0
+    started_at: float = 0.0  # time.monotonic() when the step began (one clock for all processes)
     # colocated worker: prompt tokens prefilled in the same step (0: a decode-only step); the
     # step's tokens include the first token of each request whose prefill ended in it
     num_prefill_tokens: int = 0

@@ -1,9 +1,11 @@
 """Runs the two phases on a model front-end (``splitwiser.models.registry``).
 
-``prefill`` packs whole prompts into one flat batch and attends over their fresh K/V; ``decode``
-runs one token per running request of the token worker's persistent ``DecodeBatch``. On CUDA,
-decode replays a CUDA graph captured per batch-size bucket at start-up, the batch padded to its
-bucket with scratch rows; on CPU (or with ``enforce_eager``) the same code runs eagerly.
+``prefill`` runs a batch of prompt chunks: whole prompts, packed into one flat batch attending
+over their fresh K/V; or chunks whose prompt prefix is already in the pool, mixed with decode
+tokens (a chunk of one) in one forward, vLLM v1's step. ``decode`` runs one token per running
+request of the token worker's persistent ``DecodeBatch``. On CUDA, decode replays a CUDA graph
+captured per batch-size bucket at start-up, the batch padded to its bucket with scratch rows; on
+CPU (or with ``enforce_eager``) the same code runs eagerly.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ from splitwiser.models.registry import build_model
 
 @dataclass
 class PrefillSeq:
-    token_ids: list[int]
+    """One request's tokens in a ``prefill`` batch: a chunk of its prompt (the whole prompt when
+    ``num_computed`` is 0), or its decode token (a chunk of one)."""
+
+    token_ids: list[int]  # the chunk: positions num_computed .. num_computed + len - 1
     block_ids: list[int]  # the request's blocks in the pool (unused with a staging buffer)
+    num_computed: int = 0  # the request's tokens whose K/V already sit in its blocks
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -43,7 +49,6 @@ class ModelRunner:
         fuse: bool = False,
     ):
         self.model = build_model(hf_model, model_impl, max_model_len, fuse)
-        self.model_impl = model_impl
         self.block_size = block_size
         self.device = device
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -57,11 +62,20 @@ class ModelRunner:
     def prefill(
         self, seqs: list[PrefillSeq], kv_target: torch.Tensor, contiguous_slots: bool = False
     ) -> torch.Tensor:
-        """Run whole prompts, write their K/V into ``kv_target``, return last logits [B, vocab].
+        """Run each seq's chunk, write its K/V into ``kv_target``, return the logits of each
+        chunk's last token [B, vocab], in ``seqs``' order.
 
-        With ``contiguous_slots`` the K/V go to slots 0..num_tokens-1 of ``kv_target`` (a staging
-        buffer for the copy handoff) instead of the requests' blocks.
+        With ``contiguous_slots`` (whole prompts only) the K/V go to slots 0..num_tokens-1 of
+        ``kv_target`` (a staging buffer for the copy handoff) instead of the requests' blocks.
         """
+        if all(s.num_computed == 0 for s in seqs):
+            return self._prefill_prompts(seqs, kv_target, contiguous_slots)
+        if contiguous_slots:
+            raise ValueError("contiguous_slots stages whole prompts only (num_computed == 0)")
+        return self._prefill_mixed(seqs, kv_target)
+
+    def _prefill_prompts(self, seqs, kv_target, contiguous_slots: bool) -> torch.Tensor:
+        """Whole prompts, nothing cached: one causal SDPA call over their own fresh K/V."""
         lens = [len(s.token_ids) for s in seqs]
         max_len = max(lens)
         starts, input_ids, positions, padded = [0], [], [], []
@@ -87,6 +101,52 @@ class ModelRunner:
         )
         hidden = self.model.forward(self._long(input_ids), self._long(positions), meta)
         return self.model.logits(hidden[self._long([s - 1 for s in starts[1:]])])
+
+    def _prefill_mixed(self, seqs: list[PrefillSeq], kv_pool: torch.Tensor) -> torch.Tensor:
+        """Chunks over their requests' cached prefix, decode tokens among them: one forward, the
+        one-token seqs packed first (``AttentionMetadata``'s mixed layout)."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].token_ids) > 1)
+        num_decodes = sum(len(s.token_ids) == 1 for s in seqs)
+        chunk_len = max(len(s.token_ids) for s in seqs)
+        context_lens = [seqs[i].num_computed + len(seqs[i].token_ids) for i in order]
+        num_blocks = -(-max(context_lens) // self.block_size)
+        starts, input_ids, positions, rows, padded, table = [0], [], [], [], [], []
+        last = [0] * len(seqs)  # each seq's last token in the flat batch, in seqs' order
+        for row, (i, context_len) in enumerate(zip(order, context_lens)):
+            seq, n = seqs[i], len(seqs[i].token_ids)
+            needed = -(-context_len // self.block_size)
+            if len(seq.block_ids) < needed:
+                raise ValueError(f"{context_len} tokens need {needed} blocks, got {seq.block_ids}")
+            input_ids += seq.token_ids
+            positions += range(seq.num_computed, context_len)
+            rows += [row] * n
+            if row >= num_decodes:
+                first = (row - num_decodes) * chunk_len
+                padded += range(first, first + n)
+            # the unused tail of a row: any valid block, masked out
+            table.append(seq.block_ids[:needed] + [0] * (num_blocks - needed))
+            starts.append(starts[-1] + n)
+            last[i] = starts[-1] - 1
+        device_table = torch.tensor(table, dtype=torch.int32).to(self.device, non_blocking=True)
+        device_positions = self._long(positions)  # [T]
+        block = device_table[self._long(rows), device_positions // self.block_size].long()
+        decode_lens, chunk_lens = context_lens[:num_decodes], context_lens[num_decodes:]
+        meta = AttentionMetadata(
+            is_prefill=False,
+            kv_cache=kv_pool,
+            block_size=self.block_size,
+            slot_mapping=block * self.block_size + device_positions % self.block_size,
+            query_starts=self._long(starts),
+            max_query_len=chunk_len,
+            padded_index=self._long(padded),
+            block_table=device_table,
+            context_lens=torch.tensor(context_lens, dtype=torch.int32).to(self.device),
+            max_context_len=max(decode_lens, default=1),
+            num_decodes=num_decodes,
+            max_chunk_context_len=max(chunk_lens, default=0),
+        )
+        hidden = self.model.forward(self._long(input_ids), device_positions, meta)
+        return self.model.logits(hidden[self._long(last)])
 
     # ------------------------------------------------------------------ decode
 

@@ -62,6 +62,7 @@ class PromptRole:
         c["prefill_batches"] += 1
         c["prefill_tokens"] += msg.batch_tokens
         c["prefill_s"] += msg.compute_s
+        core.log_phase("prefill", worker, msg.published_at, msg.compute_s, msg.batch_tokens)
         now = time.monotonic()
         sends: list[Send] = []
         for i, rid in enumerate(msg.request_ids):
@@ -118,6 +119,9 @@ class TokenRole:
         c["decode_steps"] += 1
         c["decode_tokens"] += len(msg.request_ids)
         c["decode_s"] += msg.step_s
+        core.log_phase(
+            "decode", worker, msg.started_at + msg.step_s, msg.step_s, len(msg.request_ids)
+        )
         for rid, handoff_s in msg.handoff_s.items():
             if rid in core.requests:
                 core.requests[rid].metrics.handoff_s = handoff_s
@@ -158,14 +162,17 @@ class ColocatedRole:
         if not isinstance(msg, m.TokensMsg):
             raise TypeError(f"a colocated worker sent {type(msg).__name__}")
         c = core.phase_counters
+        end_s = msg.started_at + msg.step_s
         if msg.num_prefill_tokens:  # a mixed step: prefill chunks and decodes in one forward
             c["mixed_steps"] += 1
             c["mixed_s"] += msg.step_s
             c["prefill_tokens"] += msg.num_prefill_tokens
+            core.log_phase("mixed", worker, end_s, msg.step_s, msg.num_prefill_tokens)
         else:
             c["decode_steps"] += 1
             c["decode_tokens"] += len(msg.request_ids)
             c["decode_s"] += msg.step_s
+            core.log_phase("decode", worker, end_s, msg.step_s, len(msg.request_ids))
         return _append_step(core, worker, msg, time.monotonic())
 
     def stop_msg(self, request_ids: list[int]):

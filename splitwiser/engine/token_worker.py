@@ -118,4 +118,4 @@ class TokenWorker:
             if finished[row]:
                 self._remove(row)
         ids = [s.spec.request_id for s in seqs]
-        return m.TokensMsg(ids, tokens, finished, handoff_s, time.monotonic() - t0)
+        return m.TokensMsg(ids, tokens, finished, handoff_s, time.monotonic() - t0, t0)
