@@ -16,6 +16,7 @@ from transformers.generation.streamers import BaseStreamer
 from splitwiser.config import resolve_device, resolve_dtype
 from splitwiser.errors import ConfigError, InvalidRequestError
 from splitwiser.models.loader import load_model
+from splitwiser.models.shape import ModelShape
 from splitwiser.outputs import RequestMetrics, RequestOutput
 from splitwiser.prompts import (
     PromptChecker,
@@ -60,8 +61,11 @@ class _GenerateBaseline:
         if pad is None:
             pad = self.eos_token_ids[0] if self.eos_token_ids else 0
         self.pad_token_id = pad
-        max_len = getattr(self.model.config, "max_position_embeddings", None) or 2048
-        self.checker = PromptChecker(self.tokenizer, self.model.config.vocab_size, max_len)
+        # the context Splitwiser serves (sliding window applied): both reject the same requests
+        self.shape = ModelShape.from_hf(self.model.config)
+        self.checker = PromptChecker(
+            self.tokenizer, self.shape.vocab_size, self.shape.max_model_len()
+        )
 
     def _generation_config(self, params: SamplingParams, max_new_tokens: int):
         gen_config = copy.deepcopy(self.model.generation_config)

@@ -3,12 +3,19 @@ alone, stop each request at its own length or EOS, and time tokens per decoding 
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
-from splitwiser import BatchedPipeline, ConfigError, InvalidRequestError, SamplingParams
-from tests.conftest import EOS_PROMPT, hf_greedy
+from splitwiser import (
+    BatchedPipeline,
+    ConfigError,
+    InvalidRequestError,
+    SamplingParams,
+    SequentialPipeline,
+)
+from tests.conftest import EOS_PROMPT, build_model_dir, hf_greedy
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +69,17 @@ def test_ignore_eos_keeps_a_pad_token(batched):
     finally:
         config.pad_token_id = saved
     assert gen.eos_token_id == [] and gen.pad_token_id == batched.pad_token_id is not None
+
+
+def test_a_sliding_window_caps_the_baselines_context_as_splitwisers(tmp_path):
+    """The baselines serve the context Splitwiser serves (``ModelShape.max_model_len``): a
+    Mistral window below max_position_embeddings caps prompt + output tokens for both."""
+    path = build_model_dir(tmp_path, "mistral")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"sliding_window": 32}))
+    with SequentialPipeline(path, device="cpu") as pipe:
+        assert pipe.checker.max_model_len == 32 < config["max_position_embeddings"]
+        with pytest.raises(InvalidRequestError, match="context is 32 tokens"):
+            pipe.generate([[5] * 32])
+        (out,) = pipe.generate([[5] * 20], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    assert len(out.token_ids) == 12 and out.finish_reason == "length"

@@ -1,5 +1,7 @@
-"""``splitwiser bench`` end to end in a real subprocess: bad options fail in one line with exit
-code 2 and start nothing; a short run writes a valid summary, the per-request CSV and the plots."""
+"""``splitwiser bench``: its options become one ``BenchConfig`` holding the Splitwiser
+system's ``EngineConfig`` (in-process); end to end in a real subprocess, bad options fail in
+one line with exit code 2 and start nothing, and a short run writes a valid summary, the
+per-request CSV and the plots."""
 
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ import time
 import psutil
 import pytest
 
+from splitwiser import ConfigError, EngineConfig
+from splitwiser.benchmark.config import BenchConfig, split_procs
+from splitwiser.config import KV_HANDOFF_MODES, MODEL_IMPLS, PHASE_PRIORITIES
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SHORT = ["--procs", "2", "--num-requests", "6", "--input-len", "24", "--output-len", "6"]
 
@@ -25,6 +31,65 @@ def bench(*args, timeout=600) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+class _Parsed(Exception):
+    pass
+
+
+def parse(monkeypatch, *args: str) -> BenchConfig:
+    """The ``BenchConfig`` that ``splitwiser bench ARGS`` would run, without running it."""
+    import splitwiser.benchmark
+    from splitwiser.cli.bench import bench as command
+
+    def capture(config, **_):
+        raise _Parsed(config)
+
+    monkeypatch.setattr(splitwiser.benchmark, "run_bench", capture)
+    with pytest.raises(_Parsed) as parsed:
+        command.main(list(args), standalone_mode=False)
+    return parsed.value.args[0]
+
+
+def test_engine_options_default_to_the_engine_config_and_its_choices():
+    from splitwiser.cli.bench import bench as command
+
+    options = {p.name: p for p in command.params}
+    defaults = EngineConfig()
+    for name in ("model", "device", "dtype", "kv_handoff", "model_impl", "phase_priority"):
+        assert options[name].default == getattr(defaults, name), name
+    assert tuple(options["kv_handoff"].type.choices) == KV_HANDOFF_MODES
+    assert tuple(options["model_impl"].type.choices) == MODEL_IMPLS
+    assert tuple(options["phase_priority"].type.choices) == PHASE_PRIORITIES
+
+
+def test_options_become_the_splitwiser_systems_engine_config(monkeypatch):
+    config = parse(monkeypatch, "--procs", "5", "--prompt-procs", "2", "--kv-handoff", "copy",
+                   "--model-impl", "transformers", "--phase-priority", "decode",
+                   "--enforce-eager", "--device", "cpu", "--dtype", "bfloat16",
+                   "--model", "random:opt-125m", "--num-requests", "7")  # fmt: skip
+    assert config.engine == EngineConfig(
+        model="random:opt-125m", num_prompt_workers=2, num_token_workers=3, device="cpu",
+        dtype="bfloat16", kv_handoff="copy", model_impl="transformers", enforce_eager=True,
+        phase_priority="decode",
+    )  # fmt: skip
+    assert config.procs == 5 and config.num_requests == 7
+    recorded = config.to_dict()  # summary.json's "config": flat, the engine's fields included
+    assert recorded["num_prompt_workers"] == 2 and recorded["kv_handoff"] == "copy"
+    assert recorded["block_size"] == EngineConfig().block_size and recorded["procs"] == 5
+    default = parse(monkeypatch)
+    assert default == BenchConfig() and default.engine.num_prompt_workers == 2
+
+
+def test_procs_split_into_prompt_and_token_workers():
+    assert split_procs(4) == {"num_prompt_workers": 2, "num_token_workers": 2}
+    assert split_procs(5) == {"num_prompt_workers": 2, "num_token_workers": 3}
+    assert split_procs(5, 4) == {"num_prompt_workers": 4, "num_token_workers": 1}
+    with pytest.raises(ConfigError, match="--procs must be an integer >= 2"):
+        split_procs(1)
+    for prompt_procs in (0, 3):
+        with pytest.raises(ConfigError, match="at least one token worker"):
+            split_procs(3, prompt_procs)
 
 
 @pytest.mark.parametrize(
@@ -96,13 +161,14 @@ def test_one_token_outputs_are_a_valid_run(args, tmp_path, leftovers):
 def test_a_run_that_fails_while_writing_leaves_no_result_folder(tmp_path, monkeypatch):
     """Results are written into a hidden folder renamed at the end: a folder named like a run
     always holds a complete summary."""
-    from splitwiser.benchmark import BenchConfig, plots, run_bench
+    from splitwiser.benchmark import plots, run_bench
 
     def broken(*args):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(plots, "write_plots", broken)
-    config = BenchConfig(procs=2, num_requests=2, input_len=16, output_len=2, num_warmup=1,
+    engine = EngineConfig(num_prompt_workers=1, num_token_workers=1)
+    config = BenchConfig(engine=engine, num_requests=2, input_len=16, output_len=2, num_warmup=1,
                          baselines=(), out=str(tmp_path), run_id="r")  # fmt: skip
     with pytest.raises(RuntimeError, match="disk full"):
         run_bench(config, show=False)
@@ -142,6 +208,8 @@ def test_short_bench_writes_summary_csv_and_plots(tmp_path, leftovers):
     assert {"sw-prompt-0", "sw-token-0"} <= set(sw["telemetry"]["processes"])
     assert sw["median_handoff_ms"] > 0 and sw["kv_bytes_copied"] == 0
     assert sw["kv_bytes_not_moved"] == 144 * sw["kv_bytes_per_token"]
+    # the pool's figure (stats()) and the baselines' (the model's shape) agree
+    assert summary["systems"]["sequential"]["kv_bytes_per_token"] == sw["kv_bytes_per_token"]
     ratio = summary["ratios"]["sequential"]["output_throughput"]
     assert ratio == pytest.approx(
         sw["output_throughput"] / summary["systems"]["sequential"]["output_throughput"]

@@ -16,10 +16,12 @@ import torch
 
 from splitwiser import mps
 from splitwiser.benchmark import BenchConfig, run_bench
+from splitwiser.config import EngineConfig
 from splitwiser.errors import SplitwiserError
 from tests.conftest import FAKES
 
-SMALL = dict(procs=2, num_requests=3, input_len=16, output_len=3, num_warmup=1, plots=False)
+TWO_WORKERS = EngineConfig(num_prompt_workers=1, num_token_workers=1)  # device "auto"
+SMALL = dict(num_requests=3, input_len=16, output_len=3, num_warmup=1, plots=False)
 
 
 @pytest.fixture
@@ -44,7 +46,8 @@ def fake_cuda(fake_mps, monkeypatch):
 
 def test_under_mps_each_system_runs_in_its_own_process(fake_cuda, fake_mps, leftovers):
     out = fake_mps / "results"
-    result = run_bench(BenchConfig(mps="on", out=str(out), run_id="mps", **SMALL), show=False)
+    config = BenchConfig(engine=TWO_WORKERS, mps="on", out=str(out), run_id="mps", **SMALL)
+    result = run_bench(config, show=False)
     summary = json.loads((out / "mps" / "summary.json").read_text())
     state = summary["environment"]["mps"]
     assert state["active"] and state["owned_daemon"] and state["client_check"]["server_pids"]
@@ -68,6 +71,6 @@ def test_auto_device_never_falls_back_to_cpu_because_mps_failed(fake_cuda, fake_
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     out = fake_mps / "results"
     with pytest.raises(SplitwiserError, match="cuda"):
-        run_bench(BenchConfig(mps="auto", device="auto", out=str(out), **SMALL), show=False)
+        run_bench(BenchConfig(engine=TWO_WORKERS, mps="auto", out=str(out), **SMALL), show=False)
     assert not out.exists() or list(out.iterdir()) == []
     assert not list(fake_mps.rglob("control"))

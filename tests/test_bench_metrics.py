@@ -10,6 +10,7 @@ from splitwiser.benchmark.metrics import (
     compute_metrics,
     distribution,
     parse_slo,
+    phase_summary,
     ratios,
 )
 
@@ -96,3 +97,16 @@ def test_ratios_divide_splitwiser_by_each_baseline():
     r = ratios(systems)
     assert r["sequential"] == {"output_throughput": 3.0, "median_ttft_ms": 0.25}
     assert r["batched"] == {"output_throughput": 2.0}
+
+
+def test_phase_summary_rates_and_empty_phases():
+    counters = dict(prefill_tokens=1000, prefill_s=0.5, prefill_batches=4, decode_tokens=90,
+                    decode_s=0.3, decode_steps=30)  # fmt: skip
+    summary = phase_summary(counters)
+    assert summary["prefill_tokens_per_s"] == pytest.approx(2000)
+    assert summary["mean_prefill_batch_tokens"] == 250
+    assert summary["mean_decode_step_ms"] == pytest.approx(10)
+    assert summary["mean_decode_batch"] == 3
+    assert summary["decode_tokens"] == 90  # the counters themselves kept
+    idle = phase_summary(dict.fromkeys(counters, 0))  # a run with no decode step: no rates
+    assert all(idle[k] is None for k in ("prefill_tokens_per_s", "mean_decode_step_ms"))

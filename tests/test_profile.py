@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitwiser import ConfigError, mps, profiling
+from splitwiser import ConfigError, EngineConfig, mps, profiling
 from splitwiser.engine.worker import WorkerConfig, for_attached_profiler, phase_range
 from splitwiser.profiling import (
     ProfileConfig,
@@ -103,11 +103,18 @@ def test_phase_summary_weights_by_duration():
     assert token["achieved_occupancy_pct"] == pytest.approx(47.10)  # only where collected
 
 
+def _worker(role: str, device: str, nvtx: bool = False) -> WorkerConfig:
+    return WorkerConfig(
+        engine=EngineConfig(), device=device, model_impl="splitwiser", max_model_len=256,
+        eos_token_ids=(), role=role, nvtx=nvtx,
+    )  # fmt: skip
+
+
 def test_nvtx_ranges_cost_nothing_when_off():
-    cfg = WorkerConfig("token", 0, "cpu", 16, "shared", 1, 8, ())
+    cfg = _worker("token", "cpu")
     off = phase_range(cfg, torch.device("cpu"), "decode b=4")
     assert off is phase_range(cfg, torch.device("cpu"), "decode b=8")  # one shared no-op
-    on_cpu = WorkerConfig("token", 0, "cpu", 16, "shared", 1, 8, (), nvtx=True)
+    on_cpu = _worker("token", "cpu", nvtx=True)
     assert phase_range(on_cpu, torch.device("cpu"), "decode b=4") is off  # CUDA only
 
 
@@ -119,12 +126,12 @@ def test_nvtx_ranges_nest_phase_and_shape_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append(("pop",)))
     monkeypatch.delenv("NVTX_INJECTION64_PATH", raising=False)
     cuda = torch.device("cuda")  # a device object only: nothing runs on it here
-    prompt = WorkerConfig("prompt", 0, "cuda", 16, "shared", 1, 8, (), nvtx=True)
+    prompt = _worker("prompt", "cuda", nvtx=True)
     with phase_range(prompt, cuda, "prefill b=4 t=2048"):
         calls.append("kernels")
     assert calls == [("push", "prompt"), ("push", "prefill b=4 t=2048"), "kernels", ("pop",),
                      ("pop",)]  # fmt: skip
-    token = WorkerConfig("token", 0, "cuda", 16, "shared", 1, 8, ())
+    token = _worker("token", "cuda")
     assert phase_range(token, cuda, "decode b=32") is phase_range(token, cuda, "decode b=1")
     assert for_attached_profiler(token) is token  # no profiler: unchanged
     monkeypatch.setenv("NVTX_INJECTION64_PATH", "/opt/nvidia/nsight/libToolsInjection64.so")

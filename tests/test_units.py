@@ -45,15 +45,28 @@ def test_slots_follow_block_table():
     assert slots_for([5], 1, 16).tolist() == [80]
 
 
+def _ids(batch) -> list[tuple[int, int]]:
+    """``[(request id, tokens to prefill)]`` of a prefill batch."""
+    return [(req.request_id, n) for req, n in batch]
+
+
 def test_scheduler_batches_fcfs_under_token_budget():
-    sched = Scheduler(BlockAllocator(100), block_size=16, max_prefill_tokens=100)
+    sched = Scheduler(BlockAllocator(100), block_size=16, max_prefill_tokens=100, chunked=False)
     for i, n in enumerate([60, 30, 30, 200]):
         sched.add(_req(i, n))
     plan = sched.schedule({0: 0, 1: 0})
-    assert [[r.request_id for r in b] for _, b in plan] == [[0, 1], [2]]
-    assert all(r.status is RequestStatus.PREFILLING for _, b in plan for r in b)
-    # an over-budget prompt still runs, alone
-    assert [r.request_id for r in sched.next_prefill_batch()] == [3]
+    assert [_ids(b) for _, b in plan] == [[(0, 60), (1, 30)], [(2, 30)]]
+    assert all(r.status is RequestStatus.WAITING for _, b in plan for r, _ in b)  # the core's
+    # an over-budget prompt still runs, whole and alone
+    assert _ids(sched.next_prefill_batch()) == [(3, 200)]
+
+
+def test_chunked_scheduler_fills_the_budget_with_a_chunk():
+    sched = Scheduler(BlockAllocator(100), block_size=16, max_prefill_tokens=100)
+    for i, n in enumerate([60, 30, 250]):
+        sched.add(_req(i, n))
+    assert _ids(sched.next_prefill_batch()) == [(0, 60), (1, 30), (2, 10)]
+    assert not sched.waiting  # the rest of request 2 comes back through continue_prefill
 
 
 def test_scheduler_waits_for_blocks_and_keeps_order():
@@ -65,7 +78,7 @@ def test_scheduler_waits_for_blocks_and_keeps_order():
     sched.add(small)
     assert sched.next_prefill_batch() == []  # the head waits; nothing jumps the queue
     alloc.free(held)
-    assert [r.request_id for r in sched.next_prefill_batch()] == [0]
+    assert _ids(sched.next_prefill_batch()) == [(0, 40)]
     sched.free(big)
     assert alloc.num_free == 3
 
@@ -75,7 +88,7 @@ def test_scheduler_respects_batches_in_flight_and_picks_least_loaded():
     sched.add(_req(0, 4))
     assert sched.schedule({0: 2}) == []  # worker 0 is full: nothing dispatched
     plan = sched.schedule({0: 2, 1: 1})
-    assert [(w, [r.request_id for r in b]) for w, b in plan] == [(1, [0])]
+    assert [(w, _ids(b)) for w, b in plan] == [(1, [(0, 4)])]
     assert Scheduler.pick_token_worker({0: 5, 1: 2, 2: 9}) == 1
 
 
@@ -140,7 +153,7 @@ def test_config_rejects_bad_values(kwargs, match):
 
 
 def test_no_cuda_context_in_a_process_that_never_loaded_the_driver():
-    from splitwiser.engine.engine import cuda_context_active
+    from splitwiser.engine.cuda_context import cuda_context_active
 
     # torch itself does not load the driver library until CUDA is used
     assert cuda_context_active() is torch.cuda.is_initialized()

@@ -6,13 +6,14 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from splitwiser.benchmark.workloads import WORKLOADS
-from splitwiser.config import KV_HANDOFF_MODES
+from splitwiser.config import EngineConfig
 from splitwiser.errors import ConfigError
 from splitwiser.mps import MPS_MODES
 
 BASELINES = ("sequential", "batched")  # the default comparison
 VLLM_SYSTEMS = ("vllm", "vllm-parallel", "vllm-split")  # see splitwiser.vllm
 MAX_REQUESTS = 1_000_000  # per system; the trace files hold fewer rows
+DEFAULT_PROCS = 4  # worker processes sharing the device
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> None:
@@ -20,19 +21,28 @@ def _positive_int(name: str, value, minimum: int = 1) -> None:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def split_procs(procs: int, prompt_procs: int | None = None) -> dict[str, int]:
+    """``num_prompt_workers`` and ``num_token_workers`` of ``procs`` worker processes:
+    ``prompt_procs`` of them run the prompt phase (default: half, rounded down), the rest decode."""
+    _positive_int("--procs", procs, 2)
+    num_prompt = procs // 2 if prompt_procs is None else prompt_procs
+    if not (isinstance(num_prompt, int) and 1 <= num_prompt < procs):
+        raise ConfigError(
+            f"--prompt-procs must be between 1 and procs - 1 = {procs - 1} "
+            f"(at least one token worker), got {prompt_procs!r}"
+        )
+    return {"num_prompt_workers": num_prompt, "num_token_workers": procs - num_prompt}
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """One benchmark run: the Splitwiser system, the workload, and the baselines to compare."""
 
-    model: str | None = None  # None: the embedded default model
-    procs: int = 4  # worker processes sharing the device
-    prompt_procs: int | None = None  # None: procs // 2 (the rest are token workers)
+    # the Splitwiser system; its model, device and dtype are every system's. Each system's
+    # process sets the resolved device and dtype, and the MPS daemon, with dataclasses.replace
+    engine: EngineConfig = EngineConfig(**split_procs(DEFAULT_PROCS))
     mps: str = "auto"  # "on": required; "auto": used where available; "off"
     mps_split: tuple[int, int] | None = None  # (prompt, token) active thread percentages
-    kv_handoff: str = "shared"
-    model_impl: str = "auto"  # see EngineConfig.model_impl
-    enforce_eager: bool = False  # CUDA: decode without CUDA graphs
-    phase_priority: str = "prefill"  # CPU: see EngineConfig.phase_priority
     workload: str = "fixed"
     num_requests: int = 64
     input_len: int = 256  # fixed workload: prompt tokens
@@ -45,28 +55,16 @@ class BenchConfig:
     batch_size: int = 20  # the batched baseline's static batch
     slo: dict[str, float] = field(default_factory=dict)  # e.g. {"ttft_ms": 500, "tpot_ms": 50}
     seed: int = 0
-    device: str = "auto"
-    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
     num_warmup: int | None = None  # None: max(2, procs) requests, excluded from every system
     out: str = "results"
     run_id: str | None = None  # None: <date>-<time>-<workload>-<device>
     plots: bool = True
 
     def __post_init__(self) -> None:
-        _positive_int("--procs", self.procs, 2)
-        if self.prompt_procs is not None and not (
-            isinstance(self.prompt_procs, int) and 1 <= self.prompt_procs < self.procs
-        ):
-            raise ConfigError(
-                f"--prompt-procs must be between 1 and procs - 1 = {self.procs - 1} "
-                f"(at least one token worker), got {self.prompt_procs!r}"
-            )
         if self.mps not in MPS_MODES:
             raise ConfigError(f"--mps must be one of {', '.join(MPS_MODES)}, got {self.mps!r}")
         if self.mps_split is not None and self.mps == "off":
             raise ConfigError("--mps-split needs MPS; drop --no-mps or --mps-split")
-        if self.kv_handoff not in KV_HANDOFF_MODES:
-            raise ConfigError(f"--kv-handoff must be one of {', '.join(KV_HANDOFF_MODES)}")
         if self.workload not in WORKLOADS:
             raise ConfigError(
                 f"unknown workload {self.workload!r}; choose one of: {', '.join(WORKLOADS)}"
@@ -99,20 +97,15 @@ class BenchConfig:
             require_vllm()  # one line naming the install command, before any work
 
     @property
-    def num_prompt_workers(self) -> int:
-        """Half the processes run the prompt phase, rounded down; the rest decode."""
-        return self.prompt_procs if self.prompt_procs is not None else self.procs // 2
-
-    @property
-    def num_token_workers(self) -> int:
-        return self.procs - self.num_prompt_workers
+    def procs(self) -> int:
+        """Splitwiser's worker processes (the vLLM data-parallel system runs as many)."""
+        return self.engine.num_workers
 
     @property
     def warmup_requests(self) -> int:
         return self.num_warmup if self.num_warmup is not None else max(2, self.procs)
 
     def to_dict(self) -> dict:
+        """Flat, as ``summary.json`` records it: the engine's fields next to the run's own."""
         d = asdict(self)
-        d["num_prompt_workers"] = self.num_prompt_workers
-        d["num_token_workers"] = self.num_token_workers
-        return d
+        return {**d.pop("engine"), "procs": self.procs, **d}

@@ -26,6 +26,7 @@ from splitwiser.benchmark.workloads import BenchRequest, build_prompts, build_wo
 from splitwiser.config import resolve_dtype
 from splitwiser.errors import ConfigError
 from splitwiser.models.loader import load_model_config, load_tokenizer
+from splitwiser.models.shape import ModelShape
 
 
 @dataclass
@@ -89,18 +90,18 @@ def _source_revision() -> dict | None:
 def describe_model(spec: str | None, model_config, model_impl: str = "auto") -> dict:
     from splitwiser.models.registry import resolve_model_impl
 
-    c = model_config
+    shape = ModelShape.from_hf(model_config)
     return {
         "spec": spec or "default (embedded)",
-        "model_type": c.model_type,
+        "model_type": shape.model_type,
         # which front-end Splitwiser's workers run: own model code or the Hugging Face modules
-        "model_impl": resolve_model_impl(c, model_impl),
-        "num_hidden_layers": c.num_hidden_layers,
-        "hidden_size": c.hidden_size,
-        "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": getattr(c, "num_key_value_heads", None),
-        "vocab_size": c.vocab_size,
-        "max_position_embeddings": getattr(c, "max_position_embeddings", None),
+        "model_impl": resolve_model_impl(model_config, model_impl),
+        "num_hidden_layers": shape.num_layers,
+        "hidden_size": shape.hidden_size,
+        "num_attention_heads": shape.num_heads,
+        "num_key_value_heads": shape.num_kv_heads,
+        "vocab_size": shape.vocab_size,
+        "max_position_embeddings": shape.max_position_embeddings,
     }
 
 
@@ -140,11 +141,12 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
     """Run the benchmark and write ``<out>/<run-id>/``; returns a :class:`BenchResult`."""
     from splitwiser.benchmark.report import write_results
 
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    model_config = load_model_config(config.model)
-    model_len = getattr(model_config, "max_position_embeddings", None) or 2048
-    max_context = min(config.max_context or model_len, model_len)
+    engine = config.engine
+    device = resolve_device(engine.device)
+    dtype = resolve_dtype(engine.dtype, device)
+    model_config = load_model_config(engine.model)
+    # the context every system serves (Splitwiser's, sliding window applied), or less
+    max_context = ModelShape.from_hf(model_config).max_model_len(config.max_context)
     workload = build_workload(
         config.workload,
         num_requests=config.num_requests,
@@ -157,10 +159,10 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
         seed=config.seed,
     )
     requests: list[BenchRequest] = list(workload.requests)
-    prompts = build_prompts(workload, load_tokenizer(config.model), seed=config.seed)
+    prompts = build_prompts(workload, load_tokenizer(engine.model), seed=config.seed)
     out = check_out(config)  # the input is valid: before any work, a place for the results
     runs: dict[str, SystemRun] = {}
-    with mps.session(config.mps, config.device) as (daemon, mps_state):
+    with mps.session(config.mps, engine.device) as (daemon, mps_state):
         mps_state["split"] = config.mps_split
         mps_env = daemon.env() if daemon is not None else {}
         for name in ("splitwiser", *config.baselines):
@@ -182,7 +184,7 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config.to_dict() | {"device": str(device), "dtype": str(dtype).split(".")[-1]},
-        "model": describe_model(config.model, model_config, config.model_impl),
+        "model": describe_model(engine.model, model_config, engine.model_impl),
         "workload": workload.describe(),
         "environment": env,
         "systems": systems,

@@ -140,6 +140,20 @@ def compute_metrics(
     return metrics
 
 
+def phase_summary(counters: dict) -> dict:
+    """Per-phase rates from the counters of ``stats()["phases"]`` (or a difference of two)."""
+    c = counters
+    return {
+        **c,
+        "prefill_tokens_per_s": c["prefill_tokens"] / c["prefill_s"] if c["prefill_s"] else None,
+        "mean_prefill_batch_tokens": c["prefill_tokens"] / c["prefill_batches"]
+        if c["prefill_batches"] else None,
+        "mean_decode_step_ms": 1e3 * c["decode_s"] / c["decode_steps"]
+        if c["decode_steps"] else None,
+        "mean_decode_batch": c["decode_tokens"] / c["decode_steps"] if c["decode_steps"] else None,
+    }  # fmt: skip
+
+
 # the figures the comparison table shows, and whether higher is better
 HEADLINE = (
     ("output_throughput", "output tok/s", True),

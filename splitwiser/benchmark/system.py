@@ -18,13 +18,13 @@ import os
 import signal
 import sys
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from multiprocessing import get_context, resource_tracker
 
 from tqdm import tqdm
 
 from splitwiser.benchmark.config import BenchConfig
-from splitwiser.benchmark.metrics import RequestRecord
+from splitwiser.benchmark.metrics import RequestRecord, phase_summary
 from splitwiser.benchmark.replay import REPLAY
 from splitwiser.benchmark.telemetry import TelemetryLog, TelemetrySampler
 from splitwiser.benchmark.workloads import BenchRequest
@@ -62,64 +62,49 @@ def _build(job: SystemJob, device, dtype):
     from splitwiser.baselines import BatchedPipeline, SequentialPipeline
     from splitwiser.pipeline import SplitwiserPipeline
 
-    config = job.config
+    config, pipe_dir = job.config, job.mps_env.get("CUDA_MPS_PIPE_DIRECTORY")
+    model = config.engine.model
     if job.name == "splitwiser":
-        pipe_dir = job.mps_env.get("CUDA_MPS_PIPE_DIRECTORY")
-        return SplitwiserPipeline(
-            config.model,
-            num_prompt_workers=config.num_prompt_workers,
-            num_token_workers=config.num_token_workers,
-            device=str(device),
-            dtype=dtype,
-            kv_handoff=config.kv_handoff,
-            model_impl=config.model_impl,
-            enforce_eager=config.enforce_eager,
-            phase_priority=config.phase_priority,
-            mps_pipe_dir=pipe_dir,
+        engine = replace(
+            config.engine, device=str(device), dtype=dtype, mps_pipe_dir=pipe_dir,
             mps_thread_percentage=config.mps_split if pipe_dir else None,
-        )
+        )  # fmt: skip
+        return SplitwiserPipeline(**{f.name: getattr(engine, f.name) for f in fields(engine)})
     if job.name == "sequential":
-        return SequentialPipeline(config.model, device=str(device), dtype=dtype)
+        return SequentialPipeline(model, device=str(device), dtype=dtype)
     if job.name.startswith("vllm"):
         from splitwiser.vllm import SYSTEMS
 
-        pipe_dir = job.mps_env.get("CUDA_MPS_PIPE_DIRECTORY")
         options = {"device": str(device), "dtype": dtype, "mps_pipe_dir": pipe_dir,
-                   "enforce_eager": config.enforce_eager}  # fmt: skip
+                   "enforce_eager": config.engine.enforce_eager}  # fmt: skip
         if job.name == "vllm-parallel":
             options["num_engines"] = config.procs  # as many processes as Splitwiser's
         if job.name == "vllm-split" and pipe_dir:
             options["mps_thread_percentage"] = config.mps_split
-        return SYSTEMS[job.name](config.model, **options)
-    return BatchedPipeline(
-        config.model, device=str(device), dtype=dtype, batch_size=config.batch_size
-    )
+        return SYSTEMS[job.name](model, **options)
+    return BatchedPipeline(model, device=str(device), dtype=dtype, batch_size=config.batch_size)
 
 
-def _extra(job: SystemJob, pipe, dtype, records: list[RequestRecord], before: dict) -> dict:
+def _extra(job: SystemJob, pipe, records: list[RequestRecord], before: dict) -> dict:
     if job.name.startswith("vllm"):
         return {"engines": pipe.workers(), "stats": pipe.stats()}
-    if job.name != "splitwiser":
-        return {}
-    from splitwiser.engine.engine import phase_summary
-    from splitwiser.engine.kv_pool import KVLayout
-    from splitwiser.models.loader import load_model_config
-
-    layout = KVLayout.from_model_config(load_model_config(job.config.model), 16, dtype)
-    after = pipe.stats()["phases"]
+    if job.name != "splitwiser":  # a baseline: no pool, the K/V of generate()'s own cache
+        return {"kv_bytes_per_token": pipe.shape.kv_bytes_per_token(pipe.dtype)}
+    stats = pipe.stats()
+    kv_bytes_per_token = stats["kv_bytes_per_token"]
     done = [r for r in records if r.ok]
-    moved_nothing = job.config.kv_handoff == "shared"
+    moved_nothing = job.config.engine.kv_handoff == "shared"
     return {
-        "num_kv_blocks": pipe.num_kv_blocks,
-        "kv_bytes_per_token": layout.bytes_per_token,
+        "num_kv_blocks": stats["num_kv_blocks"],
+        "kv_bytes_per_token": kv_bytes_per_token,
         # the prompt K/V that stayed in the shared pool instead of travelling to a token worker
-        "kv_bytes_not_moved": sum(r.prompt_len for r in done) * layout.bytes_per_token
+        "kv_bytes_not_moved": sum(r.prompt_len for r in done) * kv_bytes_per_token
         if moved_nothing
         else 0,
         # prefill and decode as the workers timed them, over the measured run only
-        "phases": phase_summary({k: after[k] - before[k] for k in after}),
+        "phases": phase_summary({k: v - before[k] for k, v in stats["phases"].items()}),
         "workers": pipe.workers(),
-        "stats": pipe.stats(),
+        "stats": stats,
     }
 
 
@@ -139,7 +124,7 @@ def run_system(job: SystemJob) -> SystemRun:
 
     os.environ.update(job.mps_env)  # before anything here initialises CUDA
     device = resolve_device(job.device)
-    dtype = resolve_dtype(job.config.dtype, device)
+    dtype = resolve_dtype(job.config.engine.dtype, device)
     requests, prompts = job.requests, job.prompts
     warm = [
         replace(r, arrival_s=0.0, output_len=min(r.output_len, WARMUP_OUTPUT_LEN))
@@ -153,7 +138,7 @@ def run_system(job: SystemJob) -> SystemRun:
         bar = tqdm(total=len(requests), desc=f"{job.name:>10}", unit="req", disable=not job.show)
         with bar, TelemetrySampler(device) as telemetry:
             records, duration_s = replay(pipe, requests, prompts, bar.update)
-        extra = _extra(job, pipe, dtype, records, before)
+        extra = _extra(job, pipe, records, before)
     return SystemRun(
         job.name, records, duration_s, telemetry, extra, os.getpid(), _device_info(device)
     )

@@ -6,10 +6,10 @@ from dataclasses import fields
 
 import click
 
-from splitwiser.benchmark.config import BenchConfig
+from splitwiser.benchmark.config import DEFAULT_PROCS, BenchConfig
 from splitwiser.benchmark.workloads import WORKLOADS
 from splitwiser.cli.common import command_line, mps_options, resolve_mps
-from splitwiser.config import PHASE_PRIORITIES
+from splitwiser.config import KV_HANDOFF_MODES, MODEL_IMPLS, PHASE_PRIORITIES, EngineConfig
 
 
 def _csv_list(text: str) -> tuple[str, ...]:
@@ -17,17 +17,19 @@ def _csv_list(text: str) -> tuple[str, ...]:
 
 
 _BENCH = {f.name: f.default for f in fields(BenchConfig)}
+# the Splitwiser system's options: the options of this command that are EngineConfig fields
+_ENGINE = {f.name: f.default for f in fields(EngineConfig)}
 
 
 @click.command()
 @click.option(
     "--model",
-    default=None,
+    default=_ENGINE["model"],
     help="HF directory, hub id or random:<preset>. [default: embedded model]",
 )
 @click.option(
     "--procs",
-    default=_BENCH["procs"],
+    default=DEFAULT_PROCS,
     show_default=True,
     type=int,
     help="Worker processes sharing the device (>= 2).",
@@ -48,16 +50,16 @@ _BENCH = {f.name: f.default for f in fields(BenchConfig)}
 )
 @click.option(
     "--kv-handoff",
-    type=click.Choice(["shared", "copy"]),
-    default="shared",
+    type=click.Choice(KV_HANDOFF_MODES),
+    default=_ENGINE["kv_handoff"],
     show_default=True,
     help="shared: block ids only; copy: the K/V copied into the token worker's blocks "
     "(device to device on CUDA), for comparison.",
 )
 @click.option(
     "--model-impl",
-    type=click.Choice(["auto", "splitwiser", "transformers"]),
-    default=_BENCH["model_impl"],
+    type=click.Choice(MODEL_IMPLS),
+    default=_ENGINE["model_impl"],
     show_default=True,
     help="Splitwiser's own model code (Llama, Mistral, Qwen2, OPT) or the Hugging Face modules; "
     "auto: own code where the architecture has it.",
@@ -65,7 +67,7 @@ _BENCH = {f.name: f.default for f in fields(BenchConfig)}
 @click.option(
     "--phase-priority",
     type=click.Choice(PHASE_PRIORITIES),
-    default=_BENCH["phase_priority"],
+    default=_ENGINE["phase_priority"],
     show_default=True,
     help="CPU: whose workers the OS favours on shared cores; prefill: token workers yield "
     "(prompts first, full decode batches), decode: prompt workers yield.",
@@ -132,7 +134,7 @@ _BENCH = {f.name: f.default for f in fields(BenchConfig)}
 @click.option(
     "--baseline",
     "baselines",
-    default="sequential,batched",
+    default=",".join(_BENCH["baselines"]),
     show_default=True,
     help="Comma list of sequential, batched, vllm, vllm-parallel, vllm-split; or none "
     "(the vLLM systems need vLLM: bash bench/install_vllm_cpu.sh on CPU).",
@@ -157,10 +159,10 @@ _BENCH = {f.name: f.default for f in fields(BenchConfig)}
     type=int,
     help="Seed of prompts and Poisson arrivals.",
 )
-@click.option("--device", default=_BENCH["device"], show_default=True, help="auto, cpu or cuda.")
+@click.option("--device", default=_ENGINE["device"], show_default=True, help="auto, cpu or cuda.")
 @click.option(
     "--dtype",
-    default=None,
+    default=_ENGINE["dtype"],
     help="float32, bfloat16 or float16. [default: float32 on CPU, bfloat16 on CUDA]",
 )
 @click.option(
@@ -181,18 +183,23 @@ _BENCH = {f.name: f.default for f in fields(BenchConfig)}
 )
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.pass_context
-def bench(ctx, no_mps, mps_mode, mps_split, baselines, slo, no_plots, **options) -> None:
+def bench(
+    ctx, no_mps, mps_mode, mps_split, procs, prompt_procs, baselines, slo, no_plots, **options
+) -> None:
     """Replay a workload through Splitwiser and the baselines; print and save the comparison.
 
     Every system gets the same prompt token ids, forced output lengths and arrival schedule;
     warm-up requests are excluded from every system alike.
     """
     from splitwiser.benchmark import run_bench
+    from splitwiser.benchmark.config import split_procs
     from splitwiser.benchmark.metrics import parse_slo
     from splitwiser.benchmark.report import comparison_table
     from splitwiser.mps import parse_split
 
+    engine = {name: options.pop(name) for name in list(options) if name in _ENGINE}
     config = BenchConfig(
+        engine=EngineConfig(**split_procs(procs, prompt_procs), **engine),
         mps=resolve_mps(ctx, mps_mode, no_mps),
         mps_split=parse_split(mps_split),
         baselines=_csv_list(baselines),

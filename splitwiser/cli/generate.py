@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import click
 
-from splitwiser.config import EngineConfig
+from splitwiser.config import KV_HANDOFF_MODES, EngineConfig
 
 _DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
 
@@ -32,7 +32,10 @@ _DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
     help="float32, bfloat16 or float16. [default: float32 on CPU, bfloat16 on CUDA]",
 )
 @click.option(
-    "--kv-handoff", type=click.Choice(["shared", "copy"]), default="shared", show_default=True
+    "--kv-handoff",
+    type=click.Choice(KV_HANDOFF_MODES),
+    default=_DEFAULTS["kv_handoff"],
+    show_default=True,
 )
 @click.option("--max-new-tokens", default=32, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float)
@@ -99,6 +102,7 @@ def model_info(spec) -> None:
     from splitwiser.models.loader import load_model
     from splitwiser.models.presets import PRESETS
     from splitwiser.models.registry import resolve_model_impl
+    from splitwiser.models.shape import ModelShape
 
     loaded = load_model(
         spec,
@@ -106,6 +110,7 @@ def model_info(spec) -> None:
         device=torch.device("meta" if spec and spec.startswith("random:") else "cpu"),
     )
     cfg = loaded.model.config
+    shape = ModelShape.from_hf(cfg)
     num_params = sum(p.numel() for p in loaded.model.parameters())
     info = {
         "name": loaded.name,
@@ -114,12 +119,12 @@ def model_info(spec) -> None:
         "model_impl": resolve_model_impl(cfg),
         "num_parameters": num_params,
         "weights_bytes_fp32": num_params * 4,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "hidden_size": cfg.hidden_size,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "vocab_size": cfg.vocab_size,
+        "num_hidden_layers": shape.num_layers,
+        "hidden_size": shape.hidden_size,
+        "num_attention_heads": shape.num_heads,
+        "num_key_value_heads": shape.num_kv_heads,
+        "max_position_embeddings": shape.max_position_embeddings,
+        "vocab_size": shape.vocab_size,
         "tokenizer_vocab_size": len(loaded.tokenizer),
         "random_presets": sorted(PRESETS),
     }

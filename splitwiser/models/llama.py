@@ -23,6 +23,7 @@ from splitwiser.engine.attention import (
     write_kv,
 )
 from splitwiser.models.linear import linear_for
+from splitwiser.models.shape import ModelShape
 
 log = logging.getLogger("splitwiser")
 
@@ -68,20 +69,16 @@ class _Layer:
     down: torch.Tensor
 
 
-def _bias(linear) -> torch.Tensor | None:
-    return linear.bias if linear.bias is not None else None
-
-
 class LlamaModel:
     """``forward(input_ids [T], positions [T], meta) -> hidden [T, hidden]``;
     ``logits(hidden [N, hidden]) -> [N, vocab]`` float32."""
 
     def __init__(self, hf_model: torch.nn.Module, max_positions: int, fuse: bool = False):
         cfg = hf_model.config
+        shape = ModelShape.from_hf(cfg)
         base = hf_model.model
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.num_heads, self.num_kv_heads = shape.num_heads, shape.num_kv_heads
+        self.head_dim = shape.head_dim
         self.scale = self.head_dim**-0.5
         self.eps = cfg.rms_norm_eps
         self.embed = base.embed_tokens.weight
@@ -93,7 +90,7 @@ class LlamaModel:
             a, m = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
                 layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-                _bias(a.q_proj), _bias(a.k_proj), _bias(a.v_proj), a.o_proj.weight,
+                a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.weight,
                 layer.post_attention_layernorm.weight,
                 m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight,
             ))  # fmt: skip
@@ -106,7 +103,7 @@ class LlamaModel:
         self.rms_norm, self.rotate = rms_norm, rotate
         self.linear = linear_for(self.embed)
         if fuse:
-            x = torch.randn((3, cfg.hidden_size), device=device, dtype=dtype)
+            x = torch.randn((3, shape.hidden_size), device=device, dtype=dtype)
             self.rms_norm = fused(rms_norm, x, self.norm, self.eps)
             q = torch.randn((3, self.num_heads, self.head_dim), device=device, dtype=dtype)
             self.rotate = fused(rotate, q, self.cos[:3, None], self.sin[:3, None])

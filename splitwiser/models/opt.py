@@ -14,6 +14,7 @@ from splitwiser.engine.attention import (
     write_kv,
 )
 from splitwiser.models.linear import linear_for
+from splitwiser.models.shape import ModelShape
 
 _POSITION_OFFSET = 2  # OPT's learned positions start at index 2
 
@@ -27,13 +28,16 @@ def _layer_norm(x: torch.Tensor, ln) -> torch.Tensor:
 
 
 class OPTModel:
-    def __init__(self, hf_model: torch.nn.Module, max_positions: int, fuse: bool = False):
-        cfg = hf_model.config
+    """``forward(input_ids [T], positions [T], meta) -> hidden [T, hidden]``;
+    ``logits(hidden [N, hidden]) -> [N, vocab]`` float32. Learned positions: no table to
+    precompute, and nothing to fuse."""
+
+    def __init__(self, hf_model: torch.nn.Module):
+        shape = ModelShape.from_hf(hf_model.config)
         dec = hf_model.model.decoder
-        self.num_heads = cfg.num_attention_heads
-        self.head_dim = cfg.hidden_size // self.num_heads
+        self.num_heads, self.head_dim = shape.num_heads, shape.head_dim
         self.scaling = self.head_dim**-0.5
-        self.pre_norm = cfg.do_layer_norm_before
+        self.pre_norm = hf_model.config.do_layer_norm_before
         self.embed = dec.embed_tokens.weight
         self.positions = dec.embed_positions.weight
         self.project_in = _linear(dec.project_in)

@@ -30,20 +30,11 @@ def resolve_model_impl(config, requested: str = "auto") -> str:
     return requested
 
 
-def attention_window(config) -> int | None:
-    """A sliding attention window (Mistral), or None: the paged attention attends over the
-    whole context, so requests are capped at the window."""
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
-        return int(window)
-    return None
-
-
 class TransformersModel:
     """A Hugging Face model's own modules on the packed batch ``[1, num_tokens]``: the same
     ``forward``/``logits`` contract as the native models (eager only: no CUDA graphs)."""
 
-    def __init__(self, hf_model: torch.nn.Module, max_positions: int):
+    def __init__(self, hf_model: torch.nn.Module):
         hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.base = hf_model.base_model
         self.head = hf_model.get_output_embeddings()
@@ -62,9 +53,12 @@ class TransformersModel:
 
 
 def build_model(hf_model: torch.nn.Module, impl: str, max_positions: int, fuse: bool = False):
-    """The front-end ``impl`` around ``hf_model``'s weights; ``fuse``: the own code's small
-    elementwise steps compiled into single kernels (CUDA)."""
+    """The front-end ``impl`` around ``hf_model``'s weights. The Llama family's own code
+    precomputes RoPE for ``max_positions`` positions, and with ``fuse`` compiles its small
+    elementwise steps into single kernels (CUDA); OPT and the Hugging Face modules need neither."""
     hf_model.eval().requires_grad_(False)
-    if impl == "splitwiser":
-        return NATIVE_MODELS[hf_model.config.model_type](hf_model, max_positions, fuse)
-    return TransformersModel(hf_model, max_positions)
+    if impl != "splitwiser":
+        return TransformersModel(hf_model)
+    if NATIVE_MODELS[hf_model.config.model_type] is OPTModel:
+        return OPTModel(hf_model)
+    return LlamaModel(hf_model, max_positions, fuse)
