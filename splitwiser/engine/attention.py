@@ -162,7 +162,7 @@ def chunked_attention(
     padded = q.new_zeros((num_chunks * length, num_heads, head_dim))
     padded = padded.index_copy_(0, meta.padded_index, q).view(num_chunks, length, num_heads, -1)
     # NOTE: enable_gqa, not _gathered_decode's grouped queries: with hundreds of queries per
-    # request the CPU's flash kernel ran 1.3x faster this way (bench/README.md)
+    # request the CPU's flash kernel ran 1.2x faster this way (bench/README.md)
     out = F.scaled_dot_product_attention(
         padded.transpose(1, 2), k, v, attn_mask=visible[:, None], scale=scale, enable_gqa=True
     )  # [C, heads, Lq, D]
