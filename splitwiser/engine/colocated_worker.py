@@ -6,18 +6,16 @@ the token worker's (CUDA graphs on CUDA)."""
 
 from __future__ import annotations
 
-import queue
 import time
 import traceback
-from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from splitwiser.engine import messages as m
-from splitwiser.engine.decode_batch import DecodeBatch
-from splitwiser.engine.model_runner import ModelRunner, PrefillSeq
-from splitwiser.engine.worker import get_msg, phase_range, settle
+from splitwiser.engine.decoding_worker import DecodingWorker
+from splitwiser.engine.model_runner import PrefillSeq
+from splitwiser.engine.worker import phase_range, settle
 from splitwiser.prompts import stop_reason
 from splitwiser.sampling import sample_next
 
@@ -26,6 +24,10 @@ from splitwiser.sampling import sample_next
 class _Prefilling:
     run: m.RunMsg
     num_computed: int = 0  # tokens of ``run.token_ids`` whose K/V are in the blocks
+
+    @property
+    def request(self) -> m.RequestSpec:
+        return self.run.request
 
     @property
     def num_left(self) -> int:
@@ -40,20 +42,19 @@ class _Decoding:
     num_generated: int
 
 
-class ColocatedWorker:
-    def __init__(self, cfg, runner: ModelRunner, kv_pool, in_conn, out_conn, device, batch):
-        self.cfg, self.runner, self.kv_pool = cfg, runner, kv_pool
-        self.in_conn, self.out_conn, self.device = in_conn, out_conn, device
-        self.batch: DecodeBatch = batch
-        self.rows: list[_Decoding] = []  # self.rows[i] is the request in the batch's row i
-        self.waiting: deque[_Prefilling] = deque()  # FCFS, the one being chunked first
-        self.eos = cfg.eos_token_ids
-        self.budget = cfg.max_num_batched_tokens
+class ColocatedWorker(DecodingWorker):
+    """``self.queued``: the requests being prefilled, FCFS, the one being chunked first."""
+
+    accepts = m.RunMsg
+
+    def queue(self, msg: m.RunMsg) -> None:
+        self.queued.append(_Prefilling(msg))
 
     def run(self) -> None:
+        self.budget = self.cfg.max_num_batched_tokens
         while True:
             # 1) receive: block while idle, otherwise take what arrived since the last step
-            if self._receive(block=not self.rows and not self.waiting):
+            if self.receive(block=not self.rows and not self.queued):
                 return
             # 2) schedule: the decodes, then prefill chunks up to the token budget
             chunks = self._schedule()
@@ -64,49 +65,19 @@ class ColocatedWorker:
                 self.out_conn.send(self._step(chunks))
             except Exception:
                 ids = [s.spec.request_id for s in self.rows]
-                ids += [p.run.request.request_id for p in self.waiting]
+                ids += [p.request.request_id for p in self.queued]
                 self.rows.clear()
-                self.waiting.clear()
+                self.queued.clear()
                 self.batch.clear()
                 settle(self.device)
                 self.out_conn.send(m.WorkerErrorMsg(ids, traceback.format_exc(limit=4)))
-
-    def _receive(self, block: bool) -> bool:
-        """Drain the incoming messages; True when asked to shut down."""
-        while True:
-            try:
-                msg = get_msg(self.in_conn, block)
-            except queue.Empty:
-                return False
-            block = False
-            if isinstance(msg, m.ShutdownMsg):
-                return True
-            if isinstance(msg, m.RunMsg):
-                self.waiting.append(_Prefilling(msg))
-            elif isinstance(msg, m.AbortMsg):
-                self._abort(msg.request_ids)
-
-    def _abort(self, request_ids: list[int]) -> None:
-        ids = set(request_ids)
-        self.waiting = deque(p for p in self.waiting if p.run.request.request_id not in ids)
-        for row in reversed(range(len(self.rows))):
-            if self.rows[row].spec.request_id in ids:
-                self._remove(row)
-        # NOTE: acknowledged at once: this worker no longer touches their blocks
-        self.out_conn.send(m.ReleasedMsg(sorted(ids)))
-
-    def _remove(self, row: int) -> None:
-        moved = self.batch.remove(row)
-        last = self.rows.pop()
-        if moved is not None:
-            self.rows[row] = last
 
     def _schedule(self) -> list[tuple[_Prefilling, int]]:
         """Prefill chunks for this step: ``[(request, chunk length)]``. The decodes take one
         token of the budget each; a request being prefilled counts as running."""
         left = self.budget - len(self.rows)
         chunks = []
-        for p in self.waiting:
+        for p in self.queued:
             if left <= 0 or len(self.rows) + len(chunks) >= self.cfg.max_num_seqs:
                 break
             n = min(p.num_left, left)
@@ -155,12 +126,12 @@ class ColocatedWorker:
             finished.append(self._stops(r.spec, tok, r.num_generated))
         for row in reversed(range(num_rows)):  # highest first: moves never touch a done row
             if finished[row]:
-                self._remove(row)
+                self.remove(row)
         for p, n in chunks:
             p.num_computed += n
         firsts = iter(tokens[num_rows:])
         for p in ended:
-            self.waiting.remove(p)
+            self.queued.remove(p)
             run = p.run
             first = run.next_token
             if first is None:  # a fresh request: its first token is reported
