@@ -199,9 +199,14 @@ class EngineCore:
         """Workers with work outstanding (the liveness clock runs for these)."""
         return {r.owner for r in self.requests.values() if r.owner is not None}
 
-    @property
-    def num_unfinished(self) -> int:
-        return sum(not r.is_finished for r in self.requests.values())
+    def snapshot(self) -> dict:
+        """The core's part of ``stats()``."""
+        return {
+            "num_free_blocks": self.allocator.num_free,
+            "num_unfinished": sum(not r.is_finished for r in self.requests.values()),
+            "num_retried": self.num_retried,
+            "phases": dict(self.phase_counters),
+        }
 
     def log_phase(self, kind: str, worker: WorkerKey, end_s: float, took_s: float, n: int):
         self.phase_log.append(PhaseRecord(kind, worker, end_s - took_s, end_s, n))

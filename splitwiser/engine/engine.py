@@ -159,23 +159,21 @@ class Engine:
                 health = "ok"
             else:
                 health = "degraded"
+            core = self.core.snapshot()
+            # counted from submit(), before the engine thread has taken the request
+            core["num_unfinished"] += sum(1 for kind, _ in self._incoming if kind == "add")
             return {
                 "num_kv_blocks": self.num_kv_blocks,
-                "num_free_blocks": self.core.allocator.num_free,
                 "block_size": self.config.block_size,
                 "kv_bytes_per_token": self.layout.bytes_per_token,
                 "kv_bytes_per_block": self.layout.bytes_per_block,
-                # counted from submit(), before the engine thread has taken the request
-                "num_unfinished": self.core.num_unfinished
-                + sum(1 for kind, _ in self._incoming if kind == "add"),
+                **core,
                 "restarts": {role: w["restarts"] for role, w in workers.items()},
                 "model_impl": self.model_impl,
                 "max_model_len": self.max_model_len,
-                "num_retried": self.core.num_retried,
                 "health": health,
                 "error": None if self._fatal is None else str(self._fatal),
                 "workers": workers,
-                "phases": dict(self.core.phase_counters),
             }
 
     def phase_log(self, since_s: float = 0.0) -> list:
