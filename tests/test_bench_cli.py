@@ -56,7 +56,8 @@ def test_engine_options_default_to_the_engine_config_and_its_choices():
 
     options = {p.name: p for p in command.params}
     defaults = EngineConfig()
-    for name in ("model", "device", "dtype", "kv_handoff", "model_impl", "phase_priority"):
+    for name in ("model", "device", "dtype", "kv_handoff", "model_impl", "phase_priority",
+                 "max_num_batched_tokens"):  # fmt: skip
         assert options[name].default == getattr(defaults, name), name
     assert tuple(options["kv_handoff"].type.choices) == KV_HANDOFF_MODES
     assert tuple(options["model_impl"].type.choices) == MODEL_IMPLS
@@ -67,12 +68,14 @@ def test_options_become_the_splitwiser_systems_engine_config(monkeypatch):
     config = parse(monkeypatch, "--procs", "5", "--prompt-procs", "2", "--kv-handoff", "copy",
                    "--model-impl", "transformers", "--phase-priority", "decode",
                    "--enforce-eager", "--device", "cpu", "--dtype", "bfloat16",
-                   "--model", "random:opt-125m", "--num-requests", "7")  # fmt: skip
+                   "--model", "random:opt-125m", "--num-requests", "7",
+                   "--max-num-batched-tokens", "512", "--baseline", "colocated")  # fmt: skip
     assert config.engine == EngineConfig(
         model="random:opt-125m", num_prompt_workers=2, num_token_workers=3, device="cpu",
         dtype="bfloat16", kv_handoff="copy", model_impl="transformers", enforce_eager=True,
-        phase_priority="decode",
+        phase_priority="decode", max_num_batched_tokens=512,
     )  # fmt: skip
+    assert config.baselines == ("colocated",)
     assert config.procs == 5 and config.num_requests == 7
     recorded = config.to_dict()  # summary.json's "config": flat, the engine's fields included
     assert recorded["num_prompt_workers"] == 2 and recorded["kv_handoff"] == "copy"
@@ -176,14 +179,15 @@ def test_a_run_that_fails_while_writing_leaves_no_result_folder(tmp_path, monkey
 
 
 def test_short_bench_writes_summary_csv_and_plots(tmp_path, leftovers):
-    proc = bench(*SHORT, "--out", str(tmp_path), "--run-id", "e2e", "--slo", "ttft_ms=60000")
+    proc = bench(*SHORT, "--out", str(tmp_path), "--run-id", "e2e", "--slo", "ttft_ms=60000",
+                 "--baseline", "sequential,batched,colocated")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "x sequential" in proc.stdout and "output tok/s" in proc.stdout  # the table
+    assert "x colocated" in proc.stdout and "output tok/s" in proc.stdout  # the table
     run = tmp_path / "e2e"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["command"].startswith("splitwiser bench --procs 2")
-    assert set(summary["systems"]) == {"splitwiser", "sequential", "batched"}
-    assert set(summary["ratios"]) == {"sequential", "batched"}
+    assert set(summary["systems"]) == {"splitwiser", "sequential", "batched", "colocated"}
+    assert set(summary["ratios"]) == {"sequential", "batched", "colocated"}
     assert summary["environment"]["mps"]["active"] is False
     assert summary["config"]["num_prompt_workers"] == 1
     assert summary["model"]["spec"] == "default (embedded)"
@@ -210,15 +214,21 @@ def test_short_bench_writes_summary_csv_and_plots(tmp_path, leftovers):
     assert sw["kv_bytes_not_moved"] == 144 * sw["kv_bytes_per_token"]
     # the pool's figure (stats()) and the baselines' (the model's shape) agree
     assert summary["systems"]["sequential"]["kv_bytes_per_token"] == sw["kv_bytes_per_token"]
+    colocated = summary["systems"]["colocated"]  # one worker, both phases, the same engine
+    assert colocated["kv_bytes_per_token"] == sw["kv_bytes_per_token"]
+    assert set(colocated["telemetry"]["processes"]) == {"driver", "sw-colocated-0"}
+    assert colocated["phases"]["prefill_tokens"] == 144 and colocated["phases"]["mixed_steps"] > 0
+    assert "kv_bytes_not_moved" not in colocated  # nothing to move
     ratio = summary["ratios"]["sequential"]["output_throughput"]
     assert ratio == pytest.approx(
         sw["output_throughput"] / summary["systems"]["sequential"]["output_throughput"]
     )
     # greedy float32 on the same prompt ids: the split runtime reproduces generate() exactly
-    assert summary["token_agreement_with_sequential"]["splitwiser"] == 1.0
+    agreement = summary["token_agreement_with_sequential"]
+    assert agreement["splitwiser"] == agreement["colocated"] == 1.0
     with open(run / "requests.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 18 and {r["system"] for r in rows} == set(summary["systems"])
+    assert len(rows) == 24 and {r["system"] for r in rows} == set(summary["systems"])
     assert all(int(r["num_output_tokens"]) == 6 and not r["error"] for r in rows)
     for png in ("latency_cdf.png", "throughput.png", "telemetry.png"):
         data = (run / png).read_bytes()
@@ -226,7 +236,7 @@ def test_short_bench_writes_summary_csv_and_plots(tmp_path, leftovers):
     assert set(summary["files"]) == {p.name for p in run.iterdir()}
     # each system ran in a process of its own (a killed worker's memory goes with it)
     pids = [m["pid"] for m in summary["systems"].values()]
-    assert len(set(pids)) == 3
+    assert len(set(pids)) == 4
     leftovers.assert_clean()
 
 

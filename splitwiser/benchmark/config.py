@@ -11,7 +11,10 @@ from splitwiser.errors import ConfigError
 from splitwiser.mps import MPS_MODES
 
 BASELINES = ("sequential", "batched")  # the default comparison
+# the fair baseline: ONE worker running both phases on Splitwiser's own data plane
+COLOCATED = "colocated"
 VLLM_SYSTEMS = ("vllm", "vllm-parallel", "vllm-split")  # see splitwiser.vllm
+KNOWN_BASELINES = (*BASELINES, COLOCATED, *VLLM_SYSTEMS)
 MAX_REQUESTS = 1_000_000  # per system; the trace files hold fewer rows
 DEFAULT_PROCS = 4  # worker processes sharing the device
 
@@ -38,8 +41,9 @@ def split_procs(procs: int, prompt_procs: int | None = None) -> dict[str, int]:
 class BenchConfig:
     """One benchmark run: the Splitwiser system, the workload, and the baselines to compare."""
 
-    # the Splitwiser system; its model, device and dtype are every system's. Each system's
-    # process sets the resolved device and dtype, and the MPS daemon, with dataclasses.replace
+    # the Splitwiser system; its model, device and dtype are every system's, and the colocated
+    # baseline runs its options too (and its max_num_batched_tokens). Each system's process
+    # sets the resolved device and dtype, and the MPS daemon, with dataclasses.replace
     engine: EngineConfig = EngineConfig(**split_procs(DEFAULT_PROCS))
     mps: str = "auto"  # "on": required; "auto": used where available; "off"
     mps_split: tuple[int, int] | None = None  # (prompt, token) active thread percentages
@@ -85,11 +89,11 @@ class BenchConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"--{name.replace('_', '-')} must be finite, got {value}")
-        unknown = set(self.baselines) - set(BASELINES + VLLM_SYSTEMS)
+        unknown = set(self.baselines) - set(KNOWN_BASELINES)
         if unknown:
             raise ConfigError(
                 f"unknown baseline {sorted(unknown)[0]!r}; use a comma list of "
-                f"{', '.join(BASELINES + VLLM_SYSTEMS)}, or none"
+                f"{', '.join(KNOWN_BASELINES)}, or none"
             )
         if set(self.baselines) & set(VLLM_SYSTEMS):
             from splitwiser.vllm import require_vllm

@@ -12,6 +12,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 COLORS = {
     "splitwiser": "tab:blue",
+    "colocated": "tab:purple",
     "sequential": "tab:red",
     "batched": "tab:orange",
     "vllm": "tab:green",
@@ -111,3 +112,51 @@ def write_plots(run_dir: Path, summary: dict, runs) -> list[str]:
     throughput_bars(run_dir / "throughput.png", summary)
     telemetry_plot(run_dir / "telemetry.png", runs)
     return ["latency_cdf.png", "throughput.png", "telemetry.png"]
+
+
+def _against_rate(ax, summary: dict, key: str, scale: float = 1.0) -> None:
+    for name, system in summary["systems"].items():
+        pts = [(p["rate"], p.get(key)) for p in system["points"]]
+        pts = [(r, v * scale) for r, v in pts if v is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name, color=COLORS.get(name))
+    ax.set_xlabel("offered load (requests/s)")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+
+
+def _save(fig, path: Path, title: str) -> None:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_sweep_plots(run_dir: Path, summary: dict) -> list[str]:
+    """A sweep's figures against the offered load: SLO attainment (with the target and each
+    system's goodput), p90 TTFT and TPOT, output throughput."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _against_rate(ax, summary, "slo_attainment", 100.0)
+    ax.axhline(100 * summary["attainment_target"], color="gray", linestyle="--", linewidth=1)
+    for name, system in summary["systems"].items():
+        if system["goodput_rps"] is not None:
+            ax.axvline(system["goodput_rps"], color=COLORS.get(name, "gray"), linestyle=":")
+    ax.set_ylabel("requests within every SLO (%)")
+    ax.set_ylim(0, 105)
+    slo = ", ".join(f"{k} {v:.4g}" for k, v in summary["slo"].items())
+    _save(fig, run_dir / "attainment.png", f"SLO attainment ({slo}); dotted: goodput")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, (key, label) in zip(axes, (("p90_ttft_ms", "p90 TTFT (ms)"),
+                                       ("p90_tpot_ms", "p90 TPOT (ms)"))):  # fmt: skip
+        _against_rate(ax, summary, key)
+        ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_ylabel(label)
+    _save(fig, run_dir / "latency_vs_rate.png", "Latency against offered load")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _against_rate(ax, summary, "output_throughput")
+    ax.set_ylabel("output tokens/s")
+    _save(fig, run_dir / "throughput_vs_rate.png", "Output throughput against offered load")
+    return ["attainment.png", "latency_vs_rate.png", "throughput_vs_rate.png"]

@@ -3,8 +3,8 @@
 Every system gets the same prompt token ids, the same forced output lengths (``ignore_eos``)
 and the same schedule; latencies count from the scheduled arrival (see ``metrics``).
 
-- ``splitwiser`` and the vLLM systems: each request is submitted at its arrival time; the
-  runtime batches on its own.
+- ``splitwiser``, ``colocated`` and the vLLM systems: each request is submitted at its arrival
+  time; the runtime batches on its own.
 - ``sequential``: requests in arrival order, each alone once the previous one finished.
 - ``batched``: when idle, up to ``batch_size`` requests that have arrived form one static batch
   (or the next arrival alone when none is waiting).
@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from functools import partial
 
-from splitwiser.benchmark.config import VLLM_SYSTEMS
+from splitwiser.benchmark.config import COLOCATED, VLLM_SYSTEMS
 from splitwiser.benchmark.metrics import RequestRecord
 from splitwiser.benchmark.workloads import BenchRequest
 from splitwiser.errors import SplitwiserError
@@ -58,7 +58,7 @@ def replay_splitwiser(
     pipe, requests, prompts, progress: Progress, system: str = "splitwiser"
 ) -> tuple[list, float]:
     """Submit at arrival times; a side thread reports completions as they happen. Also the
-    vLLM systems' replay (the same ``submit`` contract)."""
+    colocated and vLLM systems' replay (the same ``submit`` contract)."""
     t0 = time.monotonic()
     submitted: list = []
     stop = threading.Event()
@@ -144,6 +144,7 @@ def _end(records: list[RequestRecord], t0: float) -> float:
 
 REPLAY = {
     "splitwiser": replay_splitwiser,
+    COLOCATED: partial(replay_splitwiser, system=COLOCATED),
     **{name: partial(replay_splitwiser, system=name) for name in VLLM_SYSTEMS},
     "sequential": replay_sequential,
     "batched": replay_batched,

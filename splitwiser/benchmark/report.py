@@ -24,7 +24,7 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1e3, 4)
 
 
-def _request_rows(runs) -> list[dict]:
+def request_rows(runs) -> list[dict]:
     rows = []
     for name, run in runs.items():
         for r in sorted(run.records, key=lambda r: r.request_id):
@@ -43,7 +43,7 @@ def _request_rows(runs) -> list[dict]:
     return rows
 
 
-def _write_csv(path: Path, rows: list[dict], columns) -> None:
+def write_csv(path: Path, rows: list[dict], columns) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
@@ -58,21 +58,31 @@ def _free_name(out: Path, base: str) -> str:
     raise FileExistsError(f"no free run directory for {base} under {out}")
 
 
-def write_results(config, summary: dict, runs, out: Path, device) -> Path:
+def write_results(
+    config, summary: dict, runs, out: Path, device, *, kind: str = "", write_files=None
+) -> Path:
     """Write every file of the run into a hidden folder, then rename it to ``out/<run-id>``:
-    a folder named like a run always holds a complete ``summary.json``. Returns the folder."""
+    a folder named like a run always holds a complete summary (``summary.json``, or
+    ``<kind>.json``). ``write_files(run_dir)`` writes the rest and returns their names.
+    ``config``: the run's ``BenchConfig``. Returns the folder."""
     if config.run_id is not None:
         name = config.run_id
         if (out / name).exists():
             raise FileExistsError(f"{out / name} already exists; choose another --run-id")
     else:
-        name = _free_name(out, f"{time.strftime('%Y%m%d-%H%M%S')}-{config.workload}-{device.type}")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        parts = [stamp, kind, config.workload, device.type]
+        name = _free_name(out, "-".join(p for p in parts if p))
     summary["run_id"] = name
     partial = out / f".{name}.partial-{os.getpid()}"
     partial.mkdir()
+    summary_name = f"{kind or 'summary'}.json"
     try:
-        summary["files"] = _write_files(config, summary, runs, partial)
-        with open(partial / "summary.json", "w") as f:
+        if write_files is None:
+            summary["files"] = _write_files(config, summary, runs, partial)
+        else:
+            summary["files"] = [summary_name, *write_files(partial)]
+        with open(partial / summary_name, "w") as f:
             json.dump(summary, f, indent=2, default=str)
             f.write("\n")
         if (out / name).exists():  # taken while this run wrote
@@ -85,11 +95,11 @@ def write_results(config, summary: dict, runs, out: Path, device) -> Path:
 
 
 def _write_files(config, summary: dict, runs, run_dir: Path) -> list[str]:
-    _write_csv(run_dir / "requests.csv", _request_rows(runs), REQUEST_COLUMNS)
+    write_csv(run_dir / "requests.csv", request_rows(runs), REQUEST_COLUMNS)
     telemetry = [
         {"system": name, **row} for name, run in runs.items() for row in run.telemetry.samples
     ]
-    _write_csv(
+    write_csv(
         run_dir / "telemetry.csv",
         telemetry,
         ("system", "time_s", "process", "cpu_percent", "rss_mib", "uss_mib", "pss_mib"),
@@ -97,7 +107,7 @@ def _write_files(config, summary: dict, runs, run_dir: Path) -> list[str]:
     gpu = [{"system": n, **row} for n, run in runs.items() for row in run.telemetry.gpu_samples]
     if gpu:
         columns = ["system"] + sorted({k for row in gpu for k in row} - {"system"})
-        _write_csv(run_dir / "gpu_telemetry.csv", gpu, columns)
+        write_csv(run_dir / "gpu_telemetry.csv", gpu, columns)
     files = ["summary.json", "requests.csv", "telemetry.csv"] + (
         ["gpu_telemetry.csv"] if gpu else []
     )
@@ -108,7 +118,7 @@ def _write_files(config, summary: dict, runs, run_dir: Path) -> list[str]:
     return files
 
 
-def _fmt(value) -> str:
+def format_value(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if abs(value) >= 100:
@@ -126,8 +136,8 @@ def comparison_table(summary: dict) -> str:
     for key, label, _ in HEADLINE:
         if all(systems[n].get(key) is None for n in names):
             continue
-        row = [label, *(_fmt(systems[n].get(key)) for n in names)]
-        row += [_fmt(summary["ratios"][b].get(key)) for b in summary["ratios"]]
+        row = [label, *(format_value(systems[n].get(key)) for n in names)]
+        row += [format_value(summary["ratios"][b].get(key)) for b in summary["ratios"]]
         rows.append(row)
     rows.append(["completed/failed", *(f"{systems[n]['completed']}/{systems[n]['failed']}"
                                        for n in names), *[""] * len(ratio_cols)])  # fmt: skip
@@ -135,9 +145,9 @@ def comparison_table(summary: dict) -> str:
                        ("max_gpu_memory_used_mib", "max GPU memory MiB")):  # fmt: skip
         gpu = [(systems[n].get("telemetry") or {}).get("gpu") or {} for n in names]
         if any(g.get(key) is not None for g in gpu):
-            rows.append([label, *(_fmt(g.get(key)) for g in gpu), *[""] * len(ratio_cols)])
+            rows.append([label, *(format_value(g.get(key)) for g in gpu), *[""] * len(ratio_cols)])
     if any(systems[n].get("median_handoff_ms") is not None for n in names):  # the splits
-        rows.append(["median handoff ms", *(_fmt(systems[n].get("median_handoff_ms"))
+        rows.append(["median handoff ms", *(format_value(systems[n].get("median_handoff_ms"))
                                             for n in names), *[""] * len(ratio_cols)])  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = []

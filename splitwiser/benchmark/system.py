@@ -23,7 +23,7 @@ from multiprocessing import get_context, resource_tracker
 
 from tqdm import tqdm
 
-from splitwiser.benchmark.config import BenchConfig
+from splitwiser.benchmark.config import COLOCATED, BenchConfig
 from splitwiser.benchmark.metrics import RequestRecord, phase_summary
 from splitwiser.benchmark.replay import REPLAY
 from splitwiser.benchmark.telemetry import TelemetryLog, TelemetrySampler
@@ -38,7 +38,7 @@ _CTX = get_context("spawn")  # never fork: CUDA cannot survive it
 class SystemJob:
     """What a system's process needs; every system of a run gets the same requests."""
 
-    name: str  # splitwiser, sequential or batched
+    name: str  # splitwiser, colocated, sequential, batched or a vLLM system
     config: BenchConfig
     device: str  # resolved by the run ("cpu", "cuda"), never "auto"
     mps_env: dict[str, str]  # CUDA_MPS_* set before this process touches CUDA; {} without MPS
@@ -58,9 +58,19 @@ class SystemRun:
     device_info: dict  # the GPU as this process saw it ({} on CPU)
 
 
-def _build(job: SystemJob, device, dtype):
+# the options of the split that a colocated pipeline has no use for (one worker, no handoff)
+_SPLIT_ONLY = ("num_prompt_workers", "num_token_workers", "kv_handoff", "colocated")
+
+
+def is_engine_system(name: str) -> bool:
+    """Systems on Splitwiser's engine: they report phases and a phase log."""
+    return name in ("splitwiser", COLOCATED)
+
+
+def build_system(job: SystemJob, device, dtype):
+    """The system ``job.name`` names, on the resolved device and dtype."""
     from splitwiser.baselines import BatchedPipeline, SequentialPipeline
-    from splitwiser.pipeline import SplitwiserPipeline
+    from splitwiser.pipeline import ColocatedPipeline, SplitwiserPipeline
 
     config, pipe_dir = job.config, job.mps_env.get("CUDA_MPS_PIPE_DIRECTORY")
     model = config.engine.model
@@ -70,6 +80,11 @@ def _build(job: SystemJob, device, dtype):
             mps_thread_percentage=config.mps_split if pipe_dir else None,
         )  # fmt: skip
         return SplitwiserPipeline(**{f.name: getattr(engine, f.name) for f in fields(engine)})
+    if job.name == COLOCATED:  # the same engine options, one worker for both phases
+        engine = replace(config.engine, device=str(device), dtype=dtype, mps_pipe_dir=pipe_dir,
+                         mps_thread_percentage=None)  # fmt: skip
+        options = {f.name: getattr(engine, f.name) for f in fields(engine)}
+        return ColocatedPipeline(**{k: v for k, v in options.items() if k not in _SPLIT_ONLY})
     if job.name == "sequential":
         return SequentialPipeline(model, device=str(device), dtype=dtype)
     if job.name.startswith("vllm"):
@@ -85,30 +100,39 @@ def _build(job: SystemJob, device, dtype):
     return BatchedPipeline(model, device=str(device), dtype=dtype, batch_size=config.batch_size)
 
 
-def _extra(job: SystemJob, pipe, records: list[RequestRecord], before: dict) -> dict:
+def phase_counters(name: str, pipe) -> dict:
+    """The engine's phase counters now ({} for a system not on the engine)."""
+    return dict(pipe.stats()["phases"]) if is_engine_system(name) else {}
+
+
+def system_facts(job: SystemJob, pipe, records: list[RequestRecord], before: dict) -> dict:
+    """What a system reports besides the request metrics; ``before``: its phase counters when
+    the measured run began."""
     if job.name.startswith("vllm"):
         return {"engines": pipe.workers(), "stats": pipe.stats()}
-    if job.name != "splitwiser":  # a baseline: no pool, the K/V of generate()'s own cache
+    if not is_engine_system(job.name):  # a baseline: no pool, the K/V of generate()'s own cache
         return {"kv_bytes_per_token": pipe.shape.kv_bytes_per_token(pipe.dtype)}
     stats = pipe.stats()
     kv_bytes_per_token = stats["kv_bytes_per_token"]
-    done = [r for r in records if r.ok]
-    moved_nothing = job.config.engine.kv_handoff == "shared"
-    return {
+    facts = {
         "num_kv_blocks": stats["num_kv_blocks"],
         "kv_bytes_per_token": kv_bytes_per_token,
-        # the prompt K/V that stayed in the shared pool instead of travelling to a token worker
-        "kv_bytes_not_moved": sum(r.prompt_len for r in done) * kv_bytes_per_token
-        if moved_nothing
-        else 0,
-        # prefill and decode as the workers timed them, over the measured run only
+        # prefill, decode (and colocated: mixed) steps as the workers timed them, measured run
         "phases": phase_summary({k: v - before[k] for k, v in stats["phases"].items()}),
         "workers": pipe.workers(),
         "stats": stats,
     }
+    if job.name == "splitwiser":
+        done = [r for r in records if r.ok]
+        moved_nothing = job.config.engine.kv_handoff == "shared"
+        # the prompt K/V that stayed in the shared pool instead of travelling to a token worker
+        facts["kv_bytes_not_moved"] = (
+            sum(r.prompt_len for r in done) * kv_bytes_per_token if moved_nothing else 0
+        )
+    return facts
 
 
-def _device_info(device) -> dict:
+def device_info(device) -> dict:
     import torch
 
     if device.type != "cuda":
@@ -118,38 +142,47 @@ def _device_info(device) -> dict:
             "cuda": torch.version.cuda}  # fmt: skip
 
 
-def run_system(job: SystemJob) -> SystemRun:
-    """Build, warm up, replay and close one system, in this process."""
+def start_system(job: SystemJob):
+    """In the system's process: join MPS, resolve the device, then (device, dtype)."""
     from splitwiser.config import resolve_device, resolve_dtype
 
     os.environ.update(job.mps_env)  # before anything here initialises CUDA
     device = resolve_device(job.device)
-    dtype = resolve_dtype(job.config.engine.dtype, device)
-    requests, prompts = job.requests, job.prompts
+    return device, resolve_dtype(job.config.engine.dtype, device)
+
+
+def warm_up(job: SystemJob, pipe) -> None:
+    """The first requests, all at once with short outputs, excluded from every figure."""
     warm = [
         replace(r, arrival_s=0.0, output_len=min(r.output_len, WARMUP_OUTPUT_LEN))
-        for r in requests[: job.config.warmup_requests]
+        for r in job.requests[: job.config.warmup_requests]
     ]
-    replay = REPLAY[job.name]
-    with _build(job, device, dtype) as pipe:
-        if warm:
-            replay(pipe, warm, prompts[: len(warm)], lambda n: None)
-        before = pipe.stats()["phases"] if job.name == "splitwiser" else {}
+    if warm:
+        REPLAY[job.name](pipe, warm, job.prompts[: len(warm)], lambda n: None)
+
+
+def run_system(job: SystemJob) -> SystemRun:
+    """Build, warm up, replay and close one system, in this process."""
+    device, dtype = start_system(job)
+    requests, prompts = job.requests, job.prompts
+    with build_system(job, device, dtype) as pipe:
+        warm_up(job, pipe)
+        before = phase_counters(job.name, pipe)
         bar = tqdm(total=len(requests), desc=f"{job.name:>10}", unit="req", disable=not job.show)
         with bar, TelemetrySampler(device) as telemetry:
-            records, duration_s = replay(pipe, requests, prompts, bar.update)
-        extra = _extra(job, pipe, records, before)
+            records, duration_s = REPLAY[job.name](pipe, requests, prompts, bar.update)
+        extra = system_facts(job, pipe, records, before)
     return SystemRun(
-        job.name, records, duration_s, telemetry, extra, os.getpid(), _device_info(device)
+        job.name, records, duration_s, telemetry, extra, os.getpid(), device_info(device)
     )
 
 
-def _child_main(job: SystemJob, conn) -> None:
-    """The system's process: one message back, ("ok", SystemRun) or ("error", exception)."""
+def _child_main(target, job, conn) -> None:
+    """The system's process: one message back, ("ok", target(job)) or ("error", exception)."""
     try:
         # SIGINT came blocked (see run_in_child): from here a Ctrl-C ends this run quietly
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        message = ("ok", run_system(job))
+        message = ("ok", target(job))
     except KeyboardInterrupt:
         sys.exit(130)
     except SplitwiserError as exc:  # bad input or a documented failure: one line upstairs
@@ -174,10 +207,14 @@ def _stop(proc, grace_s: float) -> None:
         proc.join(10.0)
 
 
-def run_in_child(job: SystemJob) -> SystemRun:
-    """Run one system in a fresh process and wait for it; its errors are raised here."""
+def run_in_child(job, target=run_system):
+    """``target(job)`` (default: one system's run) in a fresh process; waits for it and returns
+    its result; its errors are raised here. ``target`` is a module-level function and ``job``
+    has a ``name``."""
     result_conn, child_conn = _CTX.Pipe(duplex=False)
-    proc = _CTX.Process(target=_child_main, args=(job, child_conn), name=f"bench-{job.name}")
+    proc = _CTX.Process(
+        target=_child_main, args=(target, job, child_conn), name=f"bench-{job.name}"
+    )
     # NOTE: the child inherits a blocked SIGINT through exec, so a Ctrl-C while it starts up
     # waits until _child_main can end it quietly; the resource tracker first, as its start
     # unblocks SIGINT on its way out

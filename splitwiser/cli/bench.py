@@ -1,4 +1,5 @@
-"""``splitwiser bench``: the comparison driver's command line."""
+"""``splitwiser bench``: the comparison driver's command line. The options it shares with
+``splitwiser sweep`` (the systems' engine, the workload, the output) are defined here once."""
 
 from __future__ import annotations
 
@@ -6,104 +7,114 @@ from dataclasses import fields
 
 import click
 
-from splitwiser.benchmark.config import DEFAULT_PROCS, BenchConfig
+from splitwiser.benchmark.config import DEFAULT_PROCS, KNOWN_BASELINES, BenchConfig
 from splitwiser.benchmark.workloads import WORKLOADS
 from splitwiser.cli.common import command_line, mps_options, resolve_mps
 from splitwiser.config import KV_HANDOFF_MODES, MODEL_IMPLS, PHASE_PRIORITIES, EngineConfig
 
 
-def _csv_list(text: str) -> tuple[str, ...]:
+def csv_list(text: str) -> tuple[str, ...]:
     return () if text.strip() == "none" else tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 _BENCH = {f.name: f.default for f in fields(BenchConfig)}
 # the Splitwiser system's options: the options of this command that are EngineConfig fields
 _ENGINE = {f.name: f.default for f in fields(EngineConfig)}
+BASELINE_HELP = (
+    f"Comma list of {', '.join(KNOWN_BASELINES)}; or none (colocated: one worker running both "
+    "phases on Splitwiser's engine; the vLLM systems need vLLM: bash bench/install_vllm_cpu.sh "
+    "on CPU)."
+)
+
+# in --help order: the systems, then the workload, then the run
+_SHARED = (
+    click.option("--model", default=_ENGINE["model"],
+                 help="HF directory, hub id or random:<preset>. [default: embedded model]"),
+    click.option("--procs", default=DEFAULT_PROCS, show_default=True, type=int,
+                 help="Worker processes sharing the device (>= 2)."),
+    click.option("--prompt-procs", default=None, type=int,
+                 help="How many of them are prompt workers. "
+                 "[default: procs // 2; the rest decode]"),
+    mps_options(_BENCH["mps"], "CUDA MPS: --mps requires it, --mps auto uses it where available."),
+    click.option("--kv-handoff", type=click.Choice(KV_HANDOFF_MODES),
+                 default=_ENGINE["kv_handoff"], show_default=True,
+                 help="shared: block ids only; copy: the K/V copied into the token worker's "
+                 "blocks (device to device on CUDA), for comparison."),
+    click.option("--model-impl", type=click.Choice(MODEL_IMPLS), default=_ENGINE["model_impl"],
+                 show_default=True,
+                 help="Splitwiser's own model code (Llama, Mistral, Qwen2, OPT) or the Hugging "
+                 "Face modules; auto: own code where the architecture has it."),
+    click.option("--phase-priority", type=click.Choice(PHASE_PRIORITIES),
+                 default=_ENGINE["phase_priority"], show_default=True,
+                 help="CPU: whose workers the OS favours on shared cores; prefill: token workers "
+                 "yield (prompts first, full decode batches), decode: prompt workers yield."),
+    click.option("--enforce-eager", is_flag=True,
+                 help="CUDA: run decode without CUDA graphs; vLLM systems: no compilation either."),
+    click.option("--max-num-batched-tokens", default=_ENGINE["max_num_batched_tokens"], type=int,
+                 help="The colocated baseline's token budget per step (decodes first, then "
+                 "prefill chunks). [default: as vLLM, 2048 on CPU and smaller GPUs]"),
+    click.option("--workload", type=click.Choice(list(WORKLOADS)), default=_BENCH["workload"],
+                 show_default=True,
+                 help="Fixed lengths, or the Azure 2023 code / conversation traces."),
+    click.option("--num-requests", default=_BENCH["num_requests"], show_default=True, type=int,
+                 help="Requests per system (trace workloads: the trace's first N)."),
+    click.option("--input-len", default=_BENCH["input_len"], show_default=True, type=int,
+                 help="Prompt tokens (fixed workload)."),
+    click.option("--output-len", default=_BENCH["output_len"], show_default=True, type=int,
+                 help="Output tokens (fixed workload)."),
+    click.option("--max-context", default=None, type=int,
+                 help="Cap prompt + output tokens per request. [default: the model's context]"),
+    click.option("--length-scale", default=_BENCH["length_scale"], show_default=True,
+                 type=float,
+                 help="Multiply trace lengths by this before capping (for small machines)."),
+    click.option("--batch-size", default=_BENCH["batch_size"], show_default=True, type=int,
+                 help="Static batch size of the batched baseline."),
+    click.option("--seed", default=_BENCH["seed"], show_default=True, type=int,
+                 help="Seed of prompts and Poisson arrivals."),
+    click.option("--device", default=_ENGINE["device"], show_default=True,
+                 help="auto, cpu or cuda."),
+    click.option("--dtype", default=_ENGINE["dtype"],
+                 help="float32, bfloat16 or float16. [default: float32 on CPU, bfloat16 on CUDA]"),
+    click.option("--num-warmup", default=None, type=int,
+                 help="Warm-up requests per system, excluded. [default: max(2, procs)]"),
+    click.option("--out", default=_BENCH["out"], show_default=True,
+                 type=click.Path(file_okay=False),
+                 help="Results root; the run writes OUT/<run-id>/."),
+    click.option("--run-id", default=None,
+                 help="Name of the run's folder. [default: date-time-workload-device]"),
+    click.option("--no-plots", is_flag=True, help="Skip the PNG plots."),
+)  # fmt: skip
+
+
+def shared_options(fn):
+    """The options of ``bench`` and ``sweep`` alike, listed in --help in ``_SHARED``'s order."""
+    for option in reversed(_SHARED):
+        fn = option(fn)
+    return fn
+
+
+def bench_config(ctx, *, no_mps, mps_mode, procs, prompt_procs, no_plots, **options) -> BenchConfig:
+    """The ``BenchConfig`` of the shared options plus ``options`` (BenchConfig fields): the
+    options that are EngineConfig fields become the Splitwiser system's engine."""
+    from splitwiser.benchmark.config import split_procs
+
+    engine = {name: options.pop(name) for name in list(options) if name in _ENGINE}
+    return BenchConfig(
+        engine=EngineConfig(**split_procs(procs, prompt_procs), **engine),
+        mps=resolve_mps(ctx, mps_mode, no_mps),
+        plots=not no_plots,
+        **options,
+    )
 
 
 @click.command()
-@click.option(
-    "--model",
-    default=_ENGINE["model"],
-    help="HF directory, hub id or random:<preset>. [default: embedded model]",
-)
-@click.option(
-    "--procs",
-    default=DEFAULT_PROCS,
-    show_default=True,
-    type=int,
-    help="Worker processes sharing the device (>= 2).",
-)
-@click.option(
-    "--prompt-procs",
-    default=None,
-    type=int,
-    help="How many of them are prompt workers. [default: procs // 2; the rest decode]",
-)
-@mps_options(_BENCH["mps"], "CUDA MPS: --mps requires it, --mps auto uses it where available.")
+@shared_options
 @click.option(
     "--mps-split",
     default=None,
     metavar="P,T",
     help="Active thread percentages of prompt and token workers under MPS, e.g. 70,30. "
     "[default: none, every worker may use all SMs]",
-)
-@click.option(
-    "--kv-handoff",
-    type=click.Choice(KV_HANDOFF_MODES),
-    default=_ENGINE["kv_handoff"],
-    show_default=True,
-    help="shared: block ids only; copy: the K/V copied into the token worker's blocks "
-    "(device to device on CUDA), for comparison.",
-)
-@click.option(
-    "--model-impl",
-    type=click.Choice(MODEL_IMPLS),
-    default=_ENGINE["model_impl"],
-    show_default=True,
-    help="Splitwiser's own model code (Llama, Mistral, Qwen2, OPT) or the Hugging Face modules; "
-    "auto: own code where the architecture has it.",
-)
-@click.option(
-    "--phase-priority",
-    type=click.Choice(PHASE_PRIORITIES),
-    default=_ENGINE["phase_priority"],
-    show_default=True,
-    help="CPU: whose workers the OS favours on shared cores; prefill: token workers yield "
-    "(prompts first, full decode batches), decode: prompt workers yield.",
-)
-@click.option(
-    "--enforce-eager",
-    is_flag=True,
-    help="CUDA: run decode without CUDA graphs; vLLM systems: no compilation either.",
-)
-@click.option(
-    "--workload",
-    type=click.Choice(list(WORKLOADS)),
-    default=_BENCH["workload"],
-    show_default=True,
-    help="Fixed lengths, or the Azure 2023 code / conversation traces.",
-)
-@click.option(
-    "--num-requests",
-    default=_BENCH["num_requests"],
-    show_default=True,
-    type=int,
-    help="Requests per system (trace workloads: the trace's first N).",
-)
-@click.option(
-    "--input-len",
-    default=_BENCH["input_len"],
-    show_default=True,
-    type=int,
-    help="Prompt tokens (fixed workload).",
-)
-@click.option(
-    "--output-len",
-    default=_BENCH["output_len"],
-    show_default=True,
-    type=int,
-    help="Output tokens (fixed workload).",
 )
 @click.option(
     "--rate",
@@ -119,32 +130,11 @@ _ENGINE = {f.name: f.default for f in fields(EngineConfig)}
     "[default: all at once unless --rate]",
 )
 @click.option(
-    "--max-context",
-    default=None,
-    type=int,
-    help="Cap prompt + output tokens per request. [default: the model's context]",
-)
-@click.option(
-    "--length-scale",
-    default=_BENCH["length_scale"],
-    show_default=True,
-    type=float,
-    help="Multiply trace lengths by this before capping (for small machines).",
-)
-@click.option(
     "--baseline",
     "baselines",
     default=",".join(_BENCH["baselines"]),
     show_default=True,
-    help="Comma list of sequential, batched, vllm, vllm-parallel, vllm-split; or none "
-    "(the vLLM systems need vLLM: bash bench/install_vllm_cpu.sh on CPU).",
-)
-@click.option(
-    "--batch-size",
-    default=_BENCH["batch_size"],
-    show_default=True,
-    type=int,
-    help="Static batch size of the batched baseline.",
+    help=BASELINE_HELP,
 )
 @click.option(
     "--slo",
@@ -152,59 +142,23 @@ _ENGINE = {f.name: f.default for f in fields(EngineConfig)}
     metavar="ttft_ms=..,tpot_ms=..",
     help="SLOs for request_goodput (keys ttft_ms, tpot_ms, e2el_ms). [default: none, no goodput]",
 )
-@click.option(
-    "--seed",
-    default=_BENCH["seed"],
-    show_default=True,
-    type=int,
-    help="Seed of prompts and Poisson arrivals.",
-)
-@click.option("--device", default=_ENGINE["device"], show_default=True, help="auto, cpu or cuda.")
-@click.option(
-    "--dtype",
-    default=_ENGINE["dtype"],
-    help="float32, bfloat16 or float16. [default: float32 on CPU, bfloat16 on CUDA]",
-)
-@click.option(
-    "--num-warmup",
-    default=None,
-    type=int,
-    help="Warm-up requests per system, excluded. [default: max(2, procs)]",
-)
-@click.option(
-    "--out",
-    default=_BENCH["out"],
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Results root; the run writes OUT/<run-id>/.",
-)
-@click.option(
-    "--run-id", default=None, help="Name of the run's folder. [default: date-time-workload-device]"
-)
-@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.pass_context
-def bench(
-    ctx, no_mps, mps_mode, mps_split, procs, prompt_procs, baselines, slo, no_plots, **options
-) -> None:
+def bench(ctx, mps_split, baselines, slo, **options) -> None:
     """Replay a workload through Splitwiser and the baselines; print and save the comparison.
 
     Every system gets the same prompt token ids, forced output lengths and arrival schedule;
     warm-up requests are excluded from every system alike.
     """
     from splitwiser.benchmark import run_bench
-    from splitwiser.benchmark.config import split_procs
     from splitwiser.benchmark.metrics import parse_slo
     from splitwiser.benchmark.report import comparison_table
     from splitwiser.mps import parse_split
 
-    engine = {name: options.pop(name) for name in list(options) if name in _ENGINE}
-    config = BenchConfig(
-        engine=EngineConfig(**split_procs(procs, prompt_procs), **engine),
-        mps=resolve_mps(ctx, mps_mode, no_mps),
+    config = bench_config(
+        ctx,
         mps_split=parse_split(mps_split),
-        baselines=_csv_list(baselines),
+        baselines=csv_list(baselines),
         slo=parse_slo(slo),
-        plots=not no_plots,
         **options,
     )
     result = run_bench(config, command=command_line(ctx), show=True)

@@ -1,0 +1,289 @@
+"""``run_sweep``: each system through the same workload at each offered load, in one run.
+
+As in ``run_bench``, this process checks the input, starts MPS and builds the workload once;
+each system then runs in a process of its own (``system.run_in_child``), started ONCE for all
+its points: built, warmed up, timed on one request alone, then replayed at each rate in
+increasing order, each point after the previous one drained. Per point the bench's metrics,
+the SLO attainment and, from the engine's phase log, decode step times and interference
+(``goodput``); per system the goodput in requests/s.
+
+Arrivals: the fixed workload's are Poisson at each rate with the run's seed (the same draws,
+scaled, so a rate's schedule is exactly ``splitwiser bench --rate R``'s); a trace's own arrival
+times are scaled so that their mean rate is each rate in turn.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, replace
+
+from tqdm import tqdm
+
+from splitwiser import mps
+from splitwiser.benchmark.config import COLOCATED
+from splitwiser.benchmark.driver import check_out, describe_model, environment, resolve_device
+from splitwiser.benchmark.goodput import (
+    decode_step_stats,
+    goodput_rps,
+    interference,
+    slo_attainment,
+)
+from splitwiser.benchmark.metrics import RequestRecord, compute_metrics, phase_summary
+from splitwiser.benchmark.replay import REPLAY
+from splitwiser.benchmark.sweep_config import SweepConfig
+from splitwiser.benchmark.system import (
+    SystemJob,
+    build_system,
+    device_info,
+    is_engine_system,
+    phase_counters,
+    run_in_child,
+    start_system,
+    system_facts,
+    warm_up,
+)
+from splitwiser.benchmark.telemetry import TelemetryLog, TelemetrySampler
+from splitwiser.benchmark.workloads import BenchRequest, Workload, build_prompts, build_workload
+from splitwiser.config import resolve_dtype
+from splitwiser.errors import ConfigError, SplitwiserError
+from splitwiser.models.loader import load_model_config, load_tokenizer
+from splitwiser.models.shape import ModelShape
+
+NUM_UNLOADED = 3  # times the single request runs alone; its latencies are the median
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """One system's whole sweep, for its process."""
+
+    name: str  # the system's name in the results (splitwiser-mps-70-30, colocated, ...)
+    system: SystemJob  # what to build and warm up: its name picks the pipeline
+    points: tuple[tuple[float, tuple[BenchRequest, ...]], ...]  # (rate, schedule), increasing
+    unloaded_index: int  # the request timed alone (median prompt length)
+
+
+@dataclass
+class PointRun:
+    rate: float
+    records: list[RequestRecord]
+    duration_s: float
+    telemetry: TelemetryLog
+    phase_log: list | None  # PhaseRecords, seconds after the point began; None: not an engine
+    phases: dict | None  # phase_summary of the point's counters
+
+
+@dataclass
+class SweepRun:
+    name: str
+    points: list[PointRun]
+    unloaded: dict  # the single request alone: ttft_ms, tpot_ms, e2el_ms (medians)
+    extra: dict  # system facts over the whole sweep (phases, pool, workers)
+    pid: int
+    device_info: dict
+
+
+@dataclass
+class SweepResult:
+    run_dir: object  # Path
+    summary: dict
+    runs: dict[str, SweepRun]
+
+
+def _median_ms(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) * 1e3 if values else None
+
+
+def _time_alone(job: SweepJob, pipe) -> dict:
+    """The unloaded latency: one request alone, ``NUM_UNLOADED`` times, after the warm-up."""
+    system = job.system
+    req = replace(system.requests[job.unloaded_index], arrival_s=0.0)
+    prompt = system.prompts[job.unloaded_index]
+    runs = [REPLAY[system.name](pipe, [req], [prompt], lambda n: None)[0][0]
+            for _ in range(NUM_UNLOADED)]  # fmt: skip
+    ok = [r for r in runs if r.ok]
+    return {"prompt_len": req.prompt_len, "output_len": req.output_len, "num_runs": len(ok),
+            "ttft_ms": _median_ms([r.ttft_s for r in ok]),
+            "tpot_ms": _median_ms([r.tpot_s for r in ok]),
+            "e2el_ms": _median_ms([r.e2el_s for r in ok])}  # fmt: skip
+
+
+def run_points(job: SweepJob) -> SweepRun:
+    """In the system's process: build it once, warm up, time one request alone, then replay
+    every point; close it."""
+    system = job.system
+    device, dtype = start_system(system)
+    replay, engine = REPLAY[system.name], is_engine_system(system.name)
+    total = sum(len(requests) for _, requests in job.points)
+    points: list[PointRun] = []
+    with build_system(system, device, dtype) as pipe:
+        warm_up(system, pipe)
+        unloaded = _time_alone(job, pipe)
+        first = phase_counters(system.name, pipe)
+        bar = tqdm(total=total, desc=f"{job.name:>10}", unit="req", disable=not system.show)
+        with bar:
+            for rate, requests in job.points:
+                bar.set_postfix_str(f"{rate:g} req/s")
+                before = phase_counters(system.name, pipe)
+                # NOTE: the replay's clock starts right after this: the log's times and the
+                # requests' differ by the microseconds between the two calls
+                since = time.monotonic()
+                with TelemetrySampler(device) as telemetry:
+                    records, duration_s = replay(pipe, list(requests), system.prompts, bar.update)
+                log, phases = None, None
+                if engine:
+                    log = [replace(s, start_s=s.start_s - since, end_s=s.end_s - since)
+                           for s in pipe.phase_log(since)]  # fmt: skip
+                    now = phase_counters(system.name, pipe)
+                    phases = phase_summary({k: v - before[k] for k, v in now.items()})
+                points.append(PointRun(rate, records, duration_s, telemetry, log, phases))
+        records = [r for p in points for r in p.records]
+        extra = system_facts(system, pipe, records, first)
+    return SweepRun(job.name, points, unloaded, extra, os.getpid(), device_info(device))
+
+
+def _schedules(config: SweepConfig, workload: Workload) -> tuple:
+    """(rate, the requests with arrivals at that rate) for each rate of the sweep."""
+    requests = workload.requests
+    if workload.arrival == "poisson":
+        base_rate = workload.info["rate"]
+    else:  # a trace: its own mean rate
+        span = requests[-1].arrival_s - requests[0].arrival_s
+        if len(requests) < 2 or span <= 0:
+            raise ConfigError(
+                "a trace sweep needs at least 2 requests at distinct times; raise --num-requests"
+            )
+        base_rate = (len(requests) - 1) / span
+    return tuple(
+        (rate, tuple(replace(r, arrival_s=r.arrival_s * base_rate / rate) for r in requests))
+        for rate in config.rates
+    )
+
+
+def _unloaded_index(workload: Workload) -> int:
+    by_length = sorted(workload.requests, key=lambda r: (r.prompt_len, r.request_id))
+    return by_length[len(by_length) // 2].request_id
+
+
+def resolve_slo(config: SweepConfig, runs: dict[str, SweepRun]) -> tuple[dict, dict | None]:
+    """The SLOs in milliseconds: those given, and the multiples of the reference system's
+    unloaded latency (colocated if it ran, else splitwiser); and that reference."""
+    slo = dict(config.bench.slo)
+    if not config.slo_multiples:
+        return slo, None
+    name = COLOCATED if COLOCATED in runs else "splitwiser"
+    unloaded = runs[name].unloaded
+    for key, factor in config.slo_multiples.items():
+        if unloaded[key] is None:
+            raise SplitwiserError(f"--slo {key}={factor:g}x: {name}'s single request has no {key}")
+        slo[key] = factor * unloaded[key]
+    return slo, {"system": name, **unloaded}
+
+
+def _agreement(records: list[RequestRecord], reference: list[RequestRecord]) -> float | None:
+    """Fraction of requests whose tokens equal the reference's (both completed)."""
+    ref = {r.request_id: r.token_ids for r in reference if r.ok}
+    pairs = [(r.token_ids, ref[r.request_id]) for r in records if r.ok and r.request_id in ref]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+
+
+def point_summary(point: PointRun, slo: dict, colocated: bool, reference: PointRun | None) -> dict:
+    """One point's figures: rate, attainment, the bench metrics, decode steps, interference."""
+    metrics = compute_metrics(point.records, point.duration_s, slo)
+    out = {"rate": point.rate, "slo_attainment": slo_attainment(point.records, slo), **metrics}
+    out["telemetry"] = point.telemetry.summary(metrics["total_output_tokens"])
+    out["joules_per_output_token"] = (out["telemetry"]["gpu"] or {}).get("joules_per_output_token")
+    if point.phase_log is not None:
+        out |= decode_step_stats(point.phase_log, colocated)
+        out["interference"] = interference(point.phase_log, colocated)
+        out["phases"] = point.phases
+    if reference is not None:
+        out["token_agreement_with_splitwiser"] = _agreement(point.records, reference.records)
+    return out
+
+
+def summarize_systems(config: SweepConfig, runs: dict[str, SweepRun], slo: dict) -> dict:
+    """``systems.<name>``: its points, its goodput, its unloaded latency and facts."""
+    systems = {}
+    reference = runs.get("splitwiser")
+    for name, run in runs.items():
+        kind = config.systems[name][0]
+        points = [
+            point_summary(p, slo, kind == COLOCATED,
+                          reference.points[i] if reference and name != "splitwiser" else None)
+            for i, p in enumerate(run.points)
+        ]  # fmt: skip
+        goodput = goodput_rps([p["rate"] for p in points], [p["slo_attainment"] for p in points],
+                              config.attainment_target)  # fmt: skip
+        systems[name] = {**goodput, "single_request": run.unloaded, "points": points,
+                         **run.extra, "pid": run.pid}  # fmt: skip
+    return systems
+
+
+def goodput_ratios(systems: dict, baseline: str = COLOCATED) -> dict[str, float | None]:
+    """Each system's goodput divided by ``baseline``'s (None where either has none)."""
+    if baseline not in systems:
+        return {}
+    base = systems[baseline]["goodput_rps"]
+    return {
+        name: s["goodput_rps"] / base if s["goodput_rps"] is not None and base else None
+        for name, s in systems.items()
+    }
+
+
+def run_sweep(config: SweepConfig, *, command: str | None = None, show: bool = True):
+    """Run the sweep and write ``<out>/<run-id>/``; returns a :class:`SweepResult`."""
+    from splitwiser.benchmark.sweep_report import write_sweep
+
+    bench, engine = config.bench, config.bench.engine
+    device = resolve_device(engine.device)
+    if config.mps_splits and device.type != "cuda":
+        raise ConfigError(f"--mps-split needs MPS on a CUDA GPU; this run is on {device.type}")
+    dtype = resolve_dtype(engine.dtype, device)
+    model_config = load_model_config(engine.model)
+    trace = bench.workload != "fixed"
+    workload = build_workload(
+        bench.workload, num_requests=bench.num_requests, input_len=bench.input_len,
+        output_len=bench.output_len, rate=None if trace else 1.0,
+        trace_speedup=1.0 if trace else None,
+        max_context=ModelShape.from_hf(model_config).max_model_len(bench.max_context),
+        length_scale=bench.length_scale, seed=bench.seed,
+    )  # fmt: skip
+    schedules = _schedules(config, workload)
+    prompts = build_prompts(workload, load_tokenizer(engine.model), seed=bench.seed)
+    out = check_out(bench)  # the input is valid: before any work, a place for the results
+    runs: dict[str, SweepRun] = {}
+    with mps.session(bench.mps, engine.device) as (daemon, mps_state):
+        if config.mps_splits and daemon is None:
+            raise ConfigError(f"--mps-split needs MPS, which this run cannot use: "
+                              f"{mps_state['reason']}")  # fmt: skip
+        mps_env = daemon.env() if daemon is not None else {}
+        for name, (kind, system_config) in config.systems.items():
+            system = SystemJob(kind, system_config, str(device), mps_env,
+                               list(workload.requests), prompts, show)  # fmt: skip
+            job = SweepJob(name, system, schedules, _unloaded_index(workload))
+            runs[name] = run_in_child(job, target=run_points)
+    slo, slo_reference = resolve_slo(config, runs)
+    systems = summarize_systems(config, runs, slo)
+    # the base schedule's rate (Poisson at 1/s) or speed-up (the trace as recorded) is no point's
+    described = {k: v for k, v in workload.describe().items() if k not in ("rate", "trace_speedup")}
+    summary = {
+        "run_id": None,
+        "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config.to_dict() | {"device": str(device), "dtype": str(dtype).split(".")[-1]},
+        "model": describe_model(engine.model, model_config, engine.model_impl),
+        "workload": described | {"rates": list(config.rates)},
+        "environment": environment(
+            device, mps_state | {"splits": config.mps_splits}, runs["splitwiser"].device_info
+        ),  # fmt: skip
+        "slo": slo,
+        "slo_reference": slo_reference,
+        "attainment_target": config.attainment_target,
+        "systems": systems,
+        "goodput_ratio_to_colocated": goodput_ratios(systems),
+    }
+    run_dir = write_sweep(config, summary, runs, out, device)
+    return SweepResult(run_dir, summary, runs)
