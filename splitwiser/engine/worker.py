@@ -19,6 +19,7 @@ from splitwiser.engine.decode_batch import DecodeBatch
 from splitwiser.engine.heap import keep_freed_memory, reserve_heap
 from splitwiser.engine.kv_pool import KVLayout, prefill_workspace_bytes
 from splitwiser.engine.model_runner import ModelRunner, graph_batch_sizes
+from splitwiser.models.linear import bound_primitive_caches
 from splitwiser.models.shape import ModelShape
 
 
@@ -162,6 +163,7 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
         pass
     cfg = for_attached_profiler(cfg)
     keep_freed_memory()
+    bound_primitive_caches()
     torch.set_num_threads(cfg.num_threads)
     if cfg.nice:
         os.nice(cfg.nice)
