@@ -66,7 +66,8 @@ def stop_reason(
     eos: tuple[int, ...],
 ) -> str | None:
     """Why a request ends after its ``num_generated``-th token, or ``None`` if it goes on."""
-    if token in params.stop_token_ids or (not params.ignore_eos and token in eos):
+    stops = token in params.stop_token_ids or (not params.ignore_eos and token in eos)
+    if stops and num_generated >= params.min_new_tokens:
         return "stop"
     if num_generated >= max_new_tokens:
         return "length"

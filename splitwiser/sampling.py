@@ -16,6 +16,8 @@ class SamplingParams:
     ``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` disable those filters.
     ``seed`` makes sampling reproducible whatever else runs in the same batch. ``stop`` strings end
     the request when they appear in the output text; the text is cut before the stop string.
+    From ``min_new_tokens`` generated tokens on, EOS and ``stop_token_ids`` end the request
+    (before that such a token is kept and generation goes on; stop strings apply at once).
     """
 
     max_new_tokens: int = 16
@@ -26,6 +28,7 @@ class SamplingParams:
     stop: tuple[str, ...] | None = None
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = field(default=())
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -36,6 +39,10 @@ class SamplingParams:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             raise InvalidRequestError(
                 f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"
+            )
+        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            raise InvalidRequestError(
+                f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}"
             )
         if self.temperature < 0:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")

@@ -26,6 +26,7 @@ from splitwiser.cli.bench import bench  # noqa: E402
 from splitwiser.cli.generate import generate, model  # noqa: E402
 from splitwiser.cli.mps import mps_group  # noqa: E402
 from splitwiser.cli.profile import profile  # noqa: E402
+from splitwiser.cli.serve import serve  # noqa: E402
 from splitwiser.cli.sweep import sweep  # noqa: E402
 from splitwiser.errors import SplitwiserError  # noqa: E402
 
@@ -83,5 +84,5 @@ def main() -> None:
     """Splitwiser: prompt and token phases in separate worker processes on one device."""
 
 
-for _command in (bench, sweep, generate, profile, mps_group, model):
+for _command in (bench, sweep, serve, generate, profile, mps_group, model):
     main.add_command(_command)

@@ -1,0 +1,358 @@
+"""Completions and chat completions: a request's prompts to runtime requests, their steps to
+OpenAI's answers, streamed (one chunk per token step) or whole.
+
+A chunk goes out for every generated token, even one whose text is held back (an incomplete
+UTF-8 character, or the end of the text that could still grow into a stop string); the last
+token's chunk carries ``finish_reason``. Nothing is sent before the first token exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from splitwiser.errors import InvalidRequestError, SplitwiserError
+from splitwiser.outputs import RequestOutput
+from splitwiser.server.bridge import Generation, Step
+from splitwiser.server.chat import render_chat
+from splitwiser.server.errors import BadRequest, NotFound, error_body
+from splitwiser.server.protocol import ChatCompletionRequestMsg, CompletionRequestMsg
+
+DONE = "data: [DONE]\n\n"
+log = logging.getLogger("splitwiser.serve")
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class ChoiceText:
+    """One choice's text as its tokens come: the part safe to send now, and the rest at the end."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], include_stop: bool):
+        self._tokenizer = tokenizer
+        self._stop = stop
+        self._include_stop = include_stop
+        # NOTE: a stop string not yet complete may be the end of the text now: hold back that
+        # much, so text sent is never taken back when the stop string completes
+        self._holdback = max((len(s) for s in stop), default=1) - 1
+        self.token_ids: list[int] = []
+        self._num_sent = 0  # characters
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        self.token_ids.append(token)
+        text = self._decode(self.token_ids)
+        end = len(text) - self._holdback
+        if text.endswith("\ufffd"):  # a character whose bytes are not all there yet
+            end = min(end, len(text) - 1)
+        cuts = [i for i in (text.find(s) for s in self._stop) if i >= 0]
+        if cuts:  # this token completes a stop string: the request ends here, cut before it
+            end = min(end, *cuts)
+        if end <= self._num_sent:
+            return ""
+        delta, self._num_sent = text[self._num_sent : end], end
+        return delta
+
+    def finish(self, output: RequestOutput) -> str:
+        """The rest of the final text."""
+        text = self.final_text(output)
+        delta = text[self._num_sent :]
+        self._num_sent = len(text)
+        return delta
+
+    def final_text(self, output: RequestOutput) -> str:
+        stop = self.stop_string(output)
+        if stop is None or not self._include_stop:
+            return output.text
+        full = self._decode(output.token_ids)
+        return full[: full.find(stop) + len(stop)]
+
+    def stop_string(self, output: RequestOutput) -> str | None:
+        if output.finish_reason != "stop" or not self._stop:
+            return None
+        full = self._decode(output.token_ids)
+        found = [(full.find(s), s) for s in self._stop if s in full]
+        return min(found)[1] if found else None
+
+
+def stop_reason(output: RequestOutput, text: ChoiceText, params) -> int | str | None:
+    """vLLM's ``stop_reason``: the stop token id or string that ended the choice; None for EOS
+    or a length finish."""
+    if output.finish_reason != "stop":
+        return None
+    if output.token_ids and output.token_ids[-1] in params.stop_token_ids:
+        return output.token_ids[-1]
+    return text.stop_string(output)
+
+
+def usage(prompt_lens: list[int], num_generated: int) -> dict:
+    prompt = sum(prompt_lens)
+    return {"prompt_tokens": prompt, "completion_tokens": num_generated,
+            "total_tokens": prompt + num_generated}  # fmt: skip
+
+
+@dataclass
+class Choice:
+    index: int
+    prompt_index: int
+    params: object  # SamplingParams
+    text: ChoiceText
+    prefix: str = ""  # echo: the prompt's text, sent before the first token's
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def step_text(self, step: Step) -> str:
+        delta = self.prefix + (self.text.add(step.token) if step.token is not None else "")
+        self.prefix = ""
+        if step.output is not None:
+            delta += self.text.finish(step.output)
+            self.finish_reason = step.output.finish_reason
+            self.stop_reason = stop_reason(step.output, self.text, self.params)
+        return delta
+
+
+class Serving:
+    """The handlers' logic over one pipeline bridge and its served model."""
+
+    def __init__(
+        self, *, bridge, tokenizer, vocab_size, max_model_len, model_name, chat_template, metrics
+    ):
+        self.bridge = bridge
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.model_name = model_name
+        self.chat_template = chat_template
+        self.metrics = metrics
+
+    # ------------------------------------------------------------------ checks
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise NotFound(f"The model `{name}` does not exist.", param="model")
+
+    def max_tokens(self, prompt_len: int, requested: int | None) -> int:
+        """``requested`` if prompt and output fit the context (None: the rest of it)."""
+        n = self.max_model_len
+        if prompt_len >= n:
+            raise BadRequest(
+                f"This model's maximum context length is {n} tokens. However, your request has "
+                f"{prompt_len} input tokens. Please reduce the length of the input messages.",
+                param="input_tokens",
+            )
+        if requested is None:
+            return n - prompt_len
+        if prompt_len + requested > n:
+            raise BadRequest(
+                f"This model's maximum context length is {n} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the messages, {requested} in "
+                f"the completion). Please reduce the length of the messages or completion.",
+                param="max_tokens",
+            )
+        return requested
+
+    def token_ids(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
+        return list(prompt)
+
+    def _start(self, prompts: list[list[int]], req, requested: int | None):
+        """Submit every prompt ``req.n`` times: the choices, in OpenAI's index order, and
+        their generation. Every prompt is checked before any is submitted."""
+        runs, choices = [], []
+        for p, ids in enumerate(prompts):
+            max_new = self.max_tokens(len(ids), requested)
+            for j in range(req.n):
+                params = req.sampling_params(max_new, j)
+                text = ChoiceText(self.tokenizer, req.stop_strings, req.include_stop_str_in_output)
+                choices.append(Choice(len(choices), p, params, text))
+                runs.append((ids, params))
+            self.metrics.request_started(max_new, req.n)
+        try:
+            return choices, self.bridge.generate(runs, self.metrics)
+        except InvalidRequestError as exc:  # a token outside the vocabulary, a pool too small
+            raise BadRequest(str(exc)) from None
+
+    # ------------------------------------------------------------------ completions
+
+    async def completion(self, req: CompletionRequestMsg, request: Request) -> Response:
+        self.check_model(req.model)
+        prompts = [self.token_ids(p, req.add_special_tokens) for p in req.prompts]
+        choices, gen = self._start(prompts, req, req.max_tokens)
+        if req.echo:
+            for c in choices:
+                c.prefix = self.tokenizer.decode(prompts[c.prompt_index], skip_special_tokens=True)
+        answer = _Answer("cmpl", "text_completion", self.model_name, req, prompts, choices)
+        if req.stream:
+            return _stream(answer.completion_chunks(gen))
+        return await _unless_disconnected(request, answer.completion(gen))
+
+    # ------------------------------------------------------------------ chat
+
+    def chat_prompt(self, req: ChatCompletionRequestMsg) -> str:
+        return render_chat(
+            self.tokenizer,
+            self.chat_template,
+            req.chat_messages(),
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            kwargs=req.chat_template_kwargs,
+        )
+
+    async def chat(self, req: ChatCompletionRequestMsg, request: Request) -> Response:
+        self.check_model(req.model)
+        ids = self.token_ids(self.chat_prompt(req), req.add_special_tokens)
+        choices, gen = self._start([ids], req, req.requested_max_tokens)
+        answer = _Answer("chatcmpl", "chat.completion", self.model_name, req, [ids], choices)
+        if req.stream:
+            return _stream(answer.chat_chunks(gen))
+        return await _unless_disconnected(request, answer.chat(gen))
+
+
+class _Answer:
+    """One HTTP request's answer, built from its generation's steps."""
+
+    def __init__(self, prefix, kind, model, req, prompts, choices):
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.kind = kind  # "text_completion" or "chat.completion"
+        self.model = model
+        self.req = req
+        self.prompts = prompts
+        self.choices = choices
+        self.created = int(time.time())
+        self.num_generated = 0
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def usage(self) -> dict:
+        return usage([len(p) for p in self.prompts], self.num_generated)
+
+    async def _steps(self, gen: Generation) -> AsyncIterator[tuple[Choice, Step, str]]:
+        """Each step with its choice and new text; a failed request raises its error. Cancels
+        whatever still runs when left early (the client went away, an error)."""
+        try:
+            async for step in gen.steps():
+                if step.error is not None:
+                    raise step.error
+                choice = self.choices[step.index]
+                self.num_generated += step.token is not None
+                yield choice, step, choice.step_text(step)
+        finally:
+            gen.cancel()
+
+    # ---- whole answers
+    async def _collect(self, gen: Generation) -> dict[int, str]:
+        texts = {c.index: "" for c in self.choices}
+        async for choice, _, delta in self._steps(gen):
+            texts[choice.index] += delta
+        return texts
+
+    def _extra(self, choice: Choice, body: dict) -> dict:
+        if self.req.return_token_ids:
+            body["token_ids"] = list(choice.text.token_ids)
+            body["prompt_token_ids"] = self.prompts[choice.prompt_index]
+        return body
+
+    async def completion(self, gen: Generation) -> JSONResponse:
+        texts = await self._collect(gen)
+        choices = [
+            self._extra(c, {"index": c.index, "text": texts[c.index], "logprobs": None,
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            for c in self.choices
+        ]  # fmt: skip
+        return JSONResponse(
+            {**self._head("text_completion"), "choices": choices, "usage": self.usage()}
+        )
+
+    async def chat(self, gen: Generation) -> JSONResponse:
+        texts = await self._collect(gen)
+        choices = [
+            self._extra(c, {"index": c.index,
+                            "message": {"role": "assistant", "content": texts[c.index]},
+                            "logprobs": None, "finish_reason": c.finish_reason,
+                            "stop_reason": c.stop_reason})
+            for c in self.choices
+        ]  # fmt: skip
+        return JSONResponse(
+            {**self._head("chat.completion"), "choices": choices, "usage": self.usage()}
+        )
+
+    # ---- streams
+    async def _chunks(self, gen: Generation, kind: str, choice_body) -> AsyncIterator[str]:
+        try:
+            async for choice, step, delta in self._steps(gen):
+                body = choice_body(choice, delta)
+                body["finish_reason"] = choice.finish_reason if step.is_last else None
+                body["stop_reason"] = choice.stop_reason if step.is_last else None
+                if self.req.return_token_ids:
+                    body["token_ids"] = [] if step.token is None else [step.token]
+                chunk = {**self._head(kind), "choices": [body]}
+                if self.req.continuous_usage:
+                    chunk["usage"] = self.usage()
+                yield sse(chunk)
+            if self.req.include_usage:
+                yield sse({**self._head(kind), "choices": [], "usage": self.usage()})
+        except Exception as exc:  # the 200 is sent: the error goes in the stream
+            if not isinstance(exc, SplitwiserError):
+                log.exception("stream %s failed", self.id)
+            yield sse(error_body(500, str(exc) or type(exc).__name__))
+        yield DONE
+
+    def completion_chunks(self, gen: Generation) -> AsyncIterator[str]:
+        return self._chunks(
+            gen, "text_completion",
+            lambda c, delta: {"index": c.index, "text": delta, "logprobs": None},
+        )  # fmt: skip
+
+    def chat_chunks(self, gen: Generation) -> AsyncIterator[str]:
+        started: set[int] = set()
+
+        def body(c: Choice, delta: str) -> dict:
+            message = {"content": delta}
+            if c.index not in started:  # the role rides on the first token's chunk
+                started.add(c.index)
+                message = {"role": "assistant", "content": delta}
+            return {"index": c.index, "delta": message, "logprobs": None}
+
+        return self._chunks(gen, "chat.completion.chunk", body)
+
+
+def _stream(chunks: AsyncIterator[str]) -> StreamingResponse:
+    # Starlette cancels the iterator when the client goes away; its ``finally`` cancels the
+    # requests. No gzip, no buffering: each chunk is sent as it is made.
+    return StreamingResponse(chunks, media_type="text/event-stream")
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, answer) -> Response:
+    """``answer`` (a coroutine), cancelled if the client goes away first (its requests with it;
+    Starlette cancels only streams by itself)."""
+    task = asyncio.ensure_future(answer)
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, watch):
+            t.cancel()
+    if not task.cancelled() and task.done():
+        return task.result()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=499)  # nobody reads it: the client is gone

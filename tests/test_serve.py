@@ -1,0 +1,434 @@
+"""``splitwiser serve``, driven by real clients on 127.0.0.1: the ``openai`` SDK and httpx
+against a real server process with real workers on the embedded model.
+
+Greedy output equals ``generate()`` token for token (completions and chat, streamed and not);
+a stream is one chunk per token and ends ``data: [DONE]``; every bad request gets OpenAI's
+error body with its status and the server serves the next one; a client that leaves frees its
+KV blocks at once; SIGTERM with requests in flight lets the short one finish, cuts the long one
+and leaves no process behind. One server is shared by the module; the shutdown tests start
+their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+import torch
+
+from splitwiser.server.chat import EMBEDDED_CHAT_TEMPLATE, ChatTemplate, render_chat
+from splitwiser.server.errors import BadRequest
+from splitwiser.server.metrics import buckets_1_2_5
+from splitwiser.server.serving import ChoiceText
+from tests.conftest import hf_greedy
+
+API_KEY = "sk-serve-test"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+NUM_KV_BLOCKS = 512
+MAX_BODY_BYTES = 1 << 20
+PROMPTS = [[5, 17, 42, 99, 3], [300 + i for i in range(40)]]
+
+
+class Server:
+    """A ``splitwiser serve`` process: its URL once listening, its log, its exit."""
+
+    def __init__(self, *args: str):
+        cmd = [sys.executable, "-m", "splitwiser", "serve", "--port", "0", "--device", "cpu",
+               "--no-access-log", *args]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.url = None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            found = re.search(r"listening on (http://[\d.]+:\d+)", line)
+            if found:
+                self.url = found.group(1)
+                break
+        assert self.url, "".join(self.lines)
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def wait_healthy(self, timeout: float = 120.0) -> list[int]:
+        """Poll /health until 200; every status seen."""
+        seen, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen.append(httpx.get(f"{self.url}/health").status_code)
+            if seen[-1] == 200:
+                return seen
+            time.sleep(0.1)
+        raise AssertionError(f"never healthy: {seen[-3:]}\n{''.join(self.lines)}")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = Server("--procs", "2", "--num-kv-blocks", str(NUM_KV_BLOCKS), "--api-key", API_KEY,
+                 "--max-body-bytes", str(MAX_BODY_BYTES))  # fmt: skip
+    srv.first_health = srv.wait_healthy()
+    yield srv
+    assert srv.stop() == 128 + signal.SIGTERM
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The embedded model in this process, and its tokenizer, for ``generate()`` references."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from splitwiser.models.default import ensure_default_model
+
+    path = ensure_default_model()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def post(server, path, body=None, headers=AUTH, timeout=60.0) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=timeout)
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    found = re.search(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.M)
+    assert found, f"{name} not in /metrics"
+    return float(found.group(1))
+
+
+def wait_free_blocks(server, expected: int, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while (free := metric(server, "splitwiser:kv_blocks_free")) != expected:
+        if time.monotonic() > deadline:
+            return free
+        time.sleep(0.05)
+    return free
+
+
+# ---------------------------------------------------------------------- pure logic
+
+
+def test_token_buckets_are_vllms_1_2_5_series():
+    assert buckets_1_2_5(256) == [1, 2, 5, 10, 20, 50, 100, 200]
+    assert buckets_1_2_5(1000)[-1] == 1000
+
+
+def test_text_held_back_never_has_to_be_taken_back_at_a_stop_string(reference):
+    from splitwiser.outputs import RequestMetrics, RequestOutput
+
+    _, tok = reference
+    ids, stop = tok("the cat sat on the mat").input_ids, "on the"
+    text = ChoiceText(tok, stop=(stop,), include_stop=False)
+    sent, fed = "", []
+    for t in ids:  # as the engine runs: until the stop string appears
+        fed.append(t)
+        sent += text.add(t)
+        if stop in tok.decode(fed):
+            break
+    cut = tok.decode(fed)[: tok.decode(fed).find(stop)]
+    assert cut.startswith(sent)  # never past the cut
+    out = RequestOutput(0, None, [1], fed, cut, "stop", RequestMetrics(0.0))
+    assert sent + text.finish(out) == cut == "the cat sat "
+
+
+def test_a_model_without_chat_template_gets_vllms_400(reference):
+    _, tok = reference
+    with pytest.raises(BadRequest, match="chat template"):
+        render_chat(tok, ChatTemplate("none"), [{"role": "user", "content": "x"}],
+                    add_generation_prompt=True)  # fmt: skip
+    assert ChatTemplate.choose(tok, None, embedded=True).text == EMBEDDED_CHAT_TEMPLATE
+
+
+def test_an_error_after_the_stream_started_is_sent_in_it_then_done(reference):
+    import asyncio
+
+    from splitwiser.errors import WorkerCrashedError
+    from splitwiser.server.bridge import Step
+    from splitwiser.server.protocol import CompletionRequestMsg
+    from splitwiser.server.serving import Choice, _Answer
+
+    class FailingGeneration:  # one token, then the request fails
+        async def steps(self):
+            yield Step(0, 7)
+            yield Step(0, None, error=WorkerCrashedError("worker died"))
+
+        def cancel(self):
+            self.cancelled = True
+
+    req = CompletionRequestMsg(prompt=[1, 2], stream=True)
+    choice = Choice(0, 0, req.sampling_params(4, 0), ChoiceText(reference[1], (), False))
+    answer = _Answer("cmpl", "text_completion", "m", req, [[1, 2]], [choice])
+    gen = FailingGeneration()
+
+    async def run():
+        return [c async for c in answer.completion_chunks(gen)]
+
+    chunks = asyncio.run(run())
+    assert json.loads(chunks[0][6:])["choices"][0]["index"] == 0
+    assert json.loads(chunks[1][6:])["error"]["message"] == "worker died"
+    assert chunks[2] == "data: [DONE]\n\n" and gen.cancelled
+
+
+# ---------------------------------------------------------------------- the server
+
+
+def test_health_is_503_until_the_workers_are_ready_then_200(server):
+    assert server.first_health[0] == 503 and server.first_health[-1] == 200
+    assert httpx.get(f"{server.url}/version").json()["version"]
+
+
+def test_models_lists_the_served_model(client):
+    (card,) = client.models.list().data
+    assert card.id == "default" and card.model_extra["max_model_len"] == 8192
+    assert os.path.isfile(os.path.join(card.model_extra["root"], "tokenizer.json"))
+
+
+def test_completions_greedy_equal_generate(client, reference):
+    model, tok = reference
+    out = client.completions.create(
+        model="default", prompt=PROMPTS, max_tokens=12, temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )  # fmt: skip
+    for prompt, choice in zip(PROMPTS, sorted(out.choices, key=lambda c: c.index)):
+        expected = hf_greedy(model, prompt, 12)
+        assert choice.model_extra["token_ids"] == expected
+        assert choice.text == tok.decode(expected, skip_special_tokens=True)
+        assert choice.finish_reason == "length"
+    assert out.usage.prompt_tokens == sum(map(len, PROMPTS))
+    assert out.usage.completion_tokens == 24
+
+
+def test_completion_stream_is_one_chunk_per_token_then_usage_then_done(server, reference):
+    model, tok = reference
+    body = {
+        "prompt": PROMPTS[1],
+        "max_tokens": 10,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "return_token_ids": True,
+    }
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=AUTH) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    *tokens, last = chunks
+    assert len(tokens) == 10 and last["choices"] == [] and last["usage"]["completion_tokens"] == 10
+    ids = [c["choices"][0]["token_ids"][0] for c in tokens]
+    assert ids == hf_greedy(model, PROMPTS[1], 10)
+    assert "".join(c["choices"][0]["text"] for c in tokens) == tok.decode(ids)
+    assert [c["choices"][0]["finish_reason"] for c in tokens] == [None] * 9 + ["length"]
+
+
+def test_chat_through_the_sdk_streamed_and_not_equals_generate(client, reference):
+    model, tok = reference
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prompt = tok.apply_chat_template(messages, chat_template=EMBEDDED_CHAT_TEMPLATE,
+                                     tokenize=False, add_generation_prompt=True)  # fmt: skip
+    expected = tok.decode(hf_greedy(model, tok(prompt, add_special_tokens=False).input_ids, 8))
+    whole = client.chat.completions.create(
+        model="default", messages=messages, max_completion_tokens=8, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert whole.choices[0].message.content == expected
+    assert whole.choices[0].message.role == "assistant"
+    parts = [{"type": "text", "text": "Hi"}]  # content as a list of text parts
+    stream = client.chat.completions.create(
+        model="default", messages=[messages[0], {"role": "user", "content": parts}],
+        max_tokens=8, temperature=0, stream=True, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert len(chunks) == 8 and chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_strings_n_echo_min_tokens_and_seeds(server, reference):
+    model, tok = reference
+    ids = hf_greedy(model, PROMPTS[0], 16)
+    text = tok.decode(ids)
+    stop = text[len(tok.decode(ids[:6])) :][:3]  # a stop string inside the 7th token onwards
+    r = post(server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 16,
+             "temperature": 0, "stop": [stop], "ignore_eos": True}).json()  # fmt: skip
+    assert r["choices"][0]["text"] == text[: text.find(stop)]
+    assert r["choices"][0]["finish_reason"] == "stop" and r["choices"][0]["stop_reason"] == stop
+    r = post(server, "/v1/completions", {"prompt": "Once upon", "max_tokens": 3, "n": 2,
+             "echo": True, "temperature": 0.8, "seed": 1}).json()  # fmt: skip
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    assert all(c["text"].startswith("Once upon") for c in r["choices"])
+    again = post(server, "/v1/completions", {"prompt": "Once upon", "max_tokens": 3, "n": 2,
+                 "echo": True, "temperature": 0.8, "seed": 1}).json()  # fmt: skip
+    assert [c["text"] for c in again["choices"]] == [c["text"] for c in r["choices"]]
+    # the first greedy token as a stop token: min_tokens keeps it from ending the request
+    body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0,
+            "stop_token_ids": [ids[0]], "min_tokens": 2, "return_token_ids": True}  # fmt: skip
+    r = post(server, "/v1/completions", body).json()
+    assert r["choices"][0]["token_ids"][:2] == ids[:2]
+
+
+BAD_REQUESTS = [
+    # (body or raw bytes, headers, status, words in the message)
+    ({"prompt": "x", "max_tokens": 0}, AUTH, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "many"}, AUTH, 400, "max_tokens"),
+    ({"prompt": ""}, AUTH, 400, "empty"),
+    ({"prompt": [1, 2], "stream_options": {"include_usage": True}}, AUTH, 400, "stream"),
+    ({"prompt": [1, 2], "logprobs": 2}, AUTH, 400, "logprobs"),
+    ({"prompt": [7] * 8192, "max_tokens": 1}, AUTH, 400, "maximum context length is 8192"),
+    ({"prompt": [7] * 8000, "max_tokens": 500}, AUTH, 400, "maximum context length is 8192"),
+    ({"prompt": [1, 99999]}, AUTH, 400, "vocabulary"),
+    ({"prompt": "x", "model": "gpt-4"}, AUTH, 404, "does not exist"),
+    ({"prompt": "x"}, {}, 401, "Unauthorized"),
+    ({"prompt": "x"}, {"Authorization": "Bearer wrong"}, 401, "Unauthorized"),
+    (b"{not json", {**AUTH, "Content-Type": "application/json"}, 400, "JSON"),
+    (b'{"prompt": "x"}', {**AUTH, "Content-Type": "text/plain"}, 400, "application/json"),
+    (b"[" + b"1," * MAX_BODY_BYTES + b"1]", {**AUTH, "Content-Type": "application/json"}, 413,
+     "body"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body,headers,status,words", BAD_REQUESTS)
+def test_each_bad_request_gets_its_status_and_openai_error_then_the_next_is_served(
+    server, body, headers, status, words
+):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{server.url}/v1/completions", headers=headers, timeout=60, **kw)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
+    assert words in error["message"]
+    ok = post(server, "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 1
+
+
+def test_unknown_fields_are_ignored_and_only_v1_needs_the_key(server):
+    r = post(server, "/v1/completions", {"prompt": [1, 2], "max_tokens": 2, "best_of": 1,
+             "user": "u", "continuous_usage_stats": True, "seed": None})  # fmt: skip
+    assert r.status_code == 200
+    tokens = post(server, "/tokenize", {"prompt": "hello world"}, headers={}).json()
+    assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 8192
+    text = post(server, "/detokenize", {"tokens": tokens["tokens"]}, headers={}).json()
+    assert text["prompt"] == "hello world"
+    chat = post(server, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]}, headers={})
+    assert chat.json()["count"] > 2
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+
+
+def test_metrics_have_vllms_names_types_buckets_and_model_name(server):
+    post(server, "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 3})
+    text = httpx.get(f"{server.url}/metrics").text
+    for name, kind in [("vllm:num_requests_running", "gauge"),
+                       ("vllm:num_requests_waiting", "gauge"),
+                       ("vllm:kv_cache_usage_perc", "gauge"),
+                       ("vllm:prompt_tokens", "counter"), ("vllm:generation_tokens", "counter"),
+                       ("vllm:request_success", "counter"),
+                       ("vllm:time_to_first_token_seconds", "histogram"),
+                       ("vllm:inter_token_latency_seconds", "histogram"),
+                       ("vllm:e2e_request_latency_seconds", "histogram"),
+                       ("splitwiser:handoff_seconds", "histogram"),
+                       ("splitwiser:workers_ready", "gauge"),
+                       ("splitwiser:worker_restarts", "counter")]:  # fmt: skip
+        exposed = f"{name}_total" if kind == "counter" else name  # as prometheus_client does
+        assert f"# TYPE {exposed} {kind}" in text, name
+    assert (
+        'vllm:time_to_first_token_seconds_bucket{engine="0",le="2560.0",model_name="default"}'
+        in text
+    )
+    assert re.search(r'vllm:request_success_total\{.*finished_reason="length".*\} [1-9]', text)
+    assert metric(server, "vllm:generation_tokens_total") >= 3
+    assert re.search(r'splitwiser:workers_ready\{.*role="token"\} 1.0', text)
+
+
+def test_a_client_leaving_a_stream_frees_its_blocks_at_once(server):
+    assert wait_free_blocks(server, NUM_KV_BLOCKS, 30) == NUM_KV_BLOCKS
+    aborted = metric(server, "vllm:request_success_total")  # any reason: the line exists
+    body = {"prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=AUTH) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert metric(server, "splitwiser:kv_blocks_free") < NUM_KV_BLOCKS  # blocks held
+    # 4000 tokens take ~20 s; the blocks come back at once
+    assert wait_free_blocks(server, NUM_KV_BLOCKS, 5) == NUM_KV_BLOCKS
+    assert metric(server, "vllm:request_success_total") >= aborted
+
+
+def test_a_client_leaving_a_whole_answer_frees_its_blocks_at_once(server):
+    assert wait_free_blocks(server, NUM_KV_BLOCKS, 30) == NUM_KV_BLOCKS
+    body = {"prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, "/v1/completions", body, timeout=1.0)
+    assert wait_free_blocks(server, NUM_KV_BLOCKS, 5) == NUM_KV_BLOCKS
+    ok = post(server, "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+# ---------------------------------------------------------------------- shutdown
+
+
+def _stream_in_thread(url: str, max_tokens: int, out: dict) -> threading.Thread:
+    def run():
+        body = {"prompt": [5, 6, 7], "max_tokens": max_tokens, "ignore_eos": True,
+                "stream": True}  # fmt: skip
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                out["events"] = [line for line in r.iter_lines() if line]
+        except httpx.HTTPError as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_short_requests_cuts_long_ones_and_leaves_nothing(leftovers):
+    shm_before = set(os.listdir("/dev/shm"))
+    srv = Server("--procs", "2", "--num-kv-blocks", "512", "--shutdown-timeout", "3")
+    srv.wait_healthy()
+    workers = psutil.Process(srv.proc.pid).children(recursive=True)
+    short, long = {}, {}
+    threads = [_stream_in_thread(srv.url, 60, short), _stream_in_thread(srv.url, 4000, long)]
+    time.sleep(0.5)  # both are generating
+    started = time.monotonic()
+    assert srv.stop(signal.SIGTERM) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 30
+    for t in threads:
+        t.join(30)
+    assert short["events"][-1] == "data: [DONE]" and len(short["events"]) == 61
+    assert "error" in long or long["events"][-1] != "data: [DONE]" or len(long["events"]) < 4001
+    psutil.wait_procs(workers, timeout=10)
+    assert not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert leftovers.new_children() == set()
+    mine = [n for n in set(os.listdir("/dev/shm")) - shm_before if str(srv.proc.pid) in n]
+    assert mine == []
+    assert "SIGTERM" in "".join(srv.lines)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_idle_exits_0():
+    srv = Server("--procs", "2", "--num-kv-blocks", "64")
+    srv.wait_healthy()
+    assert srv.stop(signal.SIGINT) == 0
+    assert "pipeline closed" in "".join(srv.lines)
