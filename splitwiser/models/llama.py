@@ -40,13 +40,21 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def fused(fn, *example_args):
+def fused(fn, examples):
     """``fn`` compiled into one kernel (CUDA: a decode step is hundreds of small kernels, and
-    RMSNorm and RoPE are seven and five of them), tried once on ``example_args``; ``fn`` itself
-    where compiling fails."""
+    RMSNorm and RoPE are seven and five of them); ``fn`` itself where compiling fails.
+
+    ``examples(num_tokens)`` builds arguments as ``forward`` passes them; every compile happens
+    here, none in serving. Every size is dynamic, the token count too, but dynamo specializes a
+    size of 1: one token (a decode batch of one) is compiled apart. The calls run under
+    inference mode on inference tensors, as ``forward``'s do: grad mode and the tensors'
+    dispatch keys are guarded, and a warm-up outside inference mode made the first forward
+    compile both functions again."""
     try:
         compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-        compiled(*example_args)
+        with torch.inference_mode():
+            for num_tokens in (3, 1):
+                compiled(*examples(num_tokens))
         return compiled
     except Exception as exc:  # an inductor or Triton that cannot build here: stay eager
         log.warning("splitwiser: %s stays unfused: %s", fn.__name__, str(exc).splitlines()[0])
@@ -103,10 +111,18 @@ class LlamaModel:
         self.rms_norm, self.rotate = rms_norm, rotate
         self.linear = linear_for(self.embed)
         if fuse:
-            x = torch.randn((3, shape.hidden_size), device=device, dtype=dtype)
-            self.rms_norm = fused(rms_norm, x, self.norm, self.eps)
-            q = torch.randn((3, self.num_heads, self.head_dim), device=device, dtype=dtype)
-            self.rotate = fused(rotate, q, self.cos[:3, None], self.sin[:3, None])
+            self.rms_norm = fused(rms_norm, self._norm_args)
+            self.rotate = fused(rotate, self._rope_args)
+
+    def _norm_args(self, num_tokens: int) -> tuple:
+        like = dict(device=self.embed.device, dtype=self.embed.dtype)
+        return torch.randn((num_tokens, self.embed.shape[1]), **like), self.norm, self.eps
+
+    def _rope_args(self, num_tokens: int) -> tuple:
+        like = dict(device=self.embed.device, dtype=self.embed.dtype)
+        q = torch.randn((num_tokens, self.num_heads, self.head_dim), **like)
+        positions = torch.arange(num_tokens, device=self.embed.device)
+        return q, self.cos[positions][:, None], self.sin[positions][:, None]  # as forward's
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
