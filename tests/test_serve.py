@@ -432,3 +432,30 @@ def test_ctrl_c_while_idle_exits_0():
     srv.wait_healthy()
     assert srv.stop(signal.SIGINT) == 0
     assert "pipeline closed" in "".join(srv.lines)
+
+
+# ---------------------------------------------------------------------- bench system
+
+
+def test_an_openai_endpoint_as_a_bench_system_times_every_token(server, reference):
+    from splitwiser import SamplingParams
+    from splitwiser.benchmark.config import BenchConfig
+    from splitwiser.benchmark.http_system import OpenAIEndpoint
+    from splitwiser.benchmark.replay import REPLAY
+    from splitwiser.benchmark.workloads import BenchRequest
+
+    url = f"{server.url}/v1"
+    assert BenchConfig(baselines=(url,)).baselines == (url,)
+    model, _ = reference
+    with OpenAIEndpoint(url, api_key=API_KEY) as endpoint:
+        assert endpoint.model == "default"
+        handle = endpoint.submit(PROMPTS[1], SamplingParams(max_new_tokens=8, ignore_eos=True))
+        out = handle.result(60)
+        assert out.token_ids == hf_greedy(model, PROMPTS[1], 8)
+        assert len(out.metrics.token_times) == 8 and out.metrics.finish_time is not None
+        requests = [BenchRequest(i, 0.01 * i, len(p), 4) for i, p in enumerate(PROMPTS)]
+        records, duration_s = REPLAY[url](endpoint, requests, PROMPTS, lambda n: None)
+    assert [r.ok for r in records] == [True, True] and duration_s > 0
+    assert [r.token_ids for r in records] == [hf_greedy(model, p, 4) for p in PROMPTS]
+    with pytest.raises(Exception, match="cannot reach"):
+        OpenAIEndpoint("http://127.0.0.1:9/v1")

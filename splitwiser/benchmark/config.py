@@ -89,11 +89,13 @@ class BenchConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"--{name.replace('_', '-')} must be finite, got {value}")
-        unknown = set(self.baselines) - set(KNOWN_BASELINES)
+        urls = {b for b in self.baselines if b.startswith(("http://", "https://"))}
+        unknown = set(self.baselines) - set(KNOWN_BASELINES) - urls
         if unknown:
             raise ConfigError(
                 f"unknown baseline {sorted(unknown)[0]!r}; use a comma list of "
-                f"{', '.join(KNOWN_BASELINES)}, or none"
+                f"{', '.join(KNOWN_BASELINES)}, http://HOST:PORT/v1 (an OpenAI-compatible "
+                f"server), or none"
             )
         if set(self.baselines) & set(VLLM_SYSTEMS):
             from splitwiser.vllm import require_vllm

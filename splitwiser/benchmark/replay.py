@@ -3,7 +3,8 @@
 Every system gets the same prompt token ids, the same forced output lengths (``ignore_eos``)
 and the same schedule; latencies count from the scheduled arrival (see ``metrics``).
 
-- ``splitwiser``, ``colocated`` and the vLLM systems: each request is submitted at its arrival
+- ``splitwiser``, ``colocated``, the vLLM systems and OpenAI-compatible endpoints (a URL, see
+  ``http_system``): each request is submitted at its arrival
   time; the runtime batches on its own.
 - ``sequential``: requests in arrival order, each alone once the previous one finished.
 - ``batched``: when idle, up to ``batch_size`` requests that have arrived form one static batch
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from functools import partial
 
 from splitwiser.benchmark.config import COLOCATED, VLLM_SYSTEMS
+from splitwiser.benchmark.http_system import is_http_system
 from splitwiser.benchmark.metrics import RequestRecord
 from splitwiser.benchmark.workloads import BenchRequest
 from splitwiser.errors import SplitwiserError
@@ -142,10 +144,19 @@ def _end(records: list[RequestRecord], t0: float) -> float:
     return max(ends) if ends else time.monotonic() - t0
 
 
-REPLAY = {
+class _Replays(dict):
+    """The replay of each system; an OpenAI-compatible endpoint (a URL) replays as Splitwiser."""
+
+    def __missing__(self, name: str):
+        if is_http_system(name):
+            return partial(replay_splitwiser, system=name)
+        raise KeyError(name)
+
+
+REPLAY = _Replays({
     "splitwiser": replay_splitwiser,
     COLOCATED: partial(replay_splitwiser, system=COLOCATED),
     **{name: partial(replay_splitwiser, system=name) for name in VLLM_SYSTEMS},
     "sequential": replay_sequential,
     "batched": replay_batched,
-}
+})  # fmt: skip

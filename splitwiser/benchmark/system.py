@@ -24,6 +24,7 @@ from multiprocessing import get_context, resource_tracker
 from tqdm import tqdm
 
 from splitwiser.benchmark.config import COLOCATED, BenchConfig
+from splitwiser.benchmark.http_system import OpenAIEndpoint, is_http_system
 from splitwiser.benchmark.metrics import RequestRecord, phase_summary
 from splitwiser.benchmark.replay import REPLAY
 from splitwiser.benchmark.telemetry import TelemetryLog, TelemetrySampler
@@ -74,6 +75,8 @@ def build_system(job: SystemJob, device, dtype):
 
     config, pipe_dir = job.config, job.mps_env.get("CUDA_MPS_PIPE_DIRECTORY")
     model = config.engine.model
+    if is_http_system(job.name):  # a server of its own: nothing is built here
+        return OpenAIEndpoint(job.name, api_key=os.environ.get("OPENAI_API_KEY"))
     if job.name == "splitwiser":
         engine = replace(
             config.engine, device=str(device), dtype=dtype, mps_pipe_dir=pipe_dir,
@@ -110,6 +113,8 @@ def system_facts(job: SystemJob, pipe, records: list[RequestRecord], before: dic
     the measured run began."""
     if job.name.startswith("vllm"):
         return {"engines": pipe.workers(), "stats": pipe.stats()}
+    if is_http_system(job.name):
+        return {"endpoint": pipe.base_url, "served_model": pipe.model}
     if not is_engine_system(job.name):  # a baseline: no pool, the K/V of generate()'s own cache
         return {"kv_bytes_per_token": pipe.shape.kv_bytes_per_token(pipe.dtype)}
     stats = pipe.stats()

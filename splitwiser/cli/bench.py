@@ -23,7 +23,8 @@ _ENGINE = {f.name: f.default for f in fields(EngineConfig)}
 BASELINE_HELP = (
     f"Comma list of {', '.join(KNOWN_BASELINES)}; or none (colocated: one worker running both "
     "phases on Splitwiser's engine; the vLLM systems need vLLM: bash bench/install_vllm_cpu.sh "
-    "on CPU)."
+    "on CPU); or http://HOST:PORT/v1: an OpenAI-compatible server, streamed, timed per chunk "
+    "($OPENAI_API_KEY if it needs a key)."
 )
 
 # in --help order: the systems, then the workload, then the run
