@@ -5,17 +5,27 @@
 Stages (all write under DIR, default results/gpu/<date>-<device>/):
   env        nvidia-smi, driver, torch and transformers versions, the MPS binary, a daemon
              start and a CUDA client under it (MPS as the bench and profile start it)
-  tests      the GPU tests (pytest -m gpu)
+  tests      the GPU tests (pytest -m gpu): the CUDA exactness matrix in parallel pytest
+             processes, then tests/test_gpu.py alone
   handoff    KV handoff latency, shared vs copy, at 128, 1k and 4k prompt tokens
   bandwidth  the decode-step benchmark (bench/decode_bench.py: achieved bytes/s against the
-             device's copy bandwidth) and the attention-kernel spike (bench/attention_spike.py)
+             device's copy bandwidth)
+  spike      the attention-kernel spike (bench/attention_spike.py)
+  prefill    the prefill benchmark (bench/prefill_bench.py: tokens/s and the fraction of the
+             device's matmul throughput, first call and steady state, the compile count)
   memory     device memory of each process (NVML) with 2 prompt + 2 token workers; then
              what a token worker SIGKILLed mid-run leaves in this process (memory-sigkill.json)
   bench-nomps, bench-mps
-             splitwiser bench on azure-conv (32 requests, capped), bf16, against sequential
-             and batched
+             splitwiser bench on azure-conv (16 requests, capped), bf16; without MPS against
+             sequential, batched and colocated, with MPS against batched and colocated
+  sweep      splitwiser sweep on azure-conv (real lengths capped at 4,096): Splitwiser under
+             MPS (all threads, and 70/30) and colocated at 5 rates, SLOs multiples of the
+             colocated single-request latency; then Splitwiser without MPS at the same SLOs
   profile-nomps, profile-mps
              splitwiser profile, both phases (into DIR/profile-{nomps,mps}/)
+
+With --device cpu --small the stages that have a CPU form run small on the embedded model (the
+tests do so to keep the suite working between GPU runs).
 """
 
 from __future__ import annotations
@@ -73,33 +83,59 @@ def _sh(*args: str) -> str:
         return f"{args[0]}: {exc}"
 
 
-def _child(args: list[str], log: Path, timeout_s: float = STAGE_LIMIT_S) -> int:
-    """Run a command in its own session, its output streamed into ``log`` (kept even when it is
-    killed); past ``timeout_s``, Ctrl-C to the whole group (so it stops its workers and any
-    MPS daemon it started), then SIGKILL. Returns the exit code (124 on timeout)."""
-    with open(log, "w") as f:
-        f.write(" ".join(args) + "\n\n")
-        f.flush()
-        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                                start_new_session=True)  # fmt: skip
-        try:
-            rc = proc.wait(timeout_s)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt) as exc:
-            # the child has a session of its own: a Ctrl-C (or timeout's SIGINT) for this
-            # process must be passed on, or the child would outlive it
-            os.killpg(proc.pid, signal.SIGINT)
+def _start(args: list[str], f) -> subprocess.Popen:
+    f.write(" ".join(args) + "\n\n")
+    f.flush()
+    return subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                            start_new_session=True)  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ctrl-C to the child's whole group (so it stops its workers and any MPS daemon it
+    started), then SIGKILL."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _children(commands: list[tuple[list[str], Path]], timeout_s: float) -> list[int]:
+    """Run the commands at once, each in its own session, its output streamed into its log
+    (kept even when it is killed); past ``timeout_s`` the ones still running are stopped.
+    Returns their exit codes (124: stopped at the limit)."""
+    deadline = time.monotonic() + timeout_s
+    files = [open(log, "w") for _, log in commands]
+    procs = [_start(args, f) for (args, _), f in zip(commands, files)]
+    codes = []
+    try:
+        for proc, f in zip(procs, files):
             try:
-                proc.wait(30)
+                codes.append(proc.wait(max(0.0, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            if isinstance(exc, KeyboardInterrupt):
+                _stop(proc)
+                f.write(f"\n[gpu_suite: killed after {timeout_s:.0f} s]\n")
+                codes.append(124)
+    except KeyboardInterrupt:
+        # the children have sessions of their own: a Ctrl-C (or timeout's SIGINT) for this
+        # process must be passed on, or they would outlive it
+        for proc, f in zip(procs, files):
+            if proc.poll() is None:
+                _stop(proc)
                 f.write("\n[gpu_suite: interrupted]\n")
-                raise
-            f.write(f"\n[gpu_suite: killed after {timeout_s:.0f} s]\n")
-            rc = 124
-    print(log.read_text()[-4000:])
-    return rc
+        raise
+    finally:
+        for f in files:
+            f.close()
+    for _, log in commands:
+        print(log.read_text()[-4000:])
+    return codes
+
+
+def _child(args: list[str], log: Path, timeout_s: float = STAGE_LIMIT_S) -> int:
+    """One command as ``_children`` runs it; its exit code (124 on timeout)."""
+    return _children([(args, log)], timeout_s)[0]
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -144,15 +180,59 @@ def stage_env(suite: Suite) -> int:
     return 0 if ok or no_mps else 1  # a daemon that started but served nobody is a failure
 
 
+NUM_TEST_SHARDS = 6  # parallel pytest processes; each test's pipeline takes 30% of free memory
+ALONE = "tests/test_gpu.py"  # checks that share of free memory: runs with the device to itself
+
+
+def _collect(selection: list[str]) -> list[str]:
+    ids = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *selection],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120).stdout  # fmt: skip
+    return [line for line in ids.splitlines() if "::" in line]
+
+
+def _summary(log: Path) -> dict:
+    """Each test's outcome from a ``pytest -v`` log, and its last line."""
+    outcomes, lines = {}, log.read_text().strip().splitlines()
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED", "ERROR",
+                                                                  "SKIPPED", "XFAIL"):  # fmt: skip
+            outcomes[parts[0]] = parts[1]
+    return {"outcomes": outcomes, "summary": lines[-1] if lines else ""}
+
+
 def stage_tests(suite: Suite) -> int:
+    """Every gpu-marked test: the CUDA half of the exactness matrix in parallel pytest
+    processes (the tests' ids dealt round-robin), then the CUDA-only tests of test_gpu.py."""
     out = suite.out
-    log = out / "pytest-gpu.log"
-    # every gpu-marked test: the CUDA-only ones and the CUDA half of the exactness matrix
-    pytest = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rs", "--durations=0"]
-    rc = _child([*pytest, "tests"], log, suite.child_limit_s)
-    lines = log.read_text().strip().splitlines()
-    _write(out, "tests.json", {"returncode": rc, "summary": lines[-1] if lines else ""})
-    return rc
+    selection = ["-m", "gpu", "tests"]
+    alone_file, num_shards = ALONE, NUM_TEST_SHARDS
+    if suite.small:  # the same plumbing on two quick CPU files
+        selection = ["tests/test_model_shape.py", "tests/test_bench_metrics.py"]
+        alone_file, num_shards = "tests/test_bench_metrics.py", 2
+    t0 = time.monotonic()
+    ids = _collect(selection)
+    alone = [i for i in ids if i.startswith(alone_file)]
+    shards = [s for s in ([i for i in ids if not i.startswith(alone_file)][k::num_shards]
+                          for k in range(num_shards)) if s]  # fmt: skip
+    pytest = [sys.executable, "-m", "pytest", "-v", "-rs", "--durations=0", "-p",
+              "no:cacheprovider"]  # fmt: skip
+    runs = [([*pytest, *shard], out / f"pytest-gpu-{k}.log") for k, shard in enumerate(shards)]
+    limit_s = suite.child_limit_s
+    codes = _children(runs, limit_s) if runs else []
+    if alone:
+        left_s = max(10.0, limit_s - (time.monotonic() - t0))
+        runs.append(([*pytest, *alone], out / "pytest-gpu-alone.log"))
+        codes.append(_child(runs[-1][0], runs[-1][1], left_s))
+    logs = {log.name: {"returncode": rc, **_summary(log)} for (_, log), rc in zip(runs, codes)}
+    outcomes = {k: v for log in logs.values() for k, v in log.pop("outcomes").items()}
+    counts = {o: list(outcomes.values()).count(o) for o in sorted(set(outcomes.values()))}
+    _write(out, "tests.json", {
+        "collected": len(ids), "counts": counts, "not_run": sorted(set(ids) - set(outcomes)),
+        "returncode": max(codes, default=0), "logs": logs, "outcomes": outcomes,
+        "wall_s": time.monotonic() - t0,
+    })  # fmt: skip
+    return 0 if codes and not any(codes) and len(outcomes) == len(ids) else 1
 
 
 def stage_handoff(suite: Suite) -> None:
@@ -200,22 +280,35 @@ def _time(fn, iters: int, device: torch.device) -> float:
 
 
 def stage_bandwidth(suite: Suite) -> int:
-    """The decode-step benchmark (own code with and without CUDA graphs, the Hugging Face paths;
-    achieved bytes/s against the device's copy bandwidth) and the attention-kernel spike."""
+    """The decode-step benchmark: own code with and without CUDA graphs, the Hugging Face
+    paths; achieved bytes/s against the device's copy bandwidth."""
     model = ["--model", suite.model] if suite.model else []
     sizes = ["--batch", "1,4", "--context", "16,64", "--iters", "2"] if suite.small else [
         "--batch", "1,16,64,128", "--context", "128,1024,4096",
     ]  # fmt: skip
-    rc = _child(
+    return _child(
         [sys.executable, "bench/decode_bench.py", *model, "--device", str(suite.device), *sizes,
          "--out", str(suite.out / "decode_bench.json")],
         suite.out / "decode_bench.log", suite.child_limit_s,
     )  # fmt: skip
-    if suite.small:
-        return rc
+
+
+def stage_spike(suite: Suite) -> int:
     spike = [sys.executable, "bench/attention_spike.py", "--device", str(suite.device),
              "--out", str(suite.out / "attention_spike.json")]  # fmt: skip
-    return rc or _child(spike, suite.out / "attention_spike.log", suite.child_limit_s)
+    return _child(spike, suite.out / "attention_spike.log", suite.child_limit_s)
+
+
+def stage_prefill(suite: Suite) -> int:
+    """The prefill benchmark: own code and the Hugging Face modules, 256 to 16k batch tokens,
+    one prompt length and a mix, first call and steady state; the compile count."""
+    model = ["--model", suite.model] if suite.model else []
+    sizes = ["--small"] if suite.small else ["--iters", "3", "--max-point-s", "2"]
+    return _child(
+        [sys.executable, "bench/prefill_bench.py", *model, "--device", str(suite.device), *sizes,
+         "--out", str(suite.out / "prefill_bench.json")],
+        suite.out / "prefill_bench.log", suite.child_limit_s,
+    )  # fmt: skip
 
 
 def _gpu_processes(handle) -> dict[int, int]:
@@ -317,20 +410,75 @@ def _sigkill_leftovers(suite: Suite, handle) -> dict:
     return report
 
 
+def _serving_args(suite: Suite) -> list[str]:
+    """The model, device and workload bench and sweep share: random:llama-3.2-1b in bf16 on
+    azure-conv on a GPU; the embedded model on a tiny fixed workload with --small."""
+    if suite.small:
+        return ["--device", str(suite.device), "--procs", "2", "--workload", "fixed", "--input-len",
+                "16", "--output-len", "4", "--num-warmup", "1", "--no-plots"]  # fmt: skip
+    return [*(["--model", suite.model] if suite.model else []), "--dtype", "bfloat16",
+            "--device", str(suite.device), "--procs", "4", "--workload", "azure-conv",
+            "--num-warmup", "4"]  # fmt: skip
+
+
+def _splitwiser(suite: Suite, command: str, name: str, args: list[str], limit_s: float) -> int:
+    """``splitwiser <command>`` into run ``name``; the command line is kept next to it."""
+    args = [sys.executable, "-m", "splitwiser", command, *_serving_args(suite), *args,
+            "--out", str(suite.out), "--run-id", name]  # fmt: skip
+    (suite.out / f"{name}.command").write_text(" ".join(["splitwiser", *args[3:]]))
+    return _child(args, suite.out / f"{name}.run.log", limit_s)
+
+
 def stage_bench(suite: Suite, use_mps: bool) -> int:
-    out, model = suite.out, suite.model
+    """Against sequential, batched and colocated without MPS; under MPS against batched and
+    colocated (each request alone does not share the device: MPS cannot change it)."""
     # a run of its own each time: a second run the same day must not collide with the first
     name = f"{'bench-mps' if use_mps else 'bench-nomps'}-{time.strftime('%H%M%S')}"
-    args = [
-        sys.executable, "-m", "splitwiser", "bench", *(["--model", model] if model else []),
-        "--dtype", "bfloat16",
-        "--device", "cuda", "--procs", "4", "--mps" if use_mps else "--no-mps",
-        "--workload", "azure-conv", "--num-requests", "32", "--length-scale", "0.5",
-        "--max-context", "2048", "--trace-speedup", "4", "--slo", "ttft_ms=1000,tpot_ms=100",
-        "--num-warmup", "4", "--out", str(out), "--run-id", name,
+    baselines = "batched,colocated" if use_mps else "sequential,batched,colocated"
+    mps_flag = ("--mps" if not suite.small else "--mps=auto") if use_mps else "--no-mps"
+    sizes = [
+        "--num-requests", "16", "--length-scale", "0.5", "--max-context", "2048",
+        "--trace-speedup", "4", "--slo", "ttft_ms=1000,tpot_ms=100",
     ]  # fmt: skip
-    (out / f"{name}.command").write_text(" ".join(args[2:]).replace("-m splitwiser", "splitwiser"))
-    return _child(args, out / f"{name}.run.log", suite.child_limit_s)
+    if suite.small:  # Splitwiser alone: every system is a process start of its own here
+        baselines, sizes = "none", ["--num-requests", "2"]
+    return _splitwiser(suite, "bench", name, [mps_flag, "--baseline", baselines, *sizes],
+                       suite.child_limit_s)  # fmt: skip
+
+
+SWEEP_RATES = "2,4,8,16,32"  # req/s: 710 prompt tokens on average, 2.9k-token/s prefill at 4
+SWEEP_SLO = "ttft_ms=10x,tpot_ms=5x"  # x the colocated system's single request, in this run
+SWEEP_MPS_SPLITS = ("70,30",)  # besides the Splitwiser system's own: every thread to each
+
+
+def stage_sweep(suite: Suite) -> int:
+    """Splitwiser under MPS (each worker all threads, then each --mps-split), colocated (an
+    MPS client too: one process) at each rate, SLOs multiples of the colocated single-request
+    latency; then Splitwiser without MPS (another daemon state: another run) at the SLOs the
+    first run resolved. Each run keeps its systems up across all its points."""
+    stamp = time.strftime("%H%M%S")
+    first, second = f"sweep-mps-{stamp}", f"sweep-nomps-{stamp}"
+    sizes = ["--num-requests", "24", "--max-context", "4096", "--rate", SWEEP_RATES]
+    mps_args = ["--mps", *(a for split in SWEEP_MPS_SPLITS for a in ("--mps-split", split))]
+    mps_args += ["--baseline", "colocated"]
+    if suite.small:  # Splitwiser alone (each system is a process start), MPS where it is
+        sizes, mps_args = (
+            ["--num-requests", "4", "--rate", "4,8"],
+            ["--mps=auto", "--baseline", "none"],
+        )
+    t0 = time.monotonic()
+    rc = _splitwiser(suite, "sweep", first, [*mps_args, *sizes, "--slo", SWEEP_SLO],
+                     suite.child_limit_s * 0.75)  # fmt: skip
+    slo = SWEEP_SLO
+    try:
+        resolved = json.loads((suite.out / first / "sweep.json").read_text())["slo"]
+        slo = ",".join(f"{k}={v:.3f}" for k, v in resolved.items())
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"gpu_suite: {first} gave no SLOs ({exc}); {second} measures its own")
+    left_s = max(10.0, suite.child_limit_s - (time.monotonic() - t0))
+    rc2 = _splitwiser(suite, "sweep", second, ["--no-mps", "--baseline", "none", *sizes,
+                                              "--slo", slo], left_s)  # fmt: skip
+    return rc or rc2
 
 
 def stage_profile(suite: Suite, use_mps: bool) -> int:
@@ -352,15 +500,19 @@ STAGES = {
     "tests": stage_tests,
     "handoff": stage_handoff,
     "bandwidth": stage_bandwidth,
+    "spike": stage_spike,
+    "prefill": stage_prefill,
     "memory": stage_memory,
     "bench-nomps": lambda suite: stage_bench(suite, False),
     "bench-mps": lambda suite: stage_bench(suite, True),
+    "sweep": stage_sweep,
     "profile-nomps": lambda suite: stage_profile(suite, False),
     "profile-mps": lambda suite: stage_profile(suite, True),
 }
 
 
-CPU_STAGES = ("handoff", "bandwidth")  # the only ones that also run (as a smoke test) on CPU
+# the stages that also run on the CPU (--device cpu; --small: small sizes, for the tests)
+CPU_STAGES = ("tests", "handoff", "bandwidth", "prefill", "bench-nomps", "bench-mps", "sweep")
 
 
 def default_out() -> Path:

@@ -1,5 +1,6 @@
-"""The GPU suite's script stays runnable: its handoff and bandwidth stages as a CPU smoke test
-(small sizes, the embedded model), and the other stages refuse clearly without a GPU."""
+"""The GPU suite's scripts stay runnable: both commands of the GPU plan (plan1, plan2) run small
+on the CPU with the embedded model, their archive written again after every stage; the handoff
+stage as a CPU smoke test; the GPU-only stages refuse clearly without a GPU."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 import psutil
@@ -26,24 +28,116 @@ def suite(*args, timeout=300) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def test_handoff_and_bandwidth_stages_run_on_cpu(tmp_path, leftovers):
-    for stage in ("handoff", "bandwidth"):
-        proc = suite(
-            stage, "--device", "cpu", "--small", "--model", "default", "--out", str(tmp_path)
-        )
-        assert proc.returncode == 0, proc.stderr
+def test_handoff_stage_runs_on_cpu(tmp_path, leftovers):
+    proc = suite("handoff", "--device", "cpu", "--small", "--model", "default", "--out",
+                 str(tmp_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
     handoff = json.loads((tmp_path / "handoff.json").read_text())["results"]
     assert set(handoff) == {"shared/16", "shared/64", "copy/16", "copy/64"}
     assert handoff["shared/64"]["kv_bytes_copied_per_request"] == 0
     assert handoff["copy/64"]["kv_bytes_copied_per_request"] > 0
     assert all(r["median_handoff_ms"] >= 0 for r in handoff.values())
-    bw = json.loads((tmp_path / "decode_bench.json").read_text())
-    assert bw["weight_bytes"] > 0 and bw["kv_bytes_per_token"] > 0
+    leftovers.assert_clean()
+
+
+SMALL = ["--device", "cpu", "--small", "--model", "default"]
+
+
+def _run_plan(plan: str, tmp_path) -> tuple[subprocess.CompletedProcess, list[set[str]]]:
+    """``gpu_suite.sh <plan>`` small on the CPU; the archive's members each time it changed
+    while the command ran, then at the end."""
+    archive_dir = tmp_path / "evidence"
+    env = dict(os.environ, GPU_SUITE_OUT=str(tmp_path / "out"))
+    cmd = ["bash", str(ROOT / "bench" / "gpu_suite.sh"), plan, "--budget-s", "400",
+           "--archive", str(archive_dir), *SMALL]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)  # fmt: skip
+    seen, stamp = [], None
+    while proc.poll() is None:
+        for archive in archive_dir.glob("*.tar.gz"):
+            if archive.stat().st_mtime_ns != stamp:
+                stamp = archive.stat().st_mtime_ns
+                with tarfile.open(archive) as tar:
+                    seen.append(set(tar.getnames()))
+        time.sleep(0.2)
+    stdout = proc.stdout.read()
+    (archive,) = archive_dir.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        seen.append(set(tar.getnames()))
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, ""), seen
+
+
+def _json(tmp_path, pattern: str) -> dict:
+    (path,) = (tmp_path / "out").glob(pattern)
+    return json.loads(path.read_text())
+
+
+def test_plan1_runs_small_and_archives_after_every_stage(tmp_path, leftovers):
+    proc, seen = _run_plan("plan1", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    stages = ["env", "tests", "prefill", "bandwidth"]
+    assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("== ")
+            and line.endswith("s)")] == stages  # fmt: skip
+    assert proc.stdout.count("archive: ") == len(stages)
+    # the archive held the env stage's results while the later stages still ran
+    assert any("out/env.json" in names and "out/tests.json" not in names for names in seen)
+    final = seen[-1]
+    assert {f"out/{s}.log" for s in stages} <= final
+    assert {"out/env.json", "out/tests.json", "out/prefill_bench.json",
+            "out/decode_bench.json", "out/pytest-gpu-alone.log"} <= final  # fmt: skip
+    tests = _json(tmp_path, "tests.json")
+    assert tests["collected"] > 0 and tests["counts"] == {"PASSED": tests["collected"]}
+    assert len(tests["logs"]) == 3 and tests["not_run"] == []  # two shards, then one alone
+    prefill = _json(tmp_path, "prefill_bench.json")
+    assert prefill["matmul"]["tflops"] > 0
+    impls = {(p["impl"], p["mix"], p["batch_tokens"]) for p in prefill["points"]}
+    assert {(i, m, t) for i in ("splitwiser", "transformers") for m in ("uniform", "mixed")
+            for t in (32, 64)} == impls  # fmt: skip
+    assert all(p["tokens_per_s"] > 0 and p["fraction_of_matmul"] > 0 for p in prefill["points"])
+    compiled = prefill["compile_count"]
+    assert compiled["fused"] and compiled["graphs_at_build"] > 0
+    assert compiled["graphs_after_build"] == 0 and compiled["recompiled_at"] == []
+    bw = _json(tmp_path, "decode_bench.json")
     steps = {(r["impl"], r["batch"], r["context"]) for r in bw["steps"]}
     for impl in ("splitwiser", "transformers", "hf-generate"):
         assert {(impl, b, c) for b in (1, 4) for c in (16, 64)} <= steps
-    assert all(r["step_ms"] > 0 and r["achieved_gb_s"] > 0 for r in bw["steps"])
     leftovers.assert_clean()
+
+
+@pytest.mark.slow
+def test_plan2_runs_small_and_archives_after_every_stage(tmp_path, leftovers):
+    proc, seen = _run_plan("plan2", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.stdout.count("archive: ") == 3
+    assert any(any(n.endswith("/summary.json") for n in names)
+               and not any("sweep" in n for n in names) for names in seen)  # fmt: skip
+    final = seen[-1]
+    for run in ("bench-nomps-*", "bench-mps-*", "sweep-mps-*", "sweep-nomps-*"):
+        assert any(fnmatch(n, f"out/{run}.command") for n in final), run
+    for name in ("bench-nomps-*/summary.json", "bench-mps-*/summary.json"):
+        summary = _json(tmp_path, name)
+        assert summary["systems"]["splitwiser"]["completed"] == 2
+    first, second = (
+        _json(tmp_path, "sweep-mps-*/sweep.json"),
+        _json(tmp_path, "sweep-nomps-*/sweep.json"),
+    )
+    assert set(first["systems"]) == set(second["systems"]) == {"splitwiser"}
+    assert first["slo_reference"]["system"] == "splitwiser"
+    # the second run (without MPS) judged by the SLOs the first resolved
+    assert second["slo"] == pytest.approx(first["slo"], abs=1e-3)
+    leftovers.assert_clean()
+
+
+def test_a_stage_past_the_commands_budget_is_skipped_and_the_rest_archived(tmp_path):
+    # env gets 61 - 30 s; tests would get what is left of it, under 30 s: skipped
+    proc = _wrapper("env", "tests", "--budget-s", "61", "--archive", str(tmp_path / "a"), *SMALL,
+                    tmp_path=tmp_path)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "[gpu_suite.sh: tests skipped" in proc.stdout
+    (archive,) = (tmp_path / "a").glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        assert {"out/env.json", "out/tests.log"} <= set(tar.getnames())
+    assert not (tmp_path / "out" / "tests.json").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on hosts without a GPU")
