@@ -118,7 +118,9 @@ class ColocatedPipeline(_EnginePipeline):
     """Generate with ONE worker process running both phases on Splitwiser's own data plane (the
     same model code, attention, sampler, block pool and CUDA graphs), scheduled as vLLM v1
     schedules: each step the running decodes first, then prefill chunks, first come first
-    served, up to ``max_num_batched_tokens`` tokens and ``max_num_seqs`` requests. The fair
+    served, up to ``max_num_batched_tokens`` tokens and ``max_num_seqs`` requests (default
+    128, vLLM's engine default and the decode slots of the default split, 2 token workers of
+    64; at most a given ``max_num_batched_tokens``). The fair
     baseline for the split: the same kernels in one engine. Same contract and supervision as
     :class:`SplitwiserPipeline` (a killed worker's requests resume on its replacement)."""
 
@@ -129,6 +131,7 @@ class ColocatedPipeline(_EnginePipeline):
         device: str = "auto",
         dtype: str | torch.dtype | None = None,
         block_size: int = 16,
+        max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
         **engine_options,
     ):
@@ -141,7 +144,18 @@ class ColocatedPipeline(_EnginePipeline):
             dtype=dtype,
             block_size=block_size,
             colocated=True,
+            max_num_seqs=_colocated_max_num_seqs(max_num_seqs, max_num_batched_tokens),
             max_num_batched_tokens=max_num_batched_tokens,
             **engine_options,
         )
         self._engine = Engine(self.config)
+
+
+def _colocated_max_num_seqs(given: int | None, max_num_batched_tokens: int | None):
+    """``given``, or 128 (at most the step budget when one is given: every running request
+    decodes one token of it per step)."""
+    if given is not None:
+        return given
+    if isinstance(max_num_batched_tokens, int) and max_num_batched_tokens > 0:
+        return min(128, max_num_batched_tokens)
+    return 128

@@ -33,6 +33,7 @@ def test_killed_worker_requests_resume_with_the_same_tokens(
     seeded = SamplingParams(max_new_tokens=150, temperature=1.0, top_k=50, seed=5, ignore_eos=True)
     refs = [hf_greedy(reference_models["llama"], p, 150) for p in prompts]
     with ColocatedPipeline(model_dirs["llama"], device="cpu", max_num_batched_tokens=64) as pipe:
+        assert pipe.config.max_num_seqs == 64  # 128 by default, at most the step budget
         seeded_ref = pipe.generate([prompts[1]], seeded)[0].token_ids
         handles = [pipe.submit(p, greedy) for p in prompts] + [pipe.submit(prompts[1], seeded)]
         streams = [[] for _ in handles]

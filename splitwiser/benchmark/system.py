@@ -87,6 +87,10 @@ def build_system(job: SystemJob, device, dtype):
         engine = replace(config.engine, device=str(device), dtype=dtype, mps_pipe_dir=pipe_dir,
                          mps_thread_percentage=None)  # fmt: skip
         options = {f.name: getattr(engine, f.name) for f in fields(engine)}
+        # as many requests decoding at once as the split system's token workers together (each
+        # decodes one token of the step budget)
+        seqs = engine.max_num_seqs * engine.num_token_workers
+        options["max_num_seqs"] = min(seqs, engine.max_num_batched_tokens or seqs)
         return ColocatedPipeline(**{k: v for k, v in options.items() if k not in _SPLIT_ONLY})
     if job.name == "sequential":
         return SequentialPipeline(model, device=str(device), dtype=dtype)
