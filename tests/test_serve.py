@@ -459,3 +459,44 @@ def test_an_openai_endpoint_as_a_bench_system_times_every_token(server, referenc
     assert [r.token_ids for r in records] == [hf_greedy(model, p, 4) for p in PROMPTS]
     with pytest.raises(Exception, match="cannot reach"):
         OpenAIEndpoint("http://127.0.0.1:9/v1")
+
+
+# ---------------------------------------------------------------------- vLLM's own client
+
+
+def vllm_command() -> list[str] | None:
+    """The ``vllm`` command of this install, if vLLM is installed (an optional extra)."""
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("vllm") is None or shutil.which("vllm") is None:
+        return None
+    return [shutil.which("vllm")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(vllm_command() is None, reason="vLLM is not installed (the vllm extra)")
+@pytest.mark.parametrize(
+    "backend, endpoint",
+    [("openai", "/v1/completions"), ("openai-chat", "/v1/chat/completions")],
+    ids=["completions", "chat"],
+)
+def test_vllm_bench_serve_completes_every_request(server, tmp_path, backend, endpoint):
+    """``vllm bench serve`` as the README runs it, from this install's ``vllm`` command."""
+    from splitwiser.models.default import ensure_default_model
+
+    num_prompts = 24
+    env = os.environ | {"OPENAI_API_KEY": API_KEY}  # sent as the bearer token
+    proc = subprocess.run(
+        [*vllm_command(), "bench", "serve", "--backend", backend, "--endpoint", endpoint,
+         "--base-url", server.url, "--model", "default", "--tokenizer",
+         str(ensure_default_model()), "--dataset-name", "random",
+         "--num-prompts", str(num_prompts), "--random-input-len", "128",
+         "--random-output-len", "32", "--save-result", "--result-dir", str(tmp_path),
+         "--result-filename", "result.json"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["completed"] == num_prompts, result
+    assert result.get("failed", 0) == 0 and result["total_output_tokens"] > 0, result
