@@ -1,14 +1,22 @@
 """Soak: many short requests through ONE pipeline, watching whether anything grows.
 
-    python bench/soak.py [--system splitwiser|colocated] [--requests 30000] [--warmup 500]
+    python bench/soak.py [--system splitwiser|colocated|serve] [--requests 30000] [--warmup 500]
                          [--prompt-len 32 | --prompt-len 8:96] [--wave 100 | --wave 1:100]
                          [--max-growth 0.05] [--out soak.json]
 
-Requests (random token ids, greedy, ``ignore_eos``) go through ``submit()``/``result()`` in
-waves; between waves the parent and every worker (pids from ``pipe.workers()``) are sampled:
-USS (psutil's ``memory_full_info``: pages only that process maps, so the shared weights and KV
-pool never count), private anonymous memory (``RssAnon`` of ``/proc/PID/status``: heap and
-anonymous mappings), threads and open descriptors.
+Requests (random token ids, greedy, ``ignore_eos``) go in waves, all of a wave at once;
+between waves the parent and every worker are sampled: USS (psutil's ``memory_full_info``:
+pages only that process maps, so the shared weights and KV pool never count), private anonymous
+memory (``RssAnon`` of ``/proc/PID/status``: heap and anonymous mappings), threads and open
+descriptors. ``splitwiser`` and ``colocated`` run the pipeline in this process (the parent):
+requests through ``submit()``/``result()``, workers from ``pipe.workers()``. ``serve`` starts
+``splitwiser serve --port 0 --device cpu`` (the split, ``--prompt-workers`` +
+``--token-workers``) as a subprocess and sends each request to its ``/v1/completions``
+(``temperature`` 0, ``return_token_ids``), a wave's requests concurrently; the parent row is the
+server process, the workers are its children named ``sw-<role>-<index>``; before each sample
+the client closes its connections and the server's threads and descriptors get a moment to
+settle (a request's drain thread may outlive its answer by a little). At the end the server gets
+SIGTERM and must exit with 0 or 143 and leave no child behind.
 
 How to read the table: one row per process (the parent, then each worker by role), each figure
 at the warm-up sample (the first at or after ``--warmup`` requests: start-up, first-use
@@ -19,7 +27,8 @@ show the curve). The exit status is 1 when any process's USS or RssAnon grew by 
 ``--max-growth`` (a fraction), when its threads or descriptors grew by more than
 ``--max-extra-handles``, when a worker was replaced (a new pid for a name) during the run, or
 when an output was wrong: every request must return exactly its ``max_new_tokens`` (finish
-"length"), and one fixed greedy request, repeated in every wave, the same tokens each time.
+"length"), and one fixed greedy request, repeated in every wave, the same tokens each time;
+with ``serve`` also when an HTTP request failed or the server did not stop cleanly.
 
 The workers bound oneDNN's per-shape primitive caches (``splitwiser/models/linear.py``); to see
 what they hold unbounded, run with ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024 LRU_CACHE_CAPACITY=1024``
@@ -32,16 +41,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import re
+import signal
+import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+import httpx
 import psutil
 
 from splitwiser import ColocatedPipeline, SamplingParams, SplitwiserPipeline
+from splitwiser.models.loader import load_tokenizer
 
 PARENT = "parent"
+SERVER_START_S = 600.0  # to /health 200: the model's facts, then every worker ready
+SERVER_STOP_S = 120.0  # SIGTERM to exit: requests in flight (none), then the workers close
+LISTENING = re.compile(r"listening on (http://\S+)")  # the server's log line, with its port
 
 
 @dataclass
@@ -81,10 +101,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--system", choices=("splitwiser", "colocated"), default="splitwiser")
+    ap.add_argument(
+        "--system", choices=("splitwiser", "colocated", "serve"), default="splitwiser",
+        help="serve: the split behind splitwiser serve, through HTTP",
+    )  # fmt: skip
     ap.add_argument("--model", default=None, help="a model directory or id (default: embedded)")
-    ap.add_argument("--prompt-workers", type=int, default=2, help="splitwiser only")
-    ap.add_argument("--token-workers", type=int, default=2, help="splitwiser only")
+    ap.add_argument("--prompt-workers", type=int, default=2, help="splitwiser and serve")
+    ap.add_argument("--token-workers", type=int, default=2, help="splitwiser and serve")
     ap.add_argument("--requests", type=int, default=30_000)
     ap.add_argument("--warmup", type=int, default=500, help="requests before the reference sample")
     ap.add_argument("--prompt-len", type=_range, default=(32, 32), help="N or LOW:HIGH tokens")
@@ -101,21 +124,176 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def open_pipeline(args):
-    if args.system == "colocated":
-        return ColocatedPipeline(args.model, device="cpu")
-    return SplitwiserPipeline(
-        args.model,
-        device="cpu",
-        num_prompt_workers=args.prompt_workers,
-        num_token_workers=args.token_workers,
-    )
+@dataclass
+class Completion:
+    """One request's answer, as ``RequestOutput`` has it (the fields the checks read)."""
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None
 
 
-def sample_all(pipe) -> tuple[dict[str, ProcSample], dict[str, int]]:
+class InProcess:
+    """The pipeline in this process: requests through ``submit()``/``result()``."""
+
+    def __init__(self, args):
+        if args.system == "colocated":
+            self.pipe = ColocatedPipeline(args.model, device="cpu")
+        else:
+            self.pipe = SplitwiserPipeline(
+                args.model,
+                device="cpu",
+                num_prompt_workers=args.prompt_workers,
+                num_token_workers=args.token_workers,
+            )
+        self.vocab_size = len(self.pipe.tokenizer)
+        self.pid = os.getpid()
+
+    def worker_pids(self) -> dict[str, int]:
+        return {name: info["pid"] for name, info in self.pipe.workers().items()}
+
+    def settle(self) -> None:
+        pass  # every request is done once its result is in
+
+    def run_wave(self, requests: list[tuple[list[int], int]]) -> list:
+        """Every (prompt, max new tokens) submitted before any is waited on."""
+        handles = [
+            self.pipe.submit(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
+            for prompt, n in requests
+        ]
+        return [h.result() for h in handles]
+
+    def close(self) -> list[str]:
+        self.pipe.close()
+        return []
+
+
+def serve_command(args) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "splitwiser", "serve", "--port", "0", "--device", "cpu",
+        "--procs", str(args.prompt_workers + args.token_workers),
+        "--prompt-procs", str(args.prompt_workers), "--no-access-log",
+    ]  # fmt: skip
+    return cmd + (["--model", args.model] if args.model else [])
+
+
+class Served:
+    """``splitwiser serve`` in a subprocess (its output in a temporary file): requests through
+    ``POST /v1/completions``, a wave's at once from a thread pool over keep-alive connections."""
+
+    def __init__(self, args):
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="soak-serve-", suffix=".log")
+        self.proc = subprocess.Popen(
+            serve_command(args), stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        self.pid = self.proc.pid
+        self.server = psutil.Process(self.pid)
+        self.num_conns = args.wave[1]
+        try:
+            self.vocab_size = len(load_tokenizer(args.model))
+            listening = self._wait("no 'listening on'", lambda: LISTENING.search(self._log()))
+            self.url = listening.group(1)
+            self.client = self._connect()
+            # /health answers 503 until every worker is ready
+            self._wait("never healthy", lambda: self.client.get("/health").status_code == 200)
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        self.threads = ThreadPoolExecutor(self.num_conns, thread_name_prefix="soak-http")
+
+    def _connect(self) -> httpx.Client:
+        n = self.num_conns
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        return httpx.Client(base_url=self.url, timeout=300.0, limits=limits)
+
+    def _log(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def _wait(self, what: str, ready):
+        """``ready()``'s first true answer, polled while the server runs."""
+        deadline = time.monotonic() + SERVER_START_S
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            answer = ready()
+            if answer:
+                return answer
+            time.sleep(0.2)
+        raise RuntimeError(f"splitwiser serve: {what} (exit {self.proc.poll()}):\n"
+                           f"{self._log()[-3000:]}")  # fmt: skip
+
+    def worker_pids(self) -> dict[str, int]:
+        pids = {}
+        for child in self.server.children(recursive=True):
+            try:
+                name = child.name()  # the worker wrote it to /proc/self/comm
+            except psutil.NoSuchProcess:
+                continue
+            if name.startswith("sw-"):
+                pids[name] = child.pid
+        return pids
+
+    def _complete(self, request: tuple[list[int], int]) -> Completion:
+        prompt, n = request
+        body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}  # fmt: skip
+        r = self.client.post("/v1/completions", json=body)
+        if r.status_code != 200:
+            return Completion(f"HTTP {r.status_code} {r.text[:200]}", [], None)
+        answer = r.json()
+        choice = answer["choices"][0]
+        return Completion(answer["id"], choice["token_ids"], choice["finish_reason"])
+
+    def run_wave(self, requests: list[tuple[list[int], int]]) -> list[Completion]:
+        return list(self.threads.map(self._complete, requests))
+
+    def settle(self, timeout_s: float = 5.0) -> None:
+        """Close the keep-alive connections, then wait until the server's threads and
+        descriptors hold still. NOTE: an answer can arrive before the server's thread that
+        drained its request has exited, and how many connections a wave opened varies: the
+        server is sampled with neither, so what stays is what it keeps."""
+        self.client.close()
+        self.client = self._connect()
+        deadline, last = time.monotonic() + timeout_s, None
+        while time.monotonic() < deadline:
+            now = (self.server.num_threads(), self.server.num_fds())
+            if now == last:
+                return
+            last = now
+            time.sleep(0.1)
+
+    def close(self) -> list[str]:
+        """SIGTERM, then what went wrong: an exit status other than 0 or 143, a child left."""
+        self.threads.shutdown()
+        self.client.close()
+        children = self.server.children(recursive=True) if self.proc.poll() is None else []
+        self.proc.send_signal(signal.SIGTERM)
+        problems = []
+        try:
+            code = self.proc.wait(SERVER_STOP_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+            problems.append(f"the server did not stop within {SERVER_STOP_S:.0f} s of SIGTERM")
+        if code not in (0, 128 + signal.SIGTERM):
+            problems.append(f"the server exited with {code}:\n{self._log()[-3000:]}")
+        _, alive = psutil.wait_procs(children, timeout=5)
+        for child in alive:
+            problems.append(f"the server left pid {child.pid} ({child.name()}) running")
+            child.kill()
+        self.log.close()
+        return problems
+
+
+def open_target(args) -> InProcess | Served:
+    return Served(args) if args.system == "serve" else InProcess(args)
+
+
+def sample_all(target) -> tuple[dict[str, ProcSample], dict[str, int]]:
     """Every process's figures now, and each worker's pid."""
-    pids = {name: info["pid"] for name, info in pipe.workers().items()}
-    procs = {PARENT: sample_proc(psutil.Process().pid)}
+    target.settle()
+    pids = target.worker_pids()
+    procs = {PARENT: sample_proc(target.pid)}
     for name, pid in sorted(pids.items()):
         procs[name] = sample_proc(pid)
     return procs, pids
@@ -127,22 +305,19 @@ def soak(args) -> dict:
     probe = probe_tokens = None
     num_done = num_tokens = 0
     t_warm = tokens_warm = None
-    with open_pipeline(args) as pipe:
-        vocab = len(pipe.tokenizer)
-        _, first_pids = sample_all(pipe)
+    target = open_target(args)
+    try:
+        vocab = target.vocab_size
+        _, first_pids = sample_all(target)
         next_sample = min(args.warmup, args.sample_every)
         while num_done < args.requests:
-            # 1) one wave of requests, all submitted before any is waited on
+            # 1) one wave of requests, all sent before any is waited on
             wave = min(rng.randint(*args.wave), args.requests - num_done)
             requests = [probe] if probe else []  # the same greedy request, once a wave
             while len(requests) < wave:
                 prompt = [rng.randrange(vocab) for _ in range(rng.randint(*args.prompt_len))]
                 requests.append((prompt, rng.randint(*args.new_tokens)))
-            handles = [
-                pipe.submit(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))
-                for prompt, n in requests
-            ]
-            outputs = [h.result() for h in handles]
+            outputs = target.run_wave(requests)
             for (_, n), out in zip(requests, outputs):
                 if len(out.token_ids) != n or out.finish_reason != "length":
                     wrong.append(f"request {out.request_id}: {len(out.token_ids)} of {n} tokens, "
@@ -155,7 +330,7 @@ def soak(args) -> dict:
             num_done += wave
             # 2) sample between waves
             if num_done >= next_sample or num_done == args.requests:
-                procs, pids = sample_all(pipe)
+                procs, pids = sample_all(target)
                 changed = {n: p for n, p in pids.items() if first_pids.get(n) != p}
                 if changed:
                     pid_changes.append({"requests": num_done, "pids": changed})
@@ -169,7 +344,9 @@ def soak(args) -> dict:
                 print(_progress(samples[-1]), file=sys.stderr, flush=True)
                 next_sample = (num_done // args.sample_every + 1) * args.sample_every
         elapsed = time.monotonic() - t_warm
-    return verdict(args, samples, pid_changes, wrong, (num_done - warm_done) / elapsed,
+    finally:
+        shutdown = target.close()
+    return verdict(args, samples, pid_changes, wrong, shutdown, (num_done - warm_done) / elapsed,
                    (num_tokens - tokens_warm) / elapsed)  # fmt: skip
 
 
@@ -178,7 +355,9 @@ def _progress(sample: dict) -> str:
     return f"soak: {sample['requests']} requests, RssAnon MiB: {mib}"
 
 
-def verdict(args, samples, pid_changes, wrong, req_per_s: float, tok_per_s: float) -> dict:
+def verdict(
+    args, samples, pid_changes, wrong, shutdown, req_per_s: float, tok_per_s: float
+) -> dict:
     warm = next(s for s in samples if s["requests"] >= args.warmup)
     last = samples[-1]
     rows, failures = [], []
@@ -203,6 +382,7 @@ def verdict(args, samples, pid_changes, wrong, req_per_s: float, tok_per_s: floa
     failures += [f"wrong output: {w}" for w in wrong[:10]]
     if len(wrong) > 10:
         failures.append(f"wrong output: {len(wrong) - 10} more")
+    failures += [f"shutdown: {p}" for p in shutdown]
     return {
         "args": {k: v for k, v in vars(args).items()},
         "warmup_requests": warm["requests"],

@@ -54,6 +54,22 @@ def test_worker_memory_stays_flat_over_a_short_soak(tmp_path, leftovers, system,
     leftovers.assert_clean()
 
 
+@pytest.mark.slow
+def test_server_and_worker_memory_stay_flat_over_a_short_http_soak(tmp_path, leftovers):
+    """``splitwiser serve`` in a subprocess, the soak's requests through /v1/completions; after
+    SIGTERM it must exit with 0 or 143 and leave no worker (the soak checks both)."""
+    proc, result = soak(
+        tmp_path, "--system", "serve", "--requests", "1500", "--warmup", "300",
+        "--sample-every", "300", "--max-growth", "0.05",
+    )  # fmt: skip
+    assert result["failures"] == [], proc.stdout
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    names = {row["name"] for row in result["rows"]}
+    assert names == {"parent", "sw-prompt-0", "sw-prompt-1", "sw-token-0", "sw-token-1"}
+    assert result["last_requests"] == 1500
+    leftovers.assert_clean()
+
+
 def test_soak_fails_when_memory_grows_past_the_limit(tmp_path, leftovers):
     """The verdict can fail: a limit no process can meet (growth of at most -100%)."""
     proc, result = soak(
