@@ -3,6 +3,8 @@ prefill, token workers the decode, one device, one copy of the weights, one KV b
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 
 from splitwiser.config import EngineConfig
@@ -159,3 +161,16 @@ def _colocated_max_num_seqs(given: int | None, max_num_batched_tokens: int | Non
     if isinstance(max_num_batched_tokens, int) and max_num_batched_tokens > 0:
         return min(128, max_num_batched_tokens)
     return 128
+
+
+# the options of the split that a colocated pipeline has no use for (one worker, no handoff)
+_SPLIT_ONLY = ("num_prompt_workers", "num_token_workers", "kv_handoff", "colocated")
+
+
+def pipeline_from_config(config: EngineConfig) -> SplitwiserPipeline | ColocatedPipeline:
+    """The pipeline ``config`` describes: the split, or (``colocated``) one worker running both
+    phases with the same engine options."""
+    options = {f.name: getattr(config, f.name) for f in fields(config)}
+    if config.colocated:
+        return ColocatedPipeline(**{k: v for k, v in options.items() if k not in _SPLIT_ONLY})
+    return SplitwiserPipeline(**options)

@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import traceback
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from multiprocessing import get_context, resource_tracker
 
 from tqdm import tqdm
@@ -59,10 +59,6 @@ class SystemRun:
     device_info: dict  # the GPU as this process saw it ({} on CPU)
 
 
-# the options of the split that a colocated pipeline has no use for (one worker, no handoff)
-_SPLIT_ONLY = ("num_prompt_workers", "num_token_workers", "kv_handoff", "colocated")
-
-
 def is_engine_system(name: str) -> bool:
     """Systems on Splitwiser's engine: they report phases and a phase log."""
     return name in ("splitwiser", COLOCATED)
@@ -71,7 +67,7 @@ def is_engine_system(name: str) -> bool:
 def build_system(job: SystemJob, device, dtype):
     """The system ``job.name`` names, on the resolved device and dtype."""
     from splitwiser.baselines import BatchedPipeline, SequentialPipeline
-    from splitwiser.pipeline import ColocatedPipeline, SplitwiserPipeline
+    from splitwiser.pipeline import pipeline_from_config
 
     config, pipe_dir = job.config, job.mps_env.get("CUDA_MPS_PIPE_DIRECTORY")
     model = config.engine.model
@@ -82,16 +78,17 @@ def build_system(job: SystemJob, device, dtype):
             config.engine, device=str(device), dtype=dtype, mps_pipe_dir=pipe_dir,
             mps_thread_percentage=config.mps_split if pipe_dir else None,
         )  # fmt: skip
-        return SplitwiserPipeline(**{f.name: getattr(engine, f.name) for f in fields(engine)})
+        return pipeline_from_config(engine)
     if job.name == COLOCATED:  # the same engine options, one worker for both phases
-        engine = replace(config.engine, device=str(device), dtype=dtype, mps_pipe_dir=pipe_dir,
-                         mps_thread_percentage=None)  # fmt: skip
-        options = {f.name: getattr(engine, f.name) for f in fields(engine)}
+        engine = config.engine
         # as many requests decoding at once as the split system's token workers together (each
         # decodes one token of the step budget)
         seqs = engine.max_num_seqs * engine.num_token_workers
-        options["max_num_seqs"] = min(seqs, engine.max_num_batched_tokens or seqs)
-        return ColocatedPipeline(**{k: v for k, v in options.items() if k not in _SPLIT_ONLY})
+        return pipeline_from_config(replace(
+            engine, device=str(device), dtype=dtype, mps_pipe_dir=pipe_dir,
+            mps_thread_percentage=None, colocated=True,
+            max_num_seqs=min(seqs, engine.max_num_batched_tokens or seqs),
+        ))  # fmt: skip
     if job.name == "sequential":
         return SequentialPipeline(model, device=str(device), dtype=dtype)
     if job.name.startswith("vllm"):

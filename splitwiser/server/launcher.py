@@ -16,7 +16,7 @@ import logging
 import signal
 import socket
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import uvicorn
 
@@ -28,9 +28,6 @@ from splitwiser.server.chat import ChatTemplate
 
 log = logging.getLogger("splitwiser.serve")
 
-# what a colocated pipeline has no use for (one worker, no handoff)
-_SPLIT_ONLY = ("num_prompt_workers", "num_token_workers", "kv_handoff", "colocated")
-
 
 @dataclass(frozen=True)
 class ListenConfig:
@@ -39,16 +36,6 @@ class ListenConfig:
     shutdown_timeout_s: float = 30.0  # in-flight requests get this long to finish
     log_level: str = "info"
     access_log: bool = True
-
-
-def build_pipeline(engine: EngineConfig):
-    """The pipeline ``engine`` describes: split (prompt and token workers) or colocated."""
-    from splitwiser.pipeline import ColocatedPipeline, SplitwiserPipeline
-
-    options = {f.name: getattr(engine, f.name) for f in fields(engine)}
-    if engine.colocated:
-        return ColocatedPipeline(**{k: v for k, v in options.items() if k not in _SPLIT_ONLY})
-    return SplitwiserPipeline(**options)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -130,7 +117,9 @@ def serve(
     sock = bind(listen.host, listen.port)
     host, port = sock.getsockname()[:2]
     # 3) the app, the pipeline behind it
-    bridge = PipelineBridge(lambda: build_pipeline(engine))
+    from splitwiser.pipeline import pipeline_from_config  # the engine's imports, once serving
+
+    bridge = PipelineBridge(lambda: pipeline_from_config(engine))
     serving = build_serving(config, bridge, tokenizer=tokenizer, shape=shape,
                             max_model_len=max_model_len, chat_template=template)  # fmt: skip
 
