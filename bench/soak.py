@@ -15,8 +15,7 @@ requests through ``submit()``/``result()``, workers from ``pipe.workers()``. ``s
 (``temperature`` 0, ``return_token_ids``), a wave's requests concurrently; the parent row is the
 server process, the workers are its children named ``sw-<role>-<index>``; before each sample
 the client closes its connections and the server's threads and descriptors get a moment to
-settle (a request's drain thread may outlive its answer by a little). At the end the server gets
-SIGTERM and must exit with 0 or 143 and leave no child behind.
+settle. At the end the server gets SIGTERM and must exit with 0 or 143 and leave no child behind.
 
 How to read the table: one row per process (the parent, then each worker by role), each figure
 at the warm-up sample (the first at or after ``--warmup`` requests: start-up, first-use
@@ -249,9 +248,8 @@ class Served:
 
     def settle(self, timeout_s: float = 5.0) -> None:
         """Close the keep-alive connections, then wait until the server's threads and
-        descriptors hold still. NOTE: an answer can arrive before the server's thread that
-        drained its request has exited, and how many connections a wave opened varies: the
-        server is sampled with neither, so what stays is what it keeps."""
+        descriptors hold still. NOTE: how many connections a wave opened varies, so the server
+        is sampled with none open: what stays is what it keeps."""
         self.client.close()
         self.client = self._connect()
         deadline, last = time.monotonic() + timeout_s, None

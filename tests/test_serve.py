@@ -189,6 +189,54 @@ def test_an_error_after_the_stream_started_is_sent_in_it_then_done(reference):
     assert chunks[2] == "data: [DONE]\n\n" and gen.cancelled
 
 
+def test_generation_follows_handles_filled_by_another_thread_without_a_thread_each():
+    """Real handles filled from a thread as the engine's: every token in order, each choice's
+    last token carries its output when both were queued, events before ``subscribe`` are told
+    too, a failure ends its choice, and no thread is started per request."""
+    import asyncio
+
+    from splitwiser.engine.handle import RequestHandle
+    from splitwiser.errors import WorkerCrashedError
+    from splitwiser.outputs import RequestMetrics, RequestOutput
+    from splitwiser.server.bridge import Generation
+
+    def output(i, tokens):
+        return RequestOutput(i, None, [1], tokens, "", "length", RequestMetrics(0.0))
+
+    handles = [RequestHandle(i) for i in range(3)]
+    done = output(0, [10, 11, 12])
+    for token in (10, 11, 12):  # all before the Generation subscribes: told at once, queued
+        handles[0]._push(token)
+    handles[0]._finish(done)
+
+    def engine():
+        for token in range(20, 60):
+            handles[1]._push(token)
+            time.sleep(0.0005)
+        handles[1]._finish(output(1, list(range(20, 60))))
+        handles[2]._push(99)
+        handles[2]._fail(WorkerCrashedError("gone"))
+
+    async def run():
+        threads_before = threading.active_count()
+        gen = Generation(asyncio.get_running_loop(), handles)
+        assert threading.active_count() == threads_before
+        feeder = threading.Thread(target=engine)
+        feeder.start()
+        steps = [step async for step in gen.steps()]
+        feeder.join()
+        return steps
+
+    steps = asyncio.run(run())
+    by_choice = {i: [s for s in steps if s.index == i] for i in range(3)}
+    assert [s.token for s in by_choice[0] if s.token is not None] == [10, 11, 12]
+    assert [s.token for s in by_choice[1] if s.token is not None] == list(range(20, 60))
+    assert by_choice[0][-1].output is done and by_choice[0][-1].token == 12  # one step
+    assert all(not s.is_last for s in by_choice[1][:-1]) and by_choice[1][-1].output.token_ids
+    assert [s.token for s in by_choice[2]] == [99, None]
+    assert isinstance(by_choice[2][-1].error, WorkerCrashedError)
+
+
 # ---------------------------------------------------------------------- the server
 
 

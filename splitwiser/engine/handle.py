@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from splitwiser.outputs import RequestOutput
+
+log = logging.getLogger("splitwiser")
+
+# (new token or None, the output once finished, the error once failed)
+Listener = Callable[[int | None, RequestOutput | None, BaseException | None], None]
 
 
 class RequestHandle:
@@ -18,23 +24,36 @@ class RequestHandle:
         self._output: RequestOutput | None = None
         self._error: BaseException | None = None
         self._cancel = cancel
+        self._listener: Listener | None = None
 
     # ---- engine side
     def _push(self, token: int) -> None:
         with self._cond:
             self._tokens.append(token)
             self._cond.notify_all()
+            self._tell(token, None, None)
 
     def _finish(self, output: RequestOutput) -> None:
         with self._cond:
             self._output = output
             self._cond.notify_all()
+            if self._error is None:  # a failed request has had its end
+                self._tell(None, output, None)
 
     def _fail(self, error: BaseException) -> None:
         with self._cond:
             if self._output is None and self._error is None:
                 self._error = error
                 self._cond.notify_all()
+                self._tell(None, None, error)
+
+    def _tell(self, token, output, error) -> None:
+        if self._listener is None:
+            return
+        try:
+            self._listener(token, output, error)
+        except Exception:  # the engine thread goes on whatever a listener does
+            log.exception("request %d: its listener failed", self.request_id)
 
     # ---- caller side
     def done(self) -> bool:
@@ -70,6 +89,23 @@ class RequestHandle:
                 return
 
     __iter__ = stream
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener`` for every event of this request, in order, from the engine thread:
+        each new token ``(token, None, None)``, then the end ``(None, output, None)`` or the failure
+        ``(None, None, error)``; events that happened before are told at once, in this thread.
+        It runs under the handle's lock, so it must only hand the event on (it must not block or
+        call back into the handle). One listener per handle; no thread is needed to follow it."""
+        with self._cond:
+            if self._listener is not None:
+                raise RuntimeError(f"request {self.request_id} already has a listener")
+            self._listener = listener
+            for token in self._tokens:
+                self._tell(token, None, None)
+            if self._output is not None:
+                self._tell(None, self._output, None)
+            elif self._error is not None:
+                self._tell(None, None, self._error)
 
     def cancel(self) -> None:
         """Stop generating; ``result()`` then returns what was generated (finish_reason "abort")."""

@@ -90,7 +90,7 @@ def build_app(
     )  # fmt: skip
     created = int(time.time())
 
-    def check_key(request: Request) -> None:
+    async def check_key(request: Request) -> None:  # async: a sync one would run in a thread pool
         if config.api_key is None:
             return
         given = request.headers.get("authorization", "")

@@ -1,9 +1,10 @@
 """The pipeline beside the event loop: started in a thread, its requests' tokens handed to the
 loop as they come.
 
-Each request's handle is drained by a small thread of its own (``RequestHandle.stream`` blocks)
-that hands every token to the loop with ``call_soon_threadsafe``, into one ``asyncio.Queue``
-per HTTP request (all its prompts and choices). A handler never blocks the loop.
+Each request's handle tells its events (``RequestHandle.subscribe``) from the engine thread into
+one queue per HTTP request (all its prompts and choices); the loop is woken once for whatever
+arrived since it last looked, not once per token, and no thread is started per request. A
+handler never blocks the loop.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from splitwiser.errors import SplitwiserError
 from splitwiser.outputs import RequestOutput
@@ -41,50 +44,65 @@ class Generation:
     def __init__(self, loop: asyncio.AbstractEventLoop, handles: list, observer=None):
         self._loop = loop
         self._handles = handles
-        self._observer = observer  # ServerMetrics: told from the drain threads (thread-safe)
-        self._queue: asyncio.Queue[Step] = asyncio.Queue()
+        self._seen = observer or _NoObserver()  # ServerMetrics (thread-safe)
+        self._arrived: deque[Step] = deque()  # appended by the engine thread, popped by the loop
+        self._woken = asyncio.Event()
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
+        self._running = [False] * len(handles)  # each index is told by one thread at a time
+        for _ in handles:
+            self._seen.request_waiting()
         for index, handle in enumerate(handles):
-            name = f"splitwiser-serve-{handle.request_id}"
-            args = (index, handle)
-            threading.Thread(target=self._drain, args=args, name=name, daemon=True).start()
+            handle.subscribe(partial(self._arrive, index))
 
-    def _put(self, step: Step) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, step)
-
-    def _drain(self, index: int, handle) -> None:
-        """In the request's thread: every token, the last one together with the output. Runs to
-        the request's end even after the client left (it ends at once once cancelled)."""
-        seen = self._observer or _NoObserver()
-        seen.request_waiting()
-        num_tokens = 0
+    def _arrive(self, index: int, token, output, error) -> None:
+        """In the engine thread (or here, for what happened before): count it in the metrics
+        (also once nobody reads the answer any more), queue it, wake the loop once."""
+        if token is not None and not self._running[index]:
+            self._running[index] = True
+            self._seen.request_running()
+        if output is not None or error is not None:
+            self._seen.request_ended(self._running[index], output)
+        self._arrived.append(Step(index, token, output, error))
+        with self._wake_lock:
+            if self._wake_pending:
+                return  # the loop has yet to look: it will see this one too
+            self._wake_pending = True
         try:
-            for token in handle.stream():
-                num_tokens += 1
-                if num_tokens == 1:
-                    seen.request_running()
-                # NOTE: the engine thread finishes a request right after pushing its last token,
-                # so the output is nearly always there by now: the last chunk carries the reason
-                output = handle.result() if handle.done() else None
-                if output is not None and len(output.token_ids) == num_tokens:
-                    self._put(Step(index, token, output))
-                    break
-                self._put(Step(index, token))
-            else:
-                output = handle.result()
-                self._put(Step(index, None, output))
-        except BaseException as exc:  # a SplitwiserError: the request failed
-            seen.request_ended(num_tokens > 0, None)
-            self._put(Step(index, None, error=exc))
-        else:
-            seen.request_ended(num_tokens > 0, output)
+            self._loop.call_soon_threadsafe(self._woken.set)
+        except RuntimeError:  # the loop is closed: the server has gone, nobody reads this
+            pass
+
+    async def _arrivals(self) -> AsyncIterator[Step]:
+        while True:
+            await self._woken.wait()
+            self._woken.clear()
+            with self._wake_lock:  # NOTE: cleared before popping, so nothing is missed
+                self._wake_pending = False
+            while self._arrived:
+                yield self._arrived.popleft()
 
     async def steps(self) -> AsyncIterator[Step]:
-        """Every step of every choice, until each choice ended."""
-        remaining = len(self._handles)
-        while remaining:
-            step = await self._queue.get()
-            remaining -= step.is_last
+        """Every step of every choice, until each choice ended; a request's last token comes
+        with its output when the output is already there."""
+        ended: set[int] = set()
+        held: Step | None = None  # a token, kept back while more arrivals are already queued
+        async for step in self._arrivals():
+            if step.index in ended:
+                continue  # an end after a failure
+            if step.is_last:
+                ended.add(step.index)
+                if held is not None and held.index == step.index and step.error is None:
+                    step, held = Step(held.index, held.token, step.output), None
+            if held is not None:
+                yield held
+                held = None
+            if not step.is_last and self._arrived:
+                held = step  # the next arrival may be its end: send the two as one
+                continue
             yield step
+            if len(ended) == len(self._handles):
+                return
 
     def cancel(self) -> None:
         """Abort every request still running (their blocks are freed at once)."""
