@@ -5,12 +5,13 @@ output length (``max_tokens``, ``ignore_eos``), greedy, at its scheduled arrival
 replay as Splitwiser's). It is timed from the streamed chunks as ``vllm bench serve`` times it:
 every chunk with a non-empty ``choices`` is a token event at the moment it arrived (so a server
 that sends one chunk per token, as vLLM and ``splitwiser serve`` do, gives every token's time);
-the request ends at ``[DONE]``. Token ids come back where the server returns them
+the request ends at ``[DONE]``. The client is aiohttp on one event loop. Token ids come back where the server returns them
 (``return_token_ids``: vLLM and ``splitwiser serve``), for the runs' token agreement.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -44,22 +45,49 @@ class _Handle:
 
 
 class OpenAIEndpoint:
-    """The ``submit`` contract of a pipeline over an OpenAI-compatible server's completions."""
+    """The ``submit`` contract of a pipeline over an OpenAI-compatible server's completions.
+
+    Every request's stream is read on one event loop in a thread of its own, with aiohttp (as
+    ``vllm bench serve``), so the client takes as little of the machine as it can: on a small
+    one it shares the cores with the server it measures."""
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 3600.0):
-        import httpx
-
-        self.base_url = base_url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key or 'EMPTY'}"}
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        self._client = httpx.Client(headers=headers, timeout=timeout_s, limits=limits)
         try:
-            models = self._client.get(f"{self.base_url}/models").raise_for_status().json()
-        except (httpx.HTTPError, ValueError) as exc:
-            self._client.close()
-            raise SplitwiserError(f"cannot reach {self.base_url}/models: {exc}") from None
-        self.model = models["data"][0]["id"]
+            import aiohttp
+        except ImportError:
+            raise SplitwiserError(
+                "an http:// system needs aiohttp: pip install 'splitwiser[serve]'"
+            ) from None
+        self._aiohttp = aiohttp
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key or 'EMPTY'}"}
+        self._timeout_s = timeout_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="splitwiser-http-client", daemon=True
+        )
+        self._thread.start()
+        self._session = None
+        try:
+            self.model = self._call(self._first_model())
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, IndexError) as exc:
+            self.close()
+            raise SplitwiserError(f"cannot reach {self.base_url}/models: {exc!r}") from None
         self._next_id = 0
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _first_model(self) -> str:
+        aiohttp = self._aiohttp
+        self._session = aiohttp.ClientSession(
+            headers=self._headers,
+            timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+            connector=aiohttp.TCPConnector(limit=0),  # as many connections as requests
+        )
+        async with self._session.get(f"{self.base_url}/models") as r:
+            r.raise_for_status()
+            return (await r.json())["data"][0]["id"]
 
     def submit(self, prompt_ids: list[int], params) -> _Handle:
         handle = _Handle(self._next_id)
@@ -69,22 +97,24 @@ class OpenAIEndpoint:
             "temperature": params.temperature, "ignore_eos": params.ignore_eos, "stream": True,
             "return_token_ids": True,
         }  # fmt: skip
-        args = (handle, list(prompt_ids), body)
-        threading.Thread(target=self._run, args=args, daemon=True).start()
+        metrics = RequestMetrics(arrival_time=time.monotonic())
+        asyncio.run_coroutine_threadsafe(
+            self._run(handle, metrics, list(prompt_ids), body), self._loop
+        )
         return handle
 
-    def _run(self, handle: _Handle, prompt_ids: list[int], body: dict) -> None:
-        metrics = RequestMetrics(arrival_time=time.monotonic())
+    async def _run(self, handle: _Handle, metrics, prompt_ids: list[int], body: dict) -> None:
         token_ids, text = [], []
         try:
-            with self._client.stream("POST", f"{self.base_url}/completions", json=body) as r:
-                if r.status_code != 200:
-                    raise SplitwiserError(f"HTTP {r.status_code}: {r.read().decode()[:300]}")
-                for line in r.iter_lines():
-                    if not line.startswith("data: "):
+            async with self._session.post(f"{self.base_url}/completions", json=body) as r:
+                if r.status != 200:
+                    raise SplitwiserError(f"HTTP {r.status}: {(await r.text())[:300]}")
+                async for raw in r.content:  # one line at a time
+                    line = raw.strip()
+                    if not line.startswith(b"data: "):
                         continue
-                    now, data = time.monotonic(), line.removeprefix("data: ")
-                    if data == "[DONE]":
+                    now, data = time.monotonic(), line[6:]
+                    if data == b"[DONE]":
                         metrics.finish_time = now
                         break
                     chunk = json.loads(data)
@@ -106,7 +136,13 @@ class OpenAIEndpoint:
             handle._finished.set()
 
     def close(self) -> None:
-        self._client.close()
+        if self._loop.is_closed():
+            return
+        if self._session is not None:
+            self._call(self._session.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     def __enter__(self):
         return self
