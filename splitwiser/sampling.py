@@ -16,8 +16,9 @@ class SamplingParams:
     ``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` disable those filters.
     ``seed`` makes sampling reproducible whatever else runs in the same batch. ``stop`` strings end
     the request when they appear in the output text; the text is cut before the stop string.
-    From ``min_new_tokens`` generated tokens on, EOS and ``stop_token_ids`` end the request
-    (before that such a token is kept and generation goes on; stop strings apply at once).
+    Until ``min_new_tokens`` tokens are generated, EOS (unless ``ignore_eos``) and
+    ``stop_token_ids`` cannot be drawn: their logits are masked, as Hugging Face's
+    ``min_new_tokens`` masks EOS and vLLM's ``min_tokens`` masks both; stop strings apply at once.
     """
 
     max_new_tokens: int = 16
@@ -90,11 +91,32 @@ def sample_token(
     return int(_sample_row(logits, params, generator))
 
 
-def sample_next(logits: torch.Tensor, rows: list[tuple[SamplingParams, int, int]]) -> torch.Tensor:
+def mask_early_stops(
+    logits: torch.Tensor, rows: list[tuple[SamplingParams, int, int]], eos: tuple[int, ...]
+) -> torch.Tensor:
+    """``logits`` with the stop tokens of every row short of its ``min_new_tokens`` at -inf (a
+    copy, only if some row needs it)."""
+    masked = None
+    for i, (p, _, n) in enumerate(rows):
+        if n >= p.min_new_tokens:
+            continue
+        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos))
+        banned = sorted(t for t in banned if 0 <= t < logits.shape[-1])
+        if banned:
+            masked = logits.clone() if masked is None else masked
+            masked[i, banned] = float("-inf")
+    return logits if masked is None else masked
+
+
+def sample_next(
+    logits: torch.Tensor, rows: list[tuple[SamplingParams, int, int]], eos: tuple[int, ...] = ()
+) -> torch.Tensor:
     """The next token of every row of ``logits`` ``[B, vocab]`` as a device tensor ``[B]``, with
-    no host synchronisation; ``rows`` holds each row's (params, seed, index of the token).
+    no host synchronisation; ``rows`` holds each row's (params, seed, index of the token), ``eos``
+    the model's EOS ids (masked with the stop token ids before ``min_new_tokens``).
     Greedy rows come from one argmax over the batch; sampled rows are drawn one by one, each from
     its own seeded generator."""
+    logits = mask_early_stops(logits, rows, eos)
     tokens = logits.argmax(dim=-1)
     for i, (p, seed, n) in enumerate(rows):
         if not p.is_greedy:
@@ -102,9 +124,11 @@ def sample_next(logits: torch.Tensor, rows: list[tuple[SamplingParams, int, int]
     return tokens
 
 
-def sample_tokens(logits: torch.Tensor, rows: list[tuple[SamplingParams, int, int]]) -> list[int]:
+def sample_tokens(
+    logits: torch.Tensor, rows: list[tuple[SamplingParams, int, int]], eos: tuple[int, ...] = ()
+) -> list[int]:
     """``sample_next`` brought to the host: one synchronisation for the whole batch."""
-    return sample_next(logits, rows).tolist()
+    return sample_next(logits, rows, eos).tolist()
 
 
 def token_generator(

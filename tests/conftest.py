@@ -90,13 +90,20 @@ def reference_models(model_dirs):
     }
 
 
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos: bool = False) -> list[int]:
-    """The reference: ``generate(do_sample=False)`` on one prompt alone."""
+def hf_greedy(
+    model, prompt_ids: list[int], max_new_tokens: int, eos: bool | list[int] = False,
+    min_new_tokens: int = 0,
+) -> list[int]:  # fmt: skip
+    """The reference: ``generate(do_sample=False)`` on one prompt alone; ``eos`` True: the
+    model's EOS ends it, a list: these ids do (and ``min_new_tokens`` masks them before)."""
     import copy
 
     gen = copy.deepcopy(model.generation_config)
     if not eos:
         gen.eos_token_id = []  # None would be refilled from the model's defaults
+    elif eos is not True:
+        gen.eos_token_id = list(eos)
+    gen.min_new_tokens = min_new_tokens or None
     gen.max_new_tokens = max_new_tokens
     gen.do_sample = False
     with torch.inference_mode():

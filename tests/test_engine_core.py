@@ -225,7 +225,7 @@ def test_lost_prompt_worker_runs_its_batch_again(make_core):
 
 def test_lost_token_worker_resumes_with_the_output_so_far(make_core):
     core = make_core()
-    req = submit(core, max_new_tokens=6, temperature=1.0, seed=7)
+    req = submit(core, max_new_tokens=6, temperature=1.0, seed=7, min_new_tokens=3)
     run_to_decode(core, req)
     tokens(core, T0, [(req.request_id, 101)])
     tokens(core, T0, [(req.request_id, 102)])
@@ -235,6 +235,7 @@ def test_lost_token_worker_resumes_with_the_output_so_far(make_core):
     assert prefill.token_ids == [[5, 6, 7, 8, 9, 100, 101]]
     assert prefill.requests[0].max_new_tokens == 6 - 2
     assert prefill.requests[0].seed == seed_for_offset(7, 2)
+    assert prefill.requests[0].params.min_new_tokens == 3 - 2  # EOS masked one token more
     assert prefill_done(core, P1, prefill, [999]) == []  # its sampled token is dropped
     ((key, handoff),) = core.schedule({"token": [1]})
     assert key == T1 and handoff.first_token == 102 and handoff.prompt_len == 7

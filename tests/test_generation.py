@@ -4,9 +4,10 @@ the online path (submit, stream, cancel) and the baseline pipeline."""
 from __future__ import annotations
 
 import pytest
+import torch
 
-from splitwiser import SamplingParams, SequentialPipeline, SplitwiserPipeline
-from tests.conftest import EOS_PROMPT
+from splitwiser import ColocatedPipeline, SamplingParams, SequentialPipeline, SplitwiserPipeline
+from tests.conftest import EOS_PROMPT, hf_greedy
 
 PROMPT = EOS_PROMPT
 
@@ -28,6 +29,23 @@ def test_eos_ends_the_request_like_generate(pipe, eos_model_dir):
         )
     ignored = pipe.generate([PROMPT], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
     assert ignored.token_ids == free_run and ignored.finish_reason == "length"
+
+
+def test_min_new_tokens_masks_eos_like_generate(pipe, eos_model_dir):
+    """EOS cannot be drawn before ``min_new_tokens``: generate(min_new_tokens=8) token for token
+    (the free run draws it 6th), split and colocated, then it ends the request when drawn."""
+    from transformers import AutoModelForCausalLM
+
+    path, free_run, eos = eos_model_dir
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    expected = hf_greedy(model, PROMPT, 16, eos=[eos], min_new_tokens=8)
+    assert expected[:5] == free_run[:5] and expected[5] != eos and len(expected) >= 8
+    params = SamplingParams(max_new_tokens=16, min_new_tokens=8)
+    with ColocatedPipeline(path, device="cpu", dtype="float32") as colocated:
+        outs = [pipe.generate([PROMPT], params)[0], colocated.generate([PROMPT], params)[0]]
+    for out in outs:
+        assert out.token_ids == expected
+        assert out.finish_reason == ("stop" if expected[-1] == eos else "length")
 
 
 def test_max_new_tokens_one(pipe, eos_model_dir):

@@ -330,11 +330,15 @@ def test_stop_strings_n_echo_min_tokens_and_seeds(server, reference):
     again = post(server, "/v1/completions", {"prompt": "Once upon", "max_tokens": 3, "n": 2,
                  "echo": True, "temperature": 0.8, "seed": 1}).json()  # fmt: skip
     assert [c["text"] for c in again["choices"]] == [c["text"] for c in r["choices"]]
-    # the first greedy token as a stop token: min_tokens keeps it from ending the request
-    body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0,
+    # the first greedy token as a stop token: min_tokens masks it (and EOS) for two tokens, as
+    # vLLM and generate(min_new_tokens=2) do; then it ends the request if drawn
+    body = {"prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0,
             "stop_token_ids": [ids[0]], "min_tokens": 2, "return_token_ids": True}  # fmt: skip
     r = post(server, "/v1/completions", body).json()
-    assert r["choices"][0]["token_ids"][:2] == ids[:2]
+    eos = model.generation_config.eos_token_id
+    stops = [ids[0], *([eos] if isinstance(eos, int) else eos or [])]
+    expected = hf_greedy(model, PROMPTS[0], 6, eos=stops, min_new_tokens=2)
+    assert r["choices"][0]["token_ids"] == expected and expected[0] != ids[0]
 
 
 BAD_REQUESTS = [

@@ -5,8 +5,9 @@ output length (``max_tokens``, ``ignore_eos``), greedy, at its scheduled arrival
 replay as Splitwiser's). It is timed from the streamed chunks as ``vllm bench serve`` times it:
 every chunk with a non-empty ``choices`` is a token event at the moment it arrived (so a server
 that sends one chunk per token, as vLLM and ``splitwiser serve`` do, gives every token's time);
-the request ends at ``[DONE]``. The client is aiohttp on one event loop. Token ids come back where the server returns them
-(``return_token_ids``: vLLM and ``splitwiser serve``), for the runs' token agreement.
+the request ends at ``[DONE]``. Token ids come back where the server returns them
+(``return_token_ids``: vLLM and ``splitwiser serve``), for the runs' token agreement. The client
+is aiohttp on one event loop.
 """
 
 from __future__ import annotations

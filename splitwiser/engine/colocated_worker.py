@@ -113,7 +113,10 @@ class ColocatedWorker(DecodingWorker):
                     spec = p.run.request
                     sample.append((spec.params, spec.seed, 0))  # its first token
                     picks.append(num_rows + j)
-            new = sample_next(logits[picks], sample) if picks else logits.new_zeros(0).long()
+            if picks:
+                new = sample_next(logits[picks], sample, self.eos)
+            else:
+                new = logits.new_zeros(0).long()
             if num_rows:
                 self.batch.advance(new[:num_rows])
             tokens = new.tolist()  # the step's one host synchronisation

@@ -47,7 +47,8 @@ class PromptWorker:
             target = self.kv_pool
         with phase_range(self.cfg, self.device, f"prefill b={len(seqs)} t={total}"):
             logits = self.runner.prefill(seqs, target, contiguous_slots=copy)  # [B, vocab]
-            first = sample_tokens(logits, [(r.params, r.seed, 0) for r in msg.requests])
+            rows = [(r.params, r.seed, 0) for r in msg.requests]
+            first = sample_tokens(logits, rows, self.cfg.eos_token_ids)
         # NOTE: publish only after the prefill kernels finished: the token worker reads at once
         synchronize(self.device)
         done = time.monotonic()  # the K/V are ready: the handoff starts here, in both modes

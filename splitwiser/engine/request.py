@@ -7,6 +7,7 @@ the methods of :class:`Request`; a worker's load is the number of requests it ow
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 
@@ -106,11 +107,17 @@ class Request:
     def spec(self) -> RequestSpec:
         """What the workers are told. A resumed request looks to them like a fresh one whose
         prompt is ``prefill_token_ids`` and whose first token is the last generated one: its
-        token budget and its seed are shifted by the tokens already generated before that."""
+        token budget, its ``min_new_tokens`` and its seed are shifted by the tokens already
+        generated before that."""
         offset = max(0, self.num_output_tokens - 1)
+        params = self.params
+        if offset and params.min_new_tokens:
+            params = dataclasses.replace(
+                params, min_new_tokens=max(0, params.min_new_tokens - offset)
+            )
         return RequestSpec(
             self.request_id,
-            self.params,
+            params,
             seed_for_offset(self.seed, offset),
             self.max_new_tokens - offset,
         )

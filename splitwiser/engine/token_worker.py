@@ -66,7 +66,8 @@ class TokenWorker(DecodingWorker):
         seqs = list(self.rows)
         with phase_range(self.cfg, self.device, f"decode b={len(seqs)}"):
             logits = self.runner.decode(self.batch, self.kv_pool)  # [B, vocab]
-            new = sample_next(logits, [(s.spec.params, s.spec.seed, s.num_generated) for s in seqs])
+            rows = [(s.spec.params, s.spec.seed, s.num_generated) for s in seqs]
+            new = sample_next(logits, rows, self.eos)
             self.batch.advance(new)
             tokens = new.tolist()  # the step's one host synchronisation
         finished = []
