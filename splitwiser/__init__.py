@@ -13,6 +13,7 @@ _EXPORTS = {
     "RequestHandle": "splitwiser.engine.handle",
     "RequestMetrics": "splitwiser.outputs",
     "RequestOutput": "splitwiser.outputs",
+    "TokenLogprobs": "splitwiser.outputs",
     "SplitwiserPipeline": "splitwiser.pipeline",
     "SamplingParams": "splitwiser.sampling",
     "VLLMParallelPipeline": "splitwiser.vllm",  # importing these does not import vllm
@@ -61,6 +62,7 @@ __all__ = [
     "SequentialPipeline",
     "SplitwiserError",
     "SplitwiserPipeline",
+    "TokenLogprobs",
     "VLLMParallelPipeline",
     "VLLMPipeline",
     "VLLMSplitPipeline",

@@ -45,6 +45,17 @@ class RequestMetrics:
 
 
 @dataclass
+class TokenLogprobs:
+    """A generated token's log-probability and the ``logprobs`` most likely tokens' (of the
+    model's distribution before temperature, top-k, top-p and masks, as vLLM's raw logprobs),
+    most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability)
+
+
+@dataclass
 class RequestOutput:
     """The result of one request."""
 
@@ -56,6 +67,7 @@ class RequestOutput:
     # "stop" (EOS or stop string), "length", "abort" (cancelled), or None while running
     finish_reason: str | None
     metrics: RequestMetrics
+    logprobs: list[TokenLogprobs] | None = None  # one per generated token, if asked for
 
     @property
     def finished(self) -> bool:

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 from splitwiser.errors import InvalidRequestError
+from splitwiser.outputs import TokenLogprobs
+
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,9 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = field(default=())
     min_new_tokens: int = 0
+    # return each generated token's log-probability and this many most likely tokens' (0: the
+    # token's alone); None: none
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -44,6 +50,12 @@ class SamplingParams:
         if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
             raise InvalidRequestError(
                 f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}"
+            )
+        if self.logprobs is not None and not (
+            isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise InvalidRequestError(
+                f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}"
             )
         if self.temperature < 0:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
@@ -129,6 +141,28 @@ def sample_tokens(
 ) -> list[int]:
     """``sample_next`` brought to the host: one synchronisation for the whole batch."""
     return sample_next(logits, rows, eos).tolist()
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, rows: list[tuple[SamplingParams, int, int]]
+) -> list[TokenLogprobs | None] | None:
+    """Each row's drawn token with its log-probability and its top ``logprobs``, for the rows
+    that asked (None for the others; None if none did): one host synchronisation."""
+    want = [i for i, (p, _, _) in enumerate(rows) if p.logprobs is not None]
+    if not want:
+        return None
+    k = max(rows[i][0].logprobs for i in want)
+    lp = torch.log_softmax(logits[want].float(), dim=-1)
+    chosen = lp.gather(1, tokens[want].view(-1, 1)).squeeze(1)
+    top = lp.topk(max(k, 1), dim=-1) if k else None
+    chosen_l, tokens_l = chosen.tolist(), tokens[want].tolist()
+    top_v, top_i = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+    out: list[TokenLogprobs | None] = [None] * len(rows)
+    for j, i in enumerate(want):
+        n = rows[i][0].logprobs
+        best = list(zip(top_i[j][:n], top_v[j][:n])) if n else []
+        out[i] = TokenLogprobs(tokens_l[j], chosen_l[j], best)
+    return out
 
 
 def token_generator(

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from splitwiser import ColocatedPipeline, SamplingParams, SequentialPipeline, SplitwiserPipeline
+from splitwiser.errors import InvalidRequestError
 from tests.conftest import EOS_PROMPT, hf_greedy
 
 PROMPT = EOS_PROMPT
@@ -15,6 +16,12 @@ PROMPT = EOS_PROMPT
 @pytest.fixture(scope="module")
 def pipe(eos_model_dir):
     with SplitwiserPipeline(eos_model_dir[0], device="cpu", dtype="float32") as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def colocated(eos_model_dir):
+    with ColocatedPipeline(eos_model_dir[0], device="cpu", dtype="float32") as p:
         yield p
 
 
@@ -31,7 +38,7 @@ def test_eos_ends_the_request_like_generate(pipe, eos_model_dir):
     assert ignored.token_ids == free_run and ignored.finish_reason == "length"
 
 
-def test_min_new_tokens_masks_eos_like_generate(pipe, eos_model_dir):
+def test_min_new_tokens_masks_eos_like_generate(pipe, colocated, eos_model_dir):
     """EOS cannot be drawn before ``min_new_tokens``: generate(min_new_tokens=8) token for token
     (the free run draws it 6th), split and colocated, then it ends the request when drawn."""
     from transformers import AutoModelForCausalLM
@@ -41,11 +48,42 @@ def test_min_new_tokens_masks_eos_like_generate(pipe, eos_model_dir):
     expected = hf_greedy(model, PROMPT, 16, eos=[eos], min_new_tokens=8)
     assert expected[:5] == free_run[:5] and expected[5] != eos and len(expected) >= 8
     params = SamplingParams(max_new_tokens=16, min_new_tokens=8)
-    with ColocatedPipeline(path, device="cpu", dtype="float32") as colocated:
-        outs = [pipe.generate([PROMPT], params)[0], colocated.generate([PROMPT], params)[0]]
-    for out in outs:
+    for out in [pipe.generate([PROMPT], params)[0], colocated.generate([PROMPT], params)[0]]:
         assert out.token_ids == expected
         assert out.finish_reason == ("stop" if expected[-1] == eos else "length")
+
+
+def test_logprobs_are_generates_scores_split_and_colocated(pipe, colocated, eos_model_dir):
+    """Each token's log-probability and the top N's are log_softmax of generate()'s logits at
+    that step (the raw distribution, before temperature or masks), first token included; a
+    request that asks for none gets None beside one that asks."""
+    from transformers import AutoModelForCausalLM
+
+    path, free_run, _ = eos_model_dir
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True,
+                             eos_token_id=[])  # fmt: skip
+    ref_lps = [torch.log_softmax(step[0].float(), dim=-1) for step in ref.logits]
+    asked = SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=3)
+    for p in (pipe, colocated):
+        out, plain = p.generate([PROMPT, PROMPT], [asked, SamplingParams(max_new_tokens=6)])
+        assert plain.logprobs is None and out.token_ids == free_run[:6]
+        assert len(out.logprobs) == 6
+        for token, lp, want in zip(out.token_ids, out.logprobs, ref_lps):
+            assert lp.token_id == token
+            assert lp.logprob == pytest.approx(want[token].item(), abs=1e-4)
+            values, indices = want.topk(3)
+            assert [t for t, _ in lp.top] == indices.tolist()
+            assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-4)
+    sampled = SamplingParams(max_new_tokens=4, temperature=1.5, seed=3, logprobs=0)
+    out = pipe.generate([PROMPT], sampled)[0]  # the drawn token's, whatever was drawn
+    assert [lp.token_id for lp in out.logprobs] == out.token_ids
+    assert all(lp.top == [] and lp.logprob <= 0 for lp in out.logprobs)
+    with pytest.raises(InvalidRequestError, match="logprobs"):
+        SamplingParams(logprobs=21)
 
 
 def test_max_new_tokens_one(pipe, eos_model_dir):

@@ -341,13 +341,65 @@ def test_stop_strings_n_echo_min_tokens_and_seeds(server, reference):
     assert r["choices"][0]["token_ids"] == expected and expected[0] != ids[0]
 
 
+def test_logprobs_in_completions_and_chat_are_generates_scores(server, reference):
+    """vLLM's shapes: completions' tokens / token_logprobs / top_logprobs (the drawn token among
+    them) / text_offset, whole and one token per chunk; chat's content entries with bytes and
+    top_logprobs; the values are log_softmax of generate()'s logits."""
+    model, tok = reference
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.inference_mode():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True,
+                             eos_token_id=[])  # fmt: skip
+    greedy = ref.sequences[0, len(PROMPTS[0]) :].tolist()
+    ref_lps = [torch.log_softmax(step[0].float(), dim=-1) for step in ref.logits]
+    strs = [tok.decode([t]) for t in greedy]
+    body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "logprobs": 2}  # fmt: skip
+    lp = post(server, "/v1/completions", body).json()["choices"][0]["logprobs"]
+    assert lp["tokens"] == strs
+    assert lp["token_logprobs"] == pytest.approx([r[t].item() for r, t in zip(ref_lps, greedy)],
+                                                 abs=1e-4)  # fmt: skip
+    assert lp["text_offset"] == [sum(len(s) for s in strs[:i]) for i in range(4)]
+    for top, want in zip(lp["top_logprobs"], ref_lps):
+        values, indices = want.topk(2)
+        assert list(top) == [tok.decode([i]) for i in indices.tolist()]  # greedy: drawn is top
+        assert list(top.values()) == pytest.approx(values.tolist(), abs=1e-4)
+    with httpx.stream("POST", f"{server.url}/v1/completions", headers=AUTH, timeout=60,
+                      json={**body, "stream": True}) as r:  # fmt: skip
+        chunks = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: {")]  # fmt: skip
+    # (a last chunk with the finish reason alone, if it came apart from the last token, has none)
+    per_chunk = [c["choices"][0]["logprobs"] for c in chunks if c["choices"]]
+    per_chunk = [p for p in per_chunk if p is not None]
+    assert [p["tokens"] for p in per_chunk] == [[s] for s in strs]
+    assert [p["text_offset"][0] for p in per_chunk] == lp["text_offset"]
+    chat = post(server, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0,
+        "ignore_eos": True, "logprobs": True, "top_logprobs": 2,
+    }).json()["choices"][0]["logprobs"]["content"]  # fmt: skip
+    assert len(chat) == 3
+    for entry in chat:
+        assert entry["bytes"] == list(entry["token"].encode()) and entry["logprob"] <= 0
+        assert [t["logprob"] for t in entry["top_logprobs"]][0] == pytest.approx(
+            entry["logprob"], abs=1e-5
+        )
+    bad = post(server, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2,
+    })  # fmt: skip
+    assert bad.status_code == 400 and "`logprobs` must be set" in bad.json()["error"]["message"]
+    no = post(server, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2}).json()
+    assert no["choices"][0]["logprobs"] is None
+
+
 BAD_REQUESTS = [
     # (body or raw bytes, headers, status, words in the message)
     ({"prompt": "x", "max_tokens": 0}, AUTH, 400, "max_tokens"),
     ({"prompt": "x", "max_tokens": "many"}, AUTH, 400, "max_tokens"),
     ({"prompt": ""}, AUTH, 400, "empty"),
     ({"prompt": [1, 2], "stream_options": {"include_usage": True}}, AUTH, 400, "stream"),
-    ({"prompt": [1, 2], "logprobs": 2}, AUTH, 400, "logprobs"),
+    ({"prompt": [1, 2], "logprobs": 21}, AUTH, 400, "greater than max allowed: 20"),
+    ({"prompt": [1, 2], "logprobs": -1}, AUTH, 400, "non-negative"),
     ({"prompt": [7] * 8192, "max_tokens": 1}, AUTH, 400, "maximum context length is 8192"),
     ({"prompt": [7] * 8000, "max_tokens": 500}, AUTH, 400, "maximum context length is 8192"),
     ({"prompt": [1, 99999]}, AUTH, 400, "vocabulary"),

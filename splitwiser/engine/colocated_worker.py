@@ -17,7 +17,7 @@ from splitwiser.engine.decoding_worker import DecodingWorker
 from splitwiser.engine.model_runner import PrefillSeq
 from splitwiser.engine.worker import phase_range, settle
 from splitwiser.prompts import stop_reason
-from splitwiser.sampling import sample_next
+from splitwiser.sampling import sample_next, token_logprobs
 
 
 @dataclass
@@ -113,6 +113,7 @@ class ColocatedWorker(DecodingWorker):
                     spec = p.run.request
                     sample.append((spec.params, spec.seed, 0))  # its first token
                     picks.append(num_rows + j)
+            logprobs = None
             if picks:
                 new = sample_next(logits[picks], sample, self.eos)
             else:
@@ -120,6 +121,8 @@ class ColocatedWorker(DecodingWorker):
             if num_rows:
                 self.batch.advance(new[:num_rows])
             tokens = new.tolist()  # the step's one host synchronisation
+            if picks:  # in the order of ``tokens``, as the message's tokens
+                logprobs = token_logprobs(logits[picks], new, sample)
         ids, out, finished = [], [], []
         for r, tok in zip(rows, tokens):
             r.num_generated += 1
@@ -154,6 +157,7 @@ class ColocatedWorker(DecodingWorker):
             step_s=time.monotonic() - t0,
             started_at=t0,
             num_prefill_tokens=num_prefill,
+            logprobs=logprobs,
         )
 
     def _stops(self, spec: m.RequestSpec, token: int, num_generated: int) -> bool:

@@ -216,11 +216,14 @@ class EngineCore:
 
     # ------------------------------------------------------------------ tokens and endings
 
-    def append_token(self, req: Request, token: int, now: float) -> list[Send]:
-        """The one place a generated token joins a request; the stop rule decides its end."""
+    def append_token(self, req: Request, token: int, now: float, logprobs=None) -> list[Send]:
+        """The one place a generated token joins a request (with its ``TokenLogprobs`` if it
+        asked for them); the stop rule decides its end."""
         req.output_token_ids.append(token)
         req.metrics.token_times.append(now)
-        req.handle._push(token)
+        if req.params.logprobs is not None:
+            req.output_logprobs.append(logprobs)
+        req.handle._push(token, logprobs)
         reason = stop_reason(
             token, req.num_output_tokens, req.max_new_tokens, req.params, self.eos_token_ids
         )

@@ -10,8 +10,8 @@ from splitwiser.outputs import RequestOutput
 
 log = logging.getLogger("splitwiser")
 
-# (new token or None, the output once finished, the error once failed)
-Listener = Callable[[int | None, RequestOutput | None, BaseException | None], None]
+# (new token or None, its TokenLogprobs or None, the output once finished, the error once failed)
+Listener = Callable[[int | None, object, RequestOutput | None, BaseException | None], None]
 
 
 class RequestHandle:
@@ -21,37 +21,39 @@ class RequestHandle:
         self.request_id = request_id
         self._cond = threading.Condition()
         self._tokens: list[int] = []
+        self._logprobs: list = []  # per token: TokenLogprobs or None
         self._output: RequestOutput | None = None
         self._error: BaseException | None = None
         self._cancel = cancel
         self._listener: Listener | None = None
 
     # ---- engine side
-    def _push(self, token: int) -> None:
+    def _push(self, token: int, logprobs=None) -> None:
         with self._cond:
             self._tokens.append(token)
+            self._logprobs.append(logprobs)
             self._cond.notify_all()
-            self._tell(token, None, None)
+            self._tell(token, logprobs, None, None)
 
     def _finish(self, output: RequestOutput) -> None:
         with self._cond:
             self._output = output
             self._cond.notify_all()
             if self._error is None:  # a failed request has had its end
-                self._tell(None, output, None)
+                self._tell(None, None, output, None)
 
     def _fail(self, error: BaseException) -> None:
         with self._cond:
             if self._output is None and self._error is None:
                 self._error = error
                 self._cond.notify_all()
-                self._tell(None, None, error)
+                self._tell(None, None, None, error)
 
-    def _tell(self, token, output, error) -> None:
+    def _tell(self, token, logprobs, output, error) -> None:
         if self._listener is None:
             return
         try:
-            self._listener(token, output, error)
+            self._listener(token, logprobs, output, error)
         except Exception:  # the engine thread goes on whatever a listener does
             log.exception("request %d: its listener failed", self.request_id)
 
@@ -92,20 +94,21 @@ class RequestHandle:
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener`` for every event of this request, in order, from the engine thread:
-        each new token ``(token, None, None)``, then the end ``(None, output, None)`` or the failure
-        ``(None, None, error)``; events that happened before are told at once, in this thread.
-        It runs under the handle's lock, so it must only hand the event on (it must not block or
-        call back into the handle). One listener per handle; no thread is needed to follow it."""
+        each new token ``(token, logprobs, None, None)``, then the end ``(None, None, output,
+        None)`` or the failure ``(None, None, None, error)``; events that happened before are
+        told at once, in this thread. It runs under the handle's lock, so it must only hand the
+        event on (not block, not call back into the handle). One listener per handle; no thread
+        is needed to follow it."""
         with self._cond:
             if self._listener is not None:
                 raise RuntimeError(f"request {self.request_id} already has a listener")
             self._listener = listener
-            for token in self._tokens:
-                self._tell(token, None, None)
+            for token, logprobs in zip(self._tokens, self._logprobs):
+                self._tell(token, logprobs, None, None)
             if self._output is not None:
-                self._tell(None, self._output, None)
+                self._tell(None, None, self._output, None)
             elif self._error is not None:
-                self._tell(None, None, self._error)
+                self._tell(None, None, None, self._error)
 
     def cancel(self) -> None:
         """Stop generating; ``result()`` then returns what was generated (finish_reason "abort")."""

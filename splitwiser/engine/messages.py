@@ -122,6 +122,8 @@ class PrefillDoneMsg:
     kv_copies: list[KVCopy] | None = None  # copy handoff only, one per request
     batch_tokens: int = 0
     compute_s: float = 0.0
+    # per request, its first token's TokenLogprobs (None: not asked for); None: none asked
+    first_logprobs: list | None = None
 
 
 @dataclass
@@ -138,6 +140,8 @@ class TokensMsg:
     # colocated worker: prompt tokens prefilled in the same step (0: a decode-only step); the
     # step's tokens include the first token of each request whose prefill ended in it
     num_prefill_tokens: int = 0
+    # per token, its TokenLogprobs (None: not asked for); None: no request of the step asked
+    logprobs: list | None = None
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from splitwiser.engine import messages as m
 from splitwiser.engine.model_runner import ModelRunner, PrefillSeq
 from splitwiser.engine.worker import get_msg, phase_range, settle, synchronize
-from splitwiser.sampling import sample_tokens
+from splitwiser.sampling import sample_next, token_logprobs
 
 
 class PromptWorker:
@@ -48,7 +48,9 @@ class PromptWorker:
         with phase_range(self.cfg, self.device, f"prefill b={len(seqs)} t={total}"):
             logits = self.runner.prefill(seqs, target, contiguous_slots=copy)  # [B, vocab]
             rows = [(r.params, r.seed, 0) for r in msg.requests]
-            first = sample_tokens(logits, rows, self.cfg.eos_token_ids)
+            new = sample_next(logits, rows, self.cfg.eos_token_ids)
+            first = new.tolist()
+            first_logprobs = token_logprobs(logits, new, rows)
         # NOTE: publish only after the prefill kernels finished: the token worker reads at once
         synchronize(self.device)
         done = time.monotonic()  # the K/V are ready: the handoff starts here, in both modes
@@ -71,6 +73,7 @@ class PromptWorker:
             first_tokens=first,
             published_at=done,
             kv_copies=kv_copies,
+            first_logprobs=first_logprobs,
             batch_tokens=total,
             compute_s=done - t0,
         )

@@ -53,6 +53,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     block_ids: list[int] | None = None
     output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list = field(default_factory=list)  # TokenLogprobs, if asked for
     # NOTE: the worker that may still write into the blocks; they are freed only once it is None
     owner: WorkerKey | None = None
     batch_id: int | None = None  # the prefill batch it is in, while PREFILLING
@@ -193,4 +194,5 @@ class Request:
             text=self.text,
             finish_reason=self.finish_reason,
             metrics=self.metrics,
+            logprobs=list(self.output_logprobs) if self.params.logprobs is not None else None,
         )

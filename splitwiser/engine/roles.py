@@ -77,7 +77,8 @@ class PromptRole:
                 core.scheduler.continue_prefill(req)
                 continue
             if not req.is_resumed:
-                sends += core.append_token(req, msg.first_tokens[i], now)
+                lp = msg.first_logprobs[i] if msg.first_logprobs is not None else None
+                sends += core.append_token(req, msg.first_tokens[i], now, lp)
                 if req.is_finished:
                     continue
             # NOTE: a resumed request drops the token the prompt worker sampled: its last
@@ -182,7 +183,8 @@ class ColocatedRole:
 def _append_step(core: EngineCore, worker: WorkerKey, msg: m.TokensMsg, now: float) -> list[Send]:
     """A step's tokens, request by request; ``finished``: the worker let go of the request."""
     sends: list[Send] = []
-    for rid, token, done in zip(msg.request_ids, msg.tokens, msg.finished):
+    logprobs = msg.logprobs if msg.logprobs is not None else [None] * len(msg.tokens)
+    for rid, token, done, lp in zip(msg.request_ids, msg.tokens, msg.finished, logprobs):
         req = core.requests.get(rid)
         if req is None or req.owner != worker:
             continue
@@ -194,5 +196,5 @@ def _append_step(core: EngineCore, worker: WorkerKey, msg: m.TokensMsg, now: flo
             continue
         if req.status is RequestStatus.PREFILLING:  # colocated: its prefill ended in this step
             req.decoding_in_place()
-        sends += core.append_token(req, token, now)
+        sends += core.append_token(req, token, now, lp)
     return sends

@@ -12,7 +12,7 @@ from splitwiser.engine.decoding_worker import DecodingWorker
 from splitwiser.engine.kv_pool import slots_for
 from splitwiser.engine.worker import phase_range, settle, synchronize
 from splitwiser.prompts import stop_reason
-from splitwiser.sampling import sample_next
+from splitwiser.sampling import sample_next, token_logprobs
 
 
 @dataclass
@@ -70,6 +70,7 @@ class TokenWorker(DecodingWorker):
             new = sample_next(logits, rows, self.eos)
             self.batch.advance(new)
             tokens = new.tolist()  # the step's one host synchronisation
+            logprobs = token_logprobs(logits, new, rows)  # (and one more if asked for)
         finished = []
         for s, tok in zip(seqs, tokens):
             s.num_generated += 1
@@ -80,4 +81,6 @@ class TokenWorker(DecodingWorker):
             if finished[row]:
                 self.remove(row)
         ids = [s.spec.request_id for s in seqs]
-        return m.TokensMsg(ids, tokens, finished, handoff_s, time.monotonic() - t0, t0)
+        return m.TokensMsg(
+            ids, tokens, finished, handoff_s, time.monotonic() - t0, t0, logprobs=logprobs
+        )

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from splitwiser.errors import SplitwiserError
-from splitwiser.outputs import RequestOutput
+from splitwiser.outputs import RequestOutput, TokenLogprobs
 from splitwiser.server.errors import Unavailable
 
 log = logging.getLogger("splitwiser.serve")
@@ -32,6 +32,7 @@ class Step:
     token: int | None  # None: the request ended without a new token
     output: RequestOutput | None = None  # set once the request finished
     error: BaseException | None = None  # the request failed
+    logprobs: TokenLogprobs | None = None  # the token's, if asked for
 
     @property
     def is_last(self) -> bool:
@@ -55,7 +56,7 @@ class Generation:
         for index, handle in enumerate(handles):
             handle.subscribe(partial(self._arrive, index))
 
-    def _arrive(self, index: int, token, output, error) -> None:
+    def _arrive(self, index: int, token, logprobs, output, error) -> None:
         """In the engine thread (or here, for what happened before): count it in the metrics
         (also once nobody reads the answer any more), queue it, wake the loop once."""
         if token is not None and not self._running[index]:
@@ -63,7 +64,7 @@ class Generation:
             self._seen.request_running()
         if output is not None or error is not None:
             self._seen.request_ended(self._running[index], output)
-        self._arrived.append(Step(index, token, output, error))
+        self._arrived.append(Step(index, token, output, error, logprobs))
         with self._wake_lock:
             if self._wake_pending:
                 return  # the loop has yet to look: it will see this one too
@@ -93,7 +94,8 @@ class Generation:
             if step.is_last:
                 ended.add(step.index)
                 if held is not None and held.index == step.index and step.error is None:
-                    step, held = Step(held.index, held.token, step.output), None
+                    last = Step(held.index, held.token, step.output, None, held.logprobs)
+                    step, held = last, None
             if held is not None:
                 yield held
                 held = None

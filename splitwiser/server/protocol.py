@@ -2,7 +2,7 @@
 
 Unknown fields are accepted and ignored (``extra="allow"``), as vLLM does: clients send fields
 such as ``best_of``, ``user`` or ``continuous_usage_stats`` that change nothing here. A field the
-runtime cannot honour with a non-neutral value (penalties, ``logprobs``) is refused with a 400
+runtime cannot honour with a non-neutral value (penalties) is refused with a 400
 rather than ignored, so no client gets a silently different answer.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from splitwiser.sampling import SamplingParams
+from splitwiser.sampling import MAX_LOGPROBS, SamplingParams
 from splitwiser.server.errors import BadRequest
 
 
@@ -38,7 +38,6 @@ class _SamplingFields(WireMsg):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
-    logprobs: Any = None
     stream: bool = False
     stream_options: StreamOptionsMsg | None = None
     include_stop_str_in_output: bool = False
@@ -55,15 +54,16 @@ class _SamplingFields(WireMsg):
             raise ValueError("n must be at least 1")
         if self.min_tokens < 0:
             raise ValueError("min_tokens must be >= 0")
-        if self.logprobs not in (None, False):
-            if isinstance(self.logprobs, int) and self.logprobs < 0:
-                raise ValueError("logprobs must be non-negative")
-            raise ValueError("logprobs are not supported by this server")
         if (self.presence_penalty or 0.0) != 0.0 or (self.frequency_penalty or 0.0) != 0.0:
             raise ValueError("presence_penalty and frequency_penalty are not supported (use 0)")
         if (self.repetition_penalty or 1.0) != 1.0:
             raise ValueError("repetition_penalty is not supported (use 1.0)")
         return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top log-probabilities per generated token (0: the token's own); None: none."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -87,6 +87,7 @@ class _SamplingFields(WireMsg):
                 ignore_eos=self.ignore_eos,
                 stop_token_ids=tuple(self.stop_token_ids or ()),
                 min_new_tokens=self.min_tokens,
+                logprobs=self.num_logprobs,
             )
         except ValueError as exc:  # InvalidRequestError: a value out of range
             raise BadRequest(str(exc)) from None
@@ -105,9 +106,13 @@ class CompletionRequestMsg(_SamplingFields):
     max_tokens: int | None = 16
     echo: bool = False  # the prompt's text before the generated text
     add_special_tokens: bool = True
+    logprobs: int | None = None  # each token's and the top N's log-probabilities
 
     @model_validator(mode="after")
     def _check_prompt(self):
+        _check_num_logprobs("logprobs", self.logprobs)
+        if self.logprobs is not None and self.echo:
+            raise ValueError("echo with logprobs (the prompt's log-probabilities) is not supported")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         prompts = self.prompts
@@ -122,6 +127,22 @@ class CompletionRequestMsg(_SamplingFields):
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             return [p]
         return list(p)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+
+def _check_num_logprobs(name: str, value: int | None) -> None:
+    if value is None:
+        return
+    if value < 0:
+        raise ValueError(f"{name} must be non-negative")
+    if value > MAX_LOGPROBS:
+        raise ValueError(
+            f"Requested sample logprobs of {value}, which is greater than max allowed: "
+            f"{MAX_LOGPROBS}"
+        )
 
 
 class TextPartMsg(WireMsg):
@@ -151,14 +172,23 @@ class ChatCompletionRequestMsg(_SamplingFields):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False  # the template carries the special tokens
+    logprobs: bool = False  # each token's log-probability ...
+    top_logprobs: int | None = None  # ... and the top N's
 
     @model_validator(mode="after")
     def _check_length(self):
+        _check_num_logprobs("top_logprobs", self.top_logprobs)
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("when using `top_logprobs`, `logprobs` must be set to true.")
         for name in ("max_tokens", "max_completion_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1")
         return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:

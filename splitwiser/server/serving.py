@@ -15,16 +15,17 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from splitwiser.errors import InvalidRequestError, SplitwiserError
-from splitwiser.outputs import RequestOutput
+from splitwiser.outputs import RequestOutput, TokenLogprobs
 from splitwiser.server.bridge import Generation, Step
 from splitwiser.server.chat import render_chat
 from splitwiser.server.errors import BadRequest, NotFound, error_body
+from splitwiser.server.logprobs import LogprobsFormat
 from splitwiser.server.protocol import ChatCompletionRequestMsg, CompletionRequestMsg
 
 DONE = "data: [DONE]\n\n"
@@ -112,8 +113,12 @@ class Choice:
     prefix: str = ""  # echo: the prompt's text, sent before the first token's
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    logprobs_format: LogprobsFormat | None = None  # asked for log-probabilities
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # so far
 
     def step_text(self, step: Step) -> str:
+        if step.logprobs is not None:
+            self.logprobs.append(step.logprobs)
         delta = self.prefix + (self.text.add(step.token) if step.token is not None else "")
         self.prefix = ""
         if step.output is not None:
@@ -177,7 +182,8 @@ class Serving:
             for j in range(req.n):
                 params = req.sampling_params(max_new, j)
                 text = ChoiceText(self.tokenizer, req.stop_strings, req.include_stop_str_in_output)
-                choices.append(Choice(len(choices), p, params, text))
+                lps = None if params.logprobs is None else LogprobsFormat(self.tokenizer)
+                choices.append(Choice(len(choices), p, params, text, logprobs_format=lps))
                 runs.append((ids, params))
             self.metrics.request_started(max_new, req.n)
         try:
@@ -260,6 +266,13 @@ class _Answer:
             texts[choice.index] += delta
         return texts
 
+    @staticmethod
+    def _logprobs(choice: Choice, steps: list[TokenLogprobs], kind: str) -> dict | None:
+        fmt = choice.logprobs_format
+        if fmt is None or not steps:
+            return None
+        return fmt.chat(steps) if kind.startswith("chat") else fmt.completion(steps)
+
     def _extra(self, choice: Choice, body: dict) -> dict:
         if self.req.return_token_ids:
             body["token_ids"] = list(choice.text.token_ids)
@@ -269,7 +282,8 @@ class _Answer:
     async def completion(self, gen: Generation) -> JSONResponse:
         texts = await self._collect(gen)
         choices = [
-            self._extra(c, {"index": c.index, "text": texts[c.index], "logprobs": None,
+            self._extra(c, {"index": c.index, "text": texts[c.index],
+                            "logprobs": self._logprobs(c, c.logprobs, "text_completion"),
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             for c in self.choices
         ]  # fmt: skip
@@ -282,8 +296,8 @@ class _Answer:
         choices = [
             self._extra(c, {"index": c.index,
                             "message": {"role": "assistant", "content": texts[c.index]},
-                            "logprobs": None, "finish_reason": c.finish_reason,
-                            "stop_reason": c.stop_reason})
+                            "logprobs": self._logprobs(c, c.logprobs, "chat.completion"),
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             for c in self.choices
         ]  # fmt: skip
         return JSONResponse(
@@ -295,6 +309,8 @@ class _Answer:
         try:
             async for choice, step, delta in self._steps(gen):
                 body = choice_body(choice, delta)
+                step_lps = [step.logprobs] if step.logprobs is not None else []
+                body["logprobs"] = self._logprobs(choice, step_lps, kind)
                 body["finish_reason"] = choice.finish_reason if step.is_last else None
                 body["stop_reason"] = choice.stop_reason if step.is_last else None
                 if self.req.return_token_ids:
@@ -314,7 +330,7 @@ class _Answer:
     def completion_chunks(self, gen: Generation) -> AsyncIterator[str]:
         return self._chunks(
             gen, "text_completion",
-            lambda c, delta: {"index": c.index, "text": delta, "logprobs": None},
+            lambda c, delta: {"index": c.index, "text": delta},
         )  # fmt: skip
 
     def chat_chunks(self, gen: Generation) -> AsyncIterator[str]:
@@ -325,7 +341,7 @@ class _Answer:
             if c.index not in started:  # the role rides on the first token's chunk
                 started.add(c.index)
                 message = {"role": "assistant", "content": delta}
-            return {"index": c.index, "delta": message, "logprobs": None}
+            return {"index": c.index, "delta": message}
 
         return self._chunks(gen, "chat.completion.chunk", body)
 
