@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -183,6 +184,7 @@ def test_short_bench_writes_summary_csv_and_plots(tmp_path, leftovers):
                  "--baseline", "sequential,batched,colocated")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "x colocated" in proc.stdout and "output tok/s" in proc.stdout  # the table
+    assert re.search(r"tokens = splitwiser %\s+100\s+\d+\s+100\b", proc.stdout), proc.stdout
     run = tmp_path / "e2e"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["command"].startswith("splitwiser bench --procs 2")
@@ -226,6 +228,8 @@ def test_short_bench_writes_summary_csv_and_plots(tmp_path, leftovers):
     # greedy float32 on the same prompt ids: the split runtime reproduces generate() exactly
     agreement = summary["token_agreement_with_sequential"]
     assert agreement["splitwiser"] == agreement["colocated"] == 1.0
+    same = summary["token_agreement_with_splitwiser"]
+    assert same["sequential"] == same["colocated"] == 1.0 and "splitwiser" not in same
     with open(run / "requests.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 24 and {r["system"] for r in rows} == set(summary["systems"])

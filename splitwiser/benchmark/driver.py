@@ -20,7 +20,7 @@ import torch
 
 from splitwiser import mps
 from splitwiser.benchmark.config import BenchConfig
-from splitwiser.benchmark.metrics import compute_metrics, ratios
+from splitwiser.benchmark.metrics import compute_metrics, ratios, token_agreement
 from splitwiser.benchmark.system import SystemJob, SystemRun, run_in_child
 from splitwiser.benchmark.workloads import BenchRequest, build_prompts, build_workload
 from splitwiser.config import resolve_dtype
@@ -124,16 +124,16 @@ def environment(device: torch.device, mps_state: dict, device_info: dict) -> dic
     return env | device_info  # the GPU as the systems' processes saw it
 
 
-def _agreement(runs: dict[str, SystemRun]) -> dict[str, float]:
-    """Fraction of requests whose tokens equal the sequential baseline's (greedy, same ids)."""
-    if "sequential" not in runs:
+def _agreement(runs: dict[str, SystemRun], reference: str) -> dict[str, float]:
+    """Per other system, the fraction of requests whose tokens equal ``reference``'s (greedy,
+    the same prompt ids, both completed)."""
+    if reference not in runs:
         return {}
-    ref = {r.request_id: r.token_ids for r in runs["sequential"].records if r.ok}
     out = {}
     for name, run in runs.items():
-        pairs = [(r.token_ids, ref[r.request_id]) for r in run.records if r.request_id in ref]
-        if name != "sequential" and pairs:
-            out[name] = sum(a == b for a, b in pairs) / len(pairs)
+        value = token_agreement(run.records, runs[reference].records)
+        if name != reference and value is not None:
+            out[name] = value
     return out
 
 
@@ -189,7 +189,8 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
         "environment": env,
         "systems": systems,
         "ratios": ratios(systems),
-        "token_agreement_with_sequential": _agreement(runs),
+        "token_agreement_with_sequential": _agreement(runs, "sequential"),
+        "token_agreement_with_splitwiser": _agreement(runs, "splitwiser"),
     }
     run_dir = write_results(config, summary, runs, out, device)
     return BenchResult(run_dir, summary, runs)

@@ -169,6 +169,13 @@ HEADLINE = (
 )
 
 
+def token_agreement(records: list[RequestRecord], reference: list[RequestRecord]) -> float | None:
+    """Fraction of requests whose tokens equal the reference's (both completed)."""
+    ref = {r.request_id: r.token_ids for r in reference if r.ok}
+    pairs = [(r.token_ids, ref[r.request_id]) for r in records if r.ok and r.request_id in ref]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+
+
 def ratios(systems: dict[str, dict], subject: str = "splitwiser") -> dict[str, dict]:
     """``subject``'s value divided by each baseline's, for every headline metric both have."""
     out = {}

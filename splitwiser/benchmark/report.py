@@ -146,6 +146,12 @@ def comparison_table(summary: dict) -> str:
         gpu = [(systems[n].get("telemetry") or {}).get("gpu") or {} for n in names]
         if any(g.get(key) is not None for g in gpu):
             rows.append([label, *(format_value(g.get(key)) for g in gpu), *[""] * len(ratio_cols)])
+    same = summary.get("token_agreement_with_splitwiser") or {}
+    if same:  # greedy: the same prompt ids should give the same tokens everywhere
+        rows.append(["tokens = splitwiser %", *(
+            "" if n == "splitwiser" or same.get(n) is None else f"{100 * same[n]:.0f}"
+            for n in names
+        ), *[""] * len(ratio_cols)])  # fmt: skip
     if any(systems[n].get("median_handoff_ms") is not None for n in names):  # the splits
         rows.append(["median handoff ms", *(format_value(systems[n].get("median_handoff_ms"))
                                             for n in names), *[""] * len(ratio_cols)])  # fmt: skip

@@ -30,7 +30,12 @@ from splitwiser.benchmark.goodput import (
     interference,
     slo_attainment,
 )
-from splitwiser.benchmark.metrics import RequestRecord, compute_metrics, phase_summary
+from splitwiser.benchmark.metrics import (
+    RequestRecord,
+    compute_metrics,
+    phase_summary,
+    token_agreement,
+)
 from splitwiser.benchmark.replay import REPLAY
 from splitwiser.benchmark.sweep_config import SweepConfig
 from splitwiser.benchmark.system import (
@@ -182,13 +187,6 @@ def resolve_slo(config: SweepConfig, runs: dict[str, SweepRun]) -> tuple[dict, d
     return slo, {"system": name, **unloaded}
 
 
-def _agreement(records: list[RequestRecord], reference: list[RequestRecord]) -> float | None:
-    """Fraction of requests whose tokens equal the reference's (both completed)."""
-    ref = {r.request_id: r.token_ids for r in reference if r.ok}
-    pairs = [(r.token_ids, ref[r.request_id]) for r in records if r.ok and r.request_id in ref]
-    return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
-
-
 def point_summary(point: PointRun, slo: dict, colocated: bool, reference: PointRun | None) -> dict:
     """One point's figures: rate, attainment, the bench metrics, decode steps, interference."""
     metrics = compute_metrics(point.records, point.duration_s, slo)
@@ -200,7 +198,7 @@ def point_summary(point: PointRun, slo: dict, colocated: bool, reference: PointR
         out["interference"] = interference(point.phase_log, colocated)
         out["phases"] = point.phases
     if reference is not None:
-        out["token_agreement_with_splitwiser"] = _agreement(point.records, reference.records)
+        out["token_agreement_with_splitwiser"] = token_agreement(point.records, reference.records)
     return out
 
 
