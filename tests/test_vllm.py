@@ -176,7 +176,9 @@ def test_split_decode_engine_reads_the_prefill_engines_kv(vllm_split, expected):
 
 @needs_vllm
 def test_a_dead_engine_fails_its_requests_and_nothing_hangs(vllm_parallel):
-    handles = [vllm_parallel.submit(p, SamplingParams(max_new_tokens=2000)) for p in _prompts()]
+    # ignore_eos: no request can end by itself before the kill, however late it comes
+    long = SamplingParams(max_new_tokens=2000, ignore_eos=True)
+    handles = [vllm_parallel.submit(p, long) for p in _prompts()]
     victim = next(iter(vllm_parallel.workers().values()))["pid"]
     psutil.Process(victim).kill()
     for h in handles:
