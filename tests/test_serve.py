@@ -168,6 +168,11 @@ def test_an_error_after_the_stream_started_is_sent_in_it_then_done(reference):
     from splitwiser.server.serving import Choice, _Answer
 
     class FailingGeneration:  # one token, then the request fails
+        ended = False
+
+        def has_more(self):
+            return False
+
         async def steps(self):
             yield Step(0, 7)
             yield Step(0, None, error=WorkerCrashedError("worker died"))
@@ -185,8 +190,9 @@ def test_an_error_after_the_stream_started_is_sent_in_it_then_done(reference):
 
     chunks = asyncio.run(run())
     assert json.loads(chunks[0][6:])["choices"][0]["index"] == 0
-    assert json.loads(chunks[1][6:])["error"]["message"] == "worker died"
-    assert chunks[2] == "data: [DONE]\n\n" and gen.cancelled
+    error, done = chunks[1].split("\n\n", 1)  # sent together, as the stream's end
+    assert json.loads(error[6:])["error"]["message"] == "worker died"
+    assert done == "data: [DONE]\n\n" and gen.cancelled
 
 
 def test_generation_follows_handles_filled_by_another_thread_without_a_thread_each():

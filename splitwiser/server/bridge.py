@@ -2,9 +2,10 @@
 loop as they come.
 
 Each request's handle tells its events (``RequestHandle.subscribe``) from the engine thread into
-one queue per HTTP request (all its prompts and choices); the loop is woken once for whatever
-arrived since it last looked, not once per token, and no thread is started per request. A
-handler never blocks the loop.
+one queue per HTTP request (all its prompts and choices). The loop is woken once for whatever
+arrived for any request since it last looked (one engine step's tokens for every stream wake it
+once, not once per stream or per token), and no thread is started per request. A handler never
+blocks the loop.
 """
 
 from __future__ import annotations
@@ -39,17 +40,51 @@ class Step:
         return self.output is not None or self.error is not None
 
 
+class Waker:
+    """Wakes the loop's waiting generations from other threads with one loop callback for all
+    that had arrivals since the loop last looked (``call_soon_threadsafe`` writes to the loop's
+    self-pipe: once per engine step, not once per stream)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._due: list[asyncio.Event] = []  # to set in the loop; [] when none is scheduled
+
+    def wake(self, event: asyncio.Event) -> None:
+        with self._lock:
+            self._due.append(event)
+            if len(self._due) > 1:
+                return  # a callback is scheduled and has yet to run: it sets this one too
+        try:
+            self.loop.call_soon_threadsafe(self._set_due)
+        except RuntimeError:  # the loop is closed: the server has gone, nobody reads this
+            pass
+
+    def _set_due(self) -> None:
+        with self._lock:
+            due, self._due = self._due, []
+        for event in due:
+            event.set()
+
+
 class Generation:
     """The requests of one HTTP request, their steps merged into one queue, in arrival order."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, handles: list, observer=None):
-        self._loop = loop
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        handles: list,
+        observer=None,
+        waker: Waker | None = None,
+    ):
+        self._waker = waker or Waker(loop)  # the bridge's, shared by every generation
         self._handles = handles
         self._seen = observer or _NoObserver()  # ServerMetrics (thread-safe)
         self._arrived: deque[Step] = deque()  # appended by the engine thread, popped by the loop
         self._woken = asyncio.Event()
         self._wake_lock = threading.Lock()
         self._wake_pending = False
+        self.ended = False  # ``steps`` gave the last step there is
         self._running = [False] * len(handles)  # each index is told by one thread at a time
         for _ in handles:
             self._seen.request_waiting()
@@ -69,10 +104,12 @@ class Generation:
             if self._wake_pending:
                 return  # the loop has yet to look: it will see this one too
             self._wake_pending = True
-        try:
-            self._loop.call_soon_threadsafe(self._woken.set)
-        except RuntimeError:  # the loop is closed: the server has gone, nobody reads this
-            pass
+        self._waker.wake(self._woken)
+
+    def has_more(self) -> bool:
+        """Whether a step has arrived that ``steps`` has yet to give (it gives it without
+        waiting): the caller can send what it has with it."""
+        return bool(self._arrived)
 
     async def _arrivals(self) -> AsyncIterator[Step]:
         while True:
@@ -102,9 +139,11 @@ class Generation:
             if not step.is_last and self._arrived:
                 held = step  # the next arrival may be its end: send the two as one
                 continue
-            yield step
             if len(ended) == len(self._handles):
+                self.ended = True
+                yield step
                 return
+            yield step
 
     def cancel(self) -> None:
         """Abort every request still running (their blocks are freed at once)."""
@@ -133,6 +172,7 @@ class PipelineBridge:
         self.error: BaseException | None = None  # the pipeline failed to start
         self.stopping = False
         self.max_model_len: int | None = None
+        self._waker: Waker | None = None  # for the serving loop, made on its first request
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._start, name="splitwiser-serve-start")
 
@@ -191,7 +231,10 @@ class PipelineBridge:
             for handle in handles:
                 handle.cancel()
             raise
-        return Generation(asyncio.get_running_loop(), handles, observer)
+        loop = asyncio.get_running_loop()
+        if self._waker is None or self._waker.loop is not loop:
+            self._waker = Waker(loop)
+        return Generation(loop, handles, observer, self._waker)
 
     def close(self) -> None:
         """Wait for a start still under way, then close the pipeline (workers first)."""

@@ -306,6 +306,9 @@ class _Answer:
 
     # ---- streams
     async def _chunks(self, gen: Generation, kind: str, choice_body) -> AsyncIterator[str]:
+        """The stream's events, each sent as soon as it is made; those whose steps had already
+        arrived go out together (one write), and the last with ``[DONE]``."""
+        ready: list[str] = []
         try:
             async for choice, step, delta in self._steps(gen):
                 body = choice_body(choice, delta)
@@ -318,14 +321,18 @@ class _Answer:
                 chunk = {**self._head(kind), "choices": [body]}
                 if self.req.continuous_usage:
                     chunk["usage"] = self.usage()
-                yield sse(chunk)
+                ready.append(sse(chunk))
+                if not gen.has_more() and not gen.ended:  # the last goes out with [DONE]
+                    yield "".join(ready)
+                    ready.clear()
             if self.req.include_usage:
-                yield sse({**self._head(kind), "choices": [], "usage": self.usage()})
+                ready.append(sse({**self._head(kind), "choices": [], "usage": self.usage()}))
         except Exception as exc:  # the 200 is sent: the error goes in the stream
             if not isinstance(exc, SplitwiserError):
                 log.exception("stream %s failed", self.id)
-            yield sse(error_body(500, str(exc) or type(exc).__name__))
-        yield DONE
+            ready.append(sse(error_body(500, str(exc) or type(exc).__name__)))
+        ready.append(DONE)
+        yield "".join(ready)
 
     def completion_chunks(self, gen: Generation) -> AsyncIterator[str]:
         return self._chunks(
