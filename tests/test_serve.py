@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -149,6 +150,54 @@ def test_text_held_back_never_has_to_be_taken_back_at_a_stop_string(reference):
     assert cut.startswith(sent)  # never past the cut
     out = RequestOutput(0, None, [1], fed, cut, "stop", RequestMetrics(0.0))
     assert sent + text.finish(out) == cut == "the cat sat "
+
+
+def _sentencepiece_style_tokenizer():
+    """A Llama-style tokenizer: "▁" for spaces, the leading one stripped, bytes as
+    <0x..> tokens that join into characters (some of them 2 and 3 bytes long)."""
+    from tokenizers import Tokenizer, decoders
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<s>", "▁the", "▁cat", "▁sat", "▁", "on", "mat", "."]
+    pieces += [f"<0x{b:02X}>" for b in (0xC3, 0xA9, 0xE4, 0xB8, 0xAD, 0x41)]
+    backend = Tokenizer(BPE({p: i for i, p in enumerate(pieces)}, [], byte_fallback=True))
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+         decoders.Strip(" ", 1, 0)]
+    )  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
+
+
+@pytest.mark.parametrize("style", ["byte-level", "sentencepiece"])
+def test_streamed_text_is_the_whole_decode_at_every_token(reference, style):
+    """Decoded a window at a time, the text sent is the output's decode up to its last whole
+    character at every token (bytes joined across tokens, broken bytes, special tokens), never
+    taken back, and the end completes it."""
+    from splitwiser.outputs import RequestMetrics, RequestOutput
+
+    tok = reference[1] if style == "byte-level" else _sentencepiece_style_tokenizer()
+    if style == "byte-level":  # any token: ByteLevel decodes broken bytes the same in context
+        units = [[t] for t in range(len(tok))]
+    else:  # words and whole characters split over byte tokens: a run of byte tokens that is
+        # not UTF-8 decodes to one \ufffd per byte, so its text changes as it grows
+        units = [[t] for t in range(8)] + [
+            [tok.convert_tokens_to_ids(f"<0x{b}>") for b in c]
+            for c in (("C3", "A9"), ("E4", "B8", "AD"), ("41",))
+        ]
+    rng = random.Random(0)
+    for _ in range(150):
+        ids = [t for _ in range(rng.randrange(1, 40)) for t in rng.choice(units)]
+        final = tok.decode(ids, skip_special_tokens=True)
+        text, sent = ChoiceText(tok, (), False), ""
+        for n in range(1, len(ids) + 1):
+            sent += text.add(ids[n - 1])
+            assert final.startswith(sent)  # never taken back
+            so_far = tok.decode(ids[:n], skip_special_tokens=True)
+            if not so_far.endswith("\ufffd"):
+                assert sent == so_far  # and never late
+        out = RequestOutput(0, None, [1], ids, final, "length", RequestMetrics(0.0))
+        assert sent + text.finish(out) == final
 
 
 def test_a_model_without_chat_template_gets_vllms_400(reference):

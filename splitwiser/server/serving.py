@@ -37,7 +37,12 @@ def sse(payload: dict) -> str:
 
 
 class ChoiceText:
-    """One choice's text as its tokens come: the part safe to send now, and the rest at the end."""
+    """One choice's text as its tokens come: the part safe to send now, and the rest at the end.
+
+    Decoded incrementally, as vLLM's detokenizer does: each token decodes a window of a few
+    tokens (from the last point where the text was whole, so a tokenizer that drops a leading
+    space or joins bytes across tokens decodes it as in context), not the whole output again,
+    so a token costs the same at the 10th and the 10,000th."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...], include_stop: bool):
         self._tokenizer = tokenizer
@@ -47,20 +52,34 @@ class ChoiceText:
         # much, so text sent is never taken back when the stop string completes
         self._holdback = max((len(s) for s in stop), default=1) - 1
         self.token_ids: list[int] = []
+        self._text = ""  # the text of token_ids[: self._read], which ends on a whole character
+        self._window = 0  # where the decode window starts (a token index)
+        self._read = 0  # tokens whose text is in self._text
+        self._window_text = ""  # the decode of token_ids[self._window : self._read]
         self._num_sent = 0  # characters
+        self._searched = 0  # stop strings are not in self._text[: self._searched]
 
     def _decode(self, token_ids: list[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def _read_new(self) -> None:
+        """Take the new tokens' text into ``_text`` once it ends on a whole character."""
+        text = self._decode(self.token_ids[self._window :])
+        if len(text) <= len(self._window_text) or text.endswith("\ufffd"):
+            return  # no new text yet, or a character whose bytes are not all there yet
+        self._text += text[len(self._window_text) :]
+        self._window, self._read = self._read, len(self.token_ids)
+        self._window_text = self._decode(self.token_ids[self._window : self._read])
+
     def add(self, token: int) -> str:
         self.token_ids.append(token)
-        text = self._decode(self.token_ids)
+        self._read_new()
+        text = self._text
         end = len(text) - self._holdback
-        if text.endswith("\ufffd"):  # a character whose bytes are not all there yet
-            end = min(end, len(text) - 1)
-        cuts = [i for i in (text.find(s) for s in self._stop) if i >= 0]
+        cuts = [i for i in (text.find(s, self._searched) for s in self._stop) if i >= 0]
         if cuts:  # this token completes a stop string: the request ends here, cut before it
             end = min(end, *cuts)
+        self._searched = max(0, len(text) - self._holdback)
         if end <= self._num_sent:
             return ""
         delta, self._num_sent = text[self._num_sent : end], end
