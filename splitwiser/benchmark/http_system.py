@@ -7,7 +7,7 @@ every chunk with a non-empty ``choices`` is a token event at the moment it arriv
 that sends one chunk per token, as vLLM and ``splitwiser serve`` do, gives every token's time);
 the request ends at ``[DONE]``. Token ids come back where the server returns them
 (``return_token_ids``: vLLM and ``splitwiser serve``), for the runs' token agreement. The client
-is aiohttp on one event loop.
+is aiohttp on one event loop (uvloop's where installed).
 """
 
 from __future__ import annotations
@@ -23,6 +23,15 @@ from splitwiser.outputs import RequestMetrics, RequestOutput
 
 def is_http_system(name: str) -> bool:
     return name.startswith(("http://", "https://"))
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's where it is installed (it comes with ``uvicorn[standard]``), as the server's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 class _Handle:
@@ -63,7 +72,7 @@ class OpenAIEndpoint:
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key or 'EMPTY'}"}
         self._timeout_s = timeout_s
-        self._loop = asyncio.new_event_loop()
+        self._loop = _new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="splitwiser-http-client", daemon=True
         )
