@@ -3,12 +3,13 @@ layer of a real model's shapes, each checked against a plain reference first.
 
     python bench/attention_spike.py [--device cuda] [--out F]
 
-Decode (one query token per request over paged K/V): the Triton kernel that reads the block
-table (CUDA), the gathered-blocks + SDPA torch path, and transformers-style SDPA over K/V
-repeated per query head. Prefill (packed prompts, causal): one SDPA call over the right-padded
-batch, one SDPA call per prompt, and ``torch.nn.attention.varlen.varlen_attn`` where this torch
-has it (CUDA). On the CPU also the projections' matmul: ``F.linear`` (MKL's sgemm) against
-torch's oneDNN linear on the weight as it is (chosen) and on a copy packed for oneDNN.
+Decode (one query token per request over paged K/V): the kernels that read the block table in
+place (Triton on CUDA, ``cpu_kernels``' C kernel on the CPU), the gathered-blocks + SDPA path,
+and transformers-style SDPA over K/V repeated per query head. Prefill (packed prompts, causal):
+one SDPA call over the right-padded batch, one SDPA call per prompt, and
+``torch.nn.attention.varlen.varlen_attn`` where this torch has it (CUDA). On the CPU also the
+projections' matmul: ``F.linear`` (MKL's sgemm) against torch's oneDNN linear on the weight as
+it is (chosen) and on a copy packed for oneDNN.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from splitwiser.engine import triton_attention
+from splitwiser.engine import cpu_kernels, triton_attention
 from splitwiser.engine.attention import (
     AttentionMetadata,
     _blocks,
@@ -79,6 +80,10 @@ def decode_candidates(device, dtype, batch: int, ctx: int) -> list[dict]:
 
     cands = {"gathered_sdpa": lambda: _gathered_decode(q, k_cache, v_cache, meta, scale),
              "gathered_sdpa_per_head_gqa": per_head_gqa, "repeat_kv_sdpa": repeated}  # fmt: skip
+    if cpu_kernels.supports(q, k_cache):
+        cands["cpu_paged_kernel"] = lambda: cpu_kernels.paged_decode(
+            q, k_cache, v_cache, table, lens, scale
+        )
     if device.type == "cuda" and triton_attention.AVAILABLE:
         cands["triton_paged"] = lambda: triton_attention.paged_decode(
             q, k_cache, v_cache, table, lens, scale
@@ -179,7 +184,7 @@ def main() -> int:
     small = device.type == "cpu"
     rows = []
     for batch, ctx in (
-        ((1, 1024), (8, 512), (32, 512))
+        ((1, 1024), (8, 512), (32, 512), (128, 512))
         if small
         else ((1, 1024), (16, 1024), (64, 1024), (64, 4096), (128, 1024))
     ):

@@ -54,12 +54,15 @@ def _slots(block_ids: list[int], n: int, block_size: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- attention alone
 
 
-def test_chunked_attention_sees_each_request_prefix_and_its_chunk_causally():
-    """Two decode tokens, then chunks of 5 and 3 over cached prefixes of 6 and 0 tokens, against
-    float64 attention of each query over its own request's keys up to its position."""
+@pytest.mark.parametrize("prefix_lens", [(6, 0), (0, 0)], ids=["cached-prefix", "prompt-starts"])
+def test_chunked_attention_sees_each_request_prefix_and_its_chunk_causally(prefix_lens):
+    """Two decode tokens, then chunks of 5 and 3 over cached prefixes of ``prefix_lens`` tokens,
+    against float64 attention of each query over its own request's keys up to its position.
+    With no prefix cached the chunks take SDPA's own causal mask (``chunks_start_prompts``)."""
     g = torch.Generator().manual_seed(0)
     bs, heads, kv_heads, d = 4, 4, 2, 8
-    query_lens, context_lens = [1, 1, 5, 3], [7, 2, 11, 3]
+    query_lens = [1, 1, 5, 3]
+    context_lens = [7, 2, 5 + prefix_lens[0], 3 + prefix_lens[1]]
     pool = torch.randn((1, 2, 40 * bs, kv_heads, d), generator=g)
     table = torch.randperm(40, generator=g)[:12].view(4, 3).to(torch.int32)
     starts = [0, 1, 2, 7, 10]
@@ -68,7 +71,8 @@ def test_chunked_attention_sees_each_request_prefix_and_its_chunk_causally():
         query_starts=torch.tensor(starts), max_query_len=5,
         padded_index=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]), block_table=table,
         context_lens=torch.tensor(context_lens, dtype=torch.int32), max_context_len=7,
-        num_decodes=2, max_chunk_context_len=11,
+        num_decodes=2, max_chunk_context_len=max(context_lens[2:]),
+        chunks_start_prompts=not any(prefix_lens),
     )  # fmt: skip
     q = torch.randn((10, heads, d), generator=g)
     out = decode_attention(q, meta, 0, 0.3)

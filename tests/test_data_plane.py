@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from splitwiser.engine import cpu_kernels
 from splitwiser.engine.attention import (
     AttentionMetadata,
     _blocks,  # noqa: F401 (the Triton check below imports it from here)
@@ -61,7 +62,12 @@ def _decode_reference(pool, table, lens, q, layer, scale):
     return torch.stack(outs)
 
 
-def test_decode_attention_reads_each_request_through_its_block_table():
+@pytest.mark.parametrize("path", ["cpu_kernel", "gather"])
+def test_decode_attention_reads_each_request_through_its_block_table(path, monkeypatch):
+    if path == "cpu_kernel":
+        assert cpu_kernels.available(), "the CPU paged decode kernel did not build here"
+    else:
+        monkeypatch.setattr(cpu_kernels, "supports", lambda *_: False)
     lens = [1, 4, 5, 17, 30]  # one token, exact blocks, a partial last block
     pool, table, meta, q = _paged_setup(lens)
     out = decode_attention(q, meta, 1, 0.3)
@@ -85,6 +91,68 @@ def test_prefill_attention_of_packed_prompts_equals_each_prompt_alone():
         a, b = int(starts[i]), int(starts[i + 1])
         ref = _reference(q[a:b], k[a:b], v[a:b], 0.25, causal=True)
         torch.testing.assert_close(out[a:b], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,block_size",
+    [(8, 2, 32, 16), (32, 8, 64, 16), (14, 2, 64, 16), (4, 4, 128, 32), (6, 2, 24, 12)],
+)  # the embedded model, Llama-3 and Qwen2 groups, no GQA, and a shape the kernel has no case for
+def test_cpu_decode_kernel_reads_the_blocks_in_place(heads, kv_heads, head_dim, block_size):
+    """Each query over its request's first ``context_lens`` keys, read through a table whose
+    rows are a slice of a wider one, against float64 attention over the request's keys."""
+    assert cpu_kernels.available()
+    g = torch.Generator().manual_seed(heads * head_dim)
+    lens = [1, block_size, block_size + 1, 3 * block_size - 5, 200]
+    cols = -(-max(lens) // block_size)
+    num_blocks = len(lens) * (cols + 2)
+    k_cache, v_cache = (
+        torch.randn((num_blocks, block_size, kv_heads, head_dim), generator=g) for _ in range(2)
+    )
+    wide = torch.randperm(num_blocks, generator=g)[: len(lens) * (cols + 2)].view(len(lens), -1)
+    table = wide.to(torch.int32)[:, :cols]  # strided rows, as the decode batch's table
+    q = torch.randn((len(lens), heads, head_dim), generator=g)
+    out = cpu_kernels.paged_decode(q, k_cache, v_cache, table, torch.tensor(lens), 0.2)
+    for i, n in enumerate(lens):
+        keys = k_cache[table[i].long()].flatten(0, 1)[:n].double()  # [n, kv_heads, D]
+        values = v_cache[table[i].long()].flatten(0, 1)[:n].double()
+        ref = _reference(q[i : i + 1].double(), keys, values, 0.2, causal=False)[0]
+        torch.testing.assert_close(out[i].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_decode_kernel_refuses_a_context_beyond_its_table():
+    k_cache, table = torch.zeros((4, 16, 2, 32)), torch.zeros((1, 2), dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="longer than its block table"):  # 33 > 2 blocks of 16
+        cpu_kernels.paged_decode(torch.zeros((1, 8, 32)), k_cache, k_cache, table,
+                                 torch.tensor([33]), 1.0)  # fmt: skip
+
+
+KERNEL_FALLBACK = """
+import logging, torch
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+from splitwiser.engine import cpu_kernels
+from tests.test_data_plane import _paged_setup, _decode_reference
+from splitwiser.engine.attention import decode_attention
+assert not cpu_kernels.available()
+lens = [3, 9]
+pool, table, meta, q = _paged_setup(lens, seed=4)
+torch.testing.assert_close(decode_attention(q, meta, 0, 0.3),
+                           _decode_reference(pool, table, lens, q, 0, 0.3), rtol=1e-5, atol=1e-5)
+print("fallback ok")
+"""
+
+
+@pytest.mark.parametrize("env", [{"SPLITWISER_CPU_KERNELS": "0"}, {"CC": "/bin/false"}])
+def test_decode_attention_gathers_where_the_cpu_kernel_cannot_build(env, tmp_path):
+    """Switched off, or no working compiler (an empty kernel cache): one warning at most, and
+    decode attention still right, on the gather path."""
+    env = os.environ | env | {"SPLITWISER_CACHE": str(tmp_path)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", KERNEL_FALLBACK], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "fallback ok" in proc.stdout, proc.stderr[-3000:]
+    if "CC" in env:
+        assert "CPU paged decode kernel unavailable" in proc.stderr
+    assert not list(tmp_path.rglob("*.so"))
 
 
 TRITON_CHECK = """

@@ -144,6 +144,7 @@ class ModelRunner:
             max_context_len=max(decode_lens, default=1),
             num_decodes=num_decodes,
             max_chunk_context_len=max(chunk_lens, default=0),
+            chunks_start_prompts=all(seqs[i].num_computed == 0 for i in order[num_decodes:]),
         )
         hidden = self.model.forward(self._long(input_ids), device_positions, meta)
         return self.model.logits(hidden[self._long(last)])
