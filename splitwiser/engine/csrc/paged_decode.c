@@ -44,10 +44,18 @@ static inline float exp_nonpositive(float x) {
 
 typedef float vec8 __attribute__((vector_size(32), aligned(4))); /* 8 floats, unaligned ok */
 
-static inline float hsum8(vec8 x) {
-    float s = 0.0f;
-    for (int i = 0; i < 8; i++) s += x[i];
-    return s;
+typedef int32_t vec8i __attribute__((vector_size(32)));
+#if defined(__clang__)
+#define SHUFFLE(x, ...) __builtin_shufflevector(x, x, __VA_ARGS__)
+#else
+#define SHUFFLE(x, ...) __builtin_shuffle(x, (vec8i){__VA_ARGS__})
+#endif
+
+static inline float hsum8(vec8 x) { /* a tree of three shuffle-adds */
+    x += SHUFFLE(x, 4, 5, 6, 7, 0, 1, 2, 3);
+    x += SHUFFLE(x, 2, 3, 0, 1, 6, 7, 4, 5);
+    x += SHUFFLE(x, 1, 0, 3, 2, 5, 4, 7, 6);
+    return x[0];
 }
 
 /* One (token, K/V head): `q`/`out` are the group's rows [group][head_dim], `k`/`v` the layer's
