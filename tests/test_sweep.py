@@ -232,17 +232,20 @@ def test_a_bad_option_is_one_line_from_the_real_command(tmp_path):
 # ------------------------------------------------------------------ a real sweep
 
 
-def test_short_sweep_of_splitwiser_and_colocated(tmp_path, leftovers):
-    """Both systems up once for both rates: every request completes, greedy tokens agree, and
-    the files are written. The SLOs are generous: everything meets them."""
+def test_short_sweep_of_splitwiser_colocated_and_sequential(tmp_path, leftovers):
+    """Each system up once for both rates: every request completes, greedy tokens agree with
+    splitwiser's and with the sequential baseline's (``generate()``), and the files are written.
+    The SLOs are generous: everything meets them."""
     proc = subprocess.run(
         [sys.executable, "-m", "splitwiser", "sweep", "--procs", "2", "--num-requests", "6",
+         "--baseline", "colocated,sequential",
          "--input-len", "24", "--output-len", "6", "--rate", "4,16", "--num-warmup", "1",
          "--slo", "ttft_ms=60000,tpot_ms=100x", "--out", str(tmp_path), "--run-id", "s"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "goodput req/s" in proc.stdout and "x colocated" in proc.stdout
+    assert "tokens = splitwiser" in proc.stdout and "tokens = sequential" in proc.stdout
     run = tmp_path / "s"
     summary = json.loads((run / "sweep.json").read_text())
     assert summary["command"].startswith("splitwiser sweep --procs 2")
@@ -251,8 +254,8 @@ def test_short_sweep_of_splitwiser_and_colocated(tmp_path, leftovers):
     assert reference["system"] == "colocated" and reference["num_runs"] == 3
     assert summary["slo"]["tpot_ms"] == pytest.approx(100 * reference["tpot_ms"])
     systems = summary["systems"]
-    assert list(systems) == ["splitwiser", "colocated"]
-    assert systems["splitwiser"]["pid"] != systems["colocated"]["pid"]
+    assert list(systems) == ["splitwiser", "colocated", "sequential"]
+    assert len({s["pid"] for s in systems.values()}) == 3  # each in a process of its own
     for name, system in systems.items():
         assert [p["rate"] for p in system["points"]] == [4.0, 16.0], name
         assert system["goodput_rps"] == 16.0 and system["highest_rate_met"] is True, name
@@ -262,24 +265,34 @@ def test_short_sweep_of_splitwiser_and_colocated(tmp_path, leftovers):
             assert point["slo_attainment"] == 1.0
             assert point["request_goodput"] == pytest.approx(6 / point["duration"])
             assert point["total_output_tokens"] == 36 and point["p90_ttft_ms"] > 0
-            assert point["phases"]["prefill_tokens"] == 6 * 24  # each prompt prefilled once
-            assert point["median_decode_step_ms"] > 0 and point["interference"]["basis"]
-    # greedy float32 on the same prompt ids: the same tokens from both, at both rates
-    assert [p["token_agreement_with_splitwiser"] for p in systems["colocated"]["points"]] == [
-        1.0,
-        1.0,
-    ]
-    assert summary["goodput_ratio_to_colocated"] == {"splitwiser": 1.0, "colocated": 1.0}
+            if name != "sequential":  # the engine's systems: their workers' own step log
+                assert point["phases"]["prefill_tokens"] == 6 * 24  # each prompt prefilled once
+                assert point["median_decode_step_ms"] > 0 and point["interference"]["basis"]
+    # greedy float32 on the same prompt ids: the same tokens from all three, at both rates
+    agreement = {
+        (name, ref): [p.get(f"token_agreement_with_{ref}") for p in system["points"]]
+        for name, system in systems.items() for ref in ("splitwiser", "sequential")
+    }  # fmt: skip
+    assert agreement == {
+        ("splitwiser", "splitwiser"): [None, None], ("splitwiser", "sequential"): [1.0, 1.0],
+        ("colocated", "splitwiser"): [1.0, 1.0], ("colocated", "sequential"): [1.0, 1.0],
+        ("sequential", "splitwiser"): [1.0, 1.0], ("sequential", "sequential"): [None, None],
+    }  # fmt: skip
+    assert summary["goodput_ratio_to_colocated"] == {
+        "splitwiser": 1.0, "colocated": 1.0, "sequential": 1.0
+    }  # fmt: skip
     assert systems["colocated"]["phases"]["mixed_steps"] > 0
     assert systems["colocated"]["kv_bytes_per_token"] == systems["splitwiser"]["kv_bytes_per_token"]
     with open(run / "points.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["system"], float(r["rate"])) for r in rows] == [
         ("splitwiser", 4.0), ("splitwiser", 16.0), ("colocated", 4.0), ("colocated", 16.0),
+        ("sequential", 4.0), ("sequential", 16.0),
     ]  # fmt: skip
+    assert {r["token_agreement_with_sequential"] for r in rows} == {"1.0", ""}
     with open(run / "requests.csv") as f:
         requests = list(csv.DictReader(f))
-    assert len(requests) == 24 and all(int(r["num_output_tokens"]) == 6 for r in requests)
+    assert len(requests) == 36 and all(int(r["num_output_tokens"]) == 6 for r in requests)
     for png in ("attainment.png", "latency_vs_rate.png", "throughput_vs_rate.png"):
         assert (run / png).read_bytes().startswith(PNG_MAGIC)
     assert set(summary["files"]) == {p.name for p in run.iterdir()}

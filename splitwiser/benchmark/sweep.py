@@ -187,8 +187,12 @@ def resolve_slo(config: SweepConfig, runs: dict[str, SweepRun]) -> tuple[dict, d
     return slo, {"system": name, **unloaded}
 
 
-def point_summary(point: PointRun, slo: dict, colocated: bool, reference: PointRun | None) -> dict:
-    """One point's figures: rate, attainment, the bench metrics, decode steps, interference."""
+def point_summary(
+    point: PointRun, slo: dict, colocated: bool, references: dict[str, PointRun]
+) -> dict:
+    """One point's figures: rate, attainment, the bench metrics, decode steps, interference, and
+    its tokens' agreement with each of ``references``' at the same point (splitwiser's, and the
+    sequential baseline's where it ran: ``generate()`` alone, the exactness reference)."""
     metrics = compute_metrics(point.records, point.duration_s, slo)
     out = {"rate": point.rate, "slo_attainment": slo_attainment(point.records, slo), **metrics}
     out["telemetry"] = point.telemetry.summary(metrics["total_output_tokens"])
@@ -197,20 +201,20 @@ def point_summary(point: PointRun, slo: dict, colocated: bool, reference: PointR
         out |= decode_step_stats(point.phase_log, colocated)
         out["interference"] = interference(point.phase_log, colocated)
         out["phases"] = point.phases
-    if reference is not None:
-        out["token_agreement_with_splitwiser"] = token_agreement(point.records, reference.records)
+    for name, reference in references.items():
+        out[f"token_agreement_with_{name}"] = token_agreement(point.records, reference.records)
     return out
 
 
 def summarize_systems(config: SweepConfig, runs: dict[str, SweepRun], slo: dict) -> dict:
     """``systems.<name>``: its points, its goodput, its unloaded latency and facts."""
     systems = {}
-    reference = runs.get("splitwiser")
+    references = {ref: runs[ref] for ref in ("splitwiser", "sequential") if ref in runs}
     for name, run in runs.items():
         kind = config.systems[name][0]
         points = [
             point_summary(p, slo, kind == COLOCATED,
-                          reference.points[i] if reference and name != "splitwiser" else None)
+                          {ref: r.points[i] for ref, r in references.items() if ref != name})
             for i, p in enumerate(run.points)
         ]  # fmt: skip
         goodput = goodput_rps([p["rate"] for p in points], [p["slo_attainment"] for p in points],

@@ -23,7 +23,7 @@ POINT_COLUMNS = (
     "decode_steps_during_prefill", "median_step_ms_during_prefill",
     "mean_step_ms_during_prefill", "decode_steps_without_prefill",
     "median_step_ms_without_prefill", "mean_step_ms_without_prefill", "interference_mean_ratio",
-    "token_agreement_with_splitwiser",
+    "token_agreement_with_splitwiser", "token_agreement_with_sequential",
 )  # fmt: skip
 
 
@@ -86,16 +86,21 @@ def _pct(share: float | None) -> str:
 
 
 def sweep_table(summary: dict) -> str:
-    """Each point (attainment, throughput, p90 latencies, decode steps), then each system's
-    goodput and its ratio to the colocated baseline's."""
-    points = [["system", "rate", "attained", "out tok/s", "p90 TTFT ms", "p90 TPOT ms",
-               "step p50 ms", "step p99 ms", "failed"]]  # fmt: skip
+    """Each point (attainment, throughput, p90 latencies, decode steps, token agreement), then
+    each system's goodput and its ratio to the colocated baseline's."""
+    # each system's tokens against splitwiser's and, where it ran, the sequential baseline's
+    refs = [r for r in ("splitwiser", "sequential") if r in summary["systems"]]
+    header = ["system", "rate", "attained", "out tok/s", "p90 TTFT ms", "p90 TPOT ms",
+              "step p50 ms", "step p99 ms", "failed"]  # fmt: skip
+    points = [header + [f"tokens = {r}" for r in refs]]
     for name, system in summary["systems"].items():
         for p in system["points"]:
             points.append([name, f"{p['rate']:g}", _pct(p["slo_attainment"])] + [
                 format_value(p.get(k)) for k in ("output_throughput", "p90_ttft_ms", "p90_tpot_ms",
                                          "median_decode_step_ms", "p99_decode_step_ms")
-            ] + [str(p["failed"])])  # fmt: skip
+            ] + [str(p["failed"])] + [
+                "-" if r == name else _pct(p.get(f"token_agreement_with_{r}")) for r in refs
+            ])  # fmt: skip
     slo = ", ".join(f"{k}={v:.4g}" for k, v in summary["slo"].items())
     target = _pct(summary["attainment_target"])
     ratios = summary["goodput_ratio_to_colocated"]
