@@ -109,3 +109,28 @@ def test_hub_id_loads_offline_from_the_local_cache(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["splitwiser-test/tiny-llama"] == out[source] and len(out[source]) == 6
     assert "cannot load model 'splitwiser-test/not-in-the-cache'" in out["missing"]
+
+
+NO_SEMAPHORE = """
+import multiprocessing, multiprocessing.synchronize as mps_sync, sys
+import splitwiser  # sets the start method the runtime uses
+made = []
+init = mps_sync.SemLock.__init__
+mps_sync.SemLock.__init__ = lambda self, *a, **k: (made.append(a), init(self, *a, **k))[1]
+from splitwiser.models import default
+default.ensure_default_model()
+print("semaphores", len(made), multiprocessing.get_start_method())
+"""
+
+
+def test_building_the_default_model_makes_no_named_semaphore(tmp_path):
+    """A progress bar's first use makes tqdm create a multiprocessing lock: under the spawn or
+    forkserver start method (Python 3.14's default on Linux) a named semaphore in /dev/shm that
+    outlives a short-lived process until its resource tracker removes it, so a command that
+    builds the model would seem to leak one. The build shows no bar and makes no lock."""
+    env = os.environ | {"SPLITWISER_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", NO_SEMAPHORE], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "semaphores 0" in proc.stdout, proc.stdout + proc.stderr
+    assert (tmp_path / default.default_model_dir().name / "config.json").exists()

@@ -79,6 +79,7 @@ def default_config(vocab_size: int, eos_token_id: int):
 
 def _build(target: Path) -> None:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     tokenizer = build_tokenizer()
     config = default_config(len(tokenizer), tokenizer.eos_token_id)
@@ -86,11 +87,18 @@ def _build(target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.eos_token_id
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    # NOTE: no progress bar: tqdm's first bar creates a multiprocessing lock, which under the
+    # spawn or forkserver start method is a named semaphore in /dev/shm that outlives the
+    # process until its resource tracker removes it (a leak seen from outside)
+    had_bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
     finally:
+        if had_bars:
+            hf_logging.enable_progress_bar()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
