@@ -162,8 +162,8 @@ def chunked_attention(
     padded = q.new_zeros((num_chunks * length, num_heads, head_dim))
     padded = padded.index_copy_(0, meta.padded_index, q).view(num_chunks, length, num_heads, -1)
     if meta.chunks_start_prompts:
-        # query i sees keys 0..i: SDPA's own causal mask, whose kernels skip the masked half
-        # (with an explicit mask the CPU's flash kernel computes every block: 2x the time)
+        # query i sees keys 0..i: SDPA's own causal mask, no mask tensor to build (CPU, 8 x 256
+        # tokens: 5.9 against 6.6 ms a layer with the explicit mask, bench/README.md)
         out = _sdpa(padded.transpose(1, 2), k[:, :, :length], v[:, :, :length], scale)
         return _padded_rows(out, meta.padded_index)
     starts = meta.query_starts[first:]

@@ -2,9 +2,9 @@
 request's K/V in place from the block pool, as vLLM's CPU build does with its own kernel.
 
 The plain-torch path (``attention._gathered_decode``) copies every running request's whole
-context out of the pool at every step and layer, then runs a masked SDPA over the copy: at 128
-running requests the copy is most of a decode step's attention time on the CPU. The kernel reads
-each key and value row once, where it lies.
+context out of the pool at every step and layer, then runs a masked SDPA over the copy. The
+kernel reads each key and value row once, where it lies (one layer of Llama-3.2-1B's attention
+at batch 128, context 512: 29 against 114 ms on a 2-core CPU, ``bench/README.md``).
 
 It is compiled on first use with the system's C compiler (``cc``, or ``$CC``) for this machine
 (``-march=native``) into ``kernels/`` of Splitwiser's cache (``$SPLITWISER_CACHE`` or
