@@ -219,12 +219,9 @@ def test_an_error_after_the_stream_started_is_sent_in_it_then_done(reference):
     class FailingGeneration:  # one token, then the request fails
         ended = False
 
-        def has_more(self):
-            return False
-
-        async def steps(self):
-            yield Step(0, 7)
-            yield Step(0, None, error=WorkerCrashedError("worker died"))
+        async def batches(self):
+            yield [Step(0, 7)]
+            yield [Step(0, None, error=WorkerCrashedError("worker died"))]
 
         def cancel(self):
             self.cancelled = True

@@ -7,7 +7,9 @@ every chunk with a non-empty ``choices`` is a token event at the moment it arriv
 that sends one chunk per token, as vLLM and ``splitwiser serve`` do, gives every token's time);
 the request ends at ``[DONE]``. Token ids come back where the server returns them
 (``return_token_ids``: vLLM and ``splitwiser serve``), for the runs' token agreement. The client
-is aiohttp on one event loop (uvloop's where installed).
+is aiohttp on one event loop (uvloop's where installed); it reads whatever each read brings and
+cuts it into events at the blank line (as ``vllm bench serve``), an event cut across reads put
+back together.
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The data of one server-sent event (its ``data:`` lines joined), None without any."""
+    if event.startswith(b"data: ") and b"\n" not in event:  # one line: as servers send it
+        return event[6:]
+    lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
 
 
 class _Handle:
@@ -119,22 +129,27 @@ class OpenAIEndpoint:
             async with self._session.post(f"{self.base_url}/completions", json=body) as r:
                 if r.status != 200:
                     raise SplitwiserError(f"HTTP {r.status}: {(await r.text())[:300]}")
-                async for raw in r.content:  # one line at a time
-                    line = raw.strip()
-                    if not line.startswith(b"data: "):
-                        continue
-                    now, data = time.monotonic(), line[6:]
-                    if data == b"[DONE]":
-                        metrics.finish_time = now
+                pending = b""  # the start of an event whose end has yet to arrive
+                async for received in r.content.iter_any():  # whatever each read brought
+                    now = time.monotonic()
+                    *events, pending = (pending + received).split(b"\n\n")
+                    for event in events:
+                        data = _event_data(event)
+                        if data is None:
+                            continue
+                        if data == b"[DONE]":
+                            metrics.finish_time = now
+                            break
+                        chunk = json.loads(data)
+                        if "error" in chunk:
+                            raise SplitwiserError(chunk["error"].get("message", str(chunk)))
+                        if chunk.get("choices"):
+                            choice = chunk["choices"][0]
+                            metrics.token_times.append(now)
+                            text.append(choice.get("text") or "")
+                            token_ids.extend(choice.get("token_ids") or ())
+                    if metrics.finish_time is not None:
                         break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        raise SplitwiserError(chunk["error"].get("message", str(chunk)))
-                    if chunk.get("choices"):
-                        choice = chunk["choices"][0]
-                        metrics.token_times.append(now)
-                        text.append(choice.get("text") or "")
-                        token_ids.extend(choice.get("token_ids") or ())
             if metrics.finish_time is None:
                 raise SplitwiserError("the stream ended without [DONE]")
             handle._output = RequestOutput(

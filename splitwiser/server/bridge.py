@@ -11,6 +11,7 @@ blocks the loop.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 from collections import deque
@@ -84,7 +85,7 @@ class Generation:
         self._woken = asyncio.Event()
         self._wake_lock = threading.Lock()
         self._wake_pending = False
-        self.ended = False  # ``steps`` gave the last step there is
+        self.ended = False  # the batch given last is the last there is
         self._running = [False] * len(handles)  # each index is told by one thread at a time
         for _ in handles:
             self._seen.request_waiting()
@@ -106,44 +107,42 @@ class Generation:
             self._wake_pending = True
         self._waker.wake(self._woken)
 
-    def has_more(self) -> bool:
-        """Whether a step has arrived that ``steps`` has yet to give (it gives it without
-        waiting): the caller can send what it has with it."""
-        return bool(self._arrived)
-
-    async def _arrivals(self) -> AsyncIterator[Step]:
-        while True:
+    async def batches(self) -> AsyncIterator[list[Step]]:
+        """The steps that arrived since the last batch, once the loop is woken for them, until
+        each choice ended. A choice's last token comes with its output when both arrived in
+        the same batch (one step); an end after a failure is dropped."""
+        ended: set[int] = set()
+        while len(ended) < len(self._handles):
             await self._woken.wait()
             self._woken.clear()
             with self._wake_lock:  # NOTE: cleared before popping, so nothing is missed
                 self._wake_pending = False
+            batch: list[Step] = []
+            last_token: dict[int, int] = {}  # choice -> where its latest token is in batch
             while self._arrived:
-                yield self._arrived.popleft()
+                step = self._arrived.popleft()
+                if step.index in ended:
+                    continue
+                if not step.is_last:
+                    last_token[step.index] = len(batch)
+                    batch.append(step)
+                    continue
+                ended.add(step.index)
+                at = last_token.pop(step.index, None)
+                if at is not None and step.error is None:  # its last token: one step
+                    held = batch[at]
+                    batch[at] = Step(held.index, held.token, step.output, None, held.logprobs)
+                else:
+                    batch.append(step)
+            self.ended = len(ended) == len(self._handles)  # this batch is the last
+            if batch:
+                yield batch
 
     async def steps(self) -> AsyncIterator[Step]:
-        """Every step of every choice, until each choice ended; a request's last token comes
-        with its output when the output is already there."""
-        ended: set[int] = set()
-        held: Step | None = None  # a token, kept back while more arrivals are already queued
-        async for step in self._arrivals():
-            if step.index in ended:
-                continue  # an end after a failure
-            if step.is_last:
-                ended.add(step.index)
-                if held is not None and held.index == step.index and step.error is None:
-                    last = Step(held.index, held.token, step.output, None, held.logprobs)
-                    step, held = last, None
-            if held is not None:
-                yield held
-                held = None
-            if not step.is_last and self._arrived:
-                held = step  # the next arrival may be its end: send the two as one
-                continue
-            if len(ended) == len(self._handles):
-                self.ended = True
+        """Every step of every batch, in order."""
+        async for batch in self.batches():
+            for step in batch:
                 yield step
-                return
-            yield step
 
     def cancel(self) -> None:
         """Abort every request still running (their blocks are freed at once)."""
@@ -184,6 +183,11 @@ class PipelineBridge:
             pipe = self._factory()
             self.max_model_len = pipe.stats()["max_model_len"]
             self.pipe = pipe
+            # what exists now (the tokenizer, the model's modules, imports) lives as long as the
+            # server: out of the collector's sight, a full collection no longer walks it at
+            # every few thousand chunks made (as vLLM's server freezes its startup heap)
+            gc.collect()
+            gc.freeze()
             log.info("pipeline ready: %s", ", ".join(pipe.workers()))
         except BaseException as exc:
             self.error = exc

@@ -14,8 +14,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -32,8 +33,12 @@ DONE = "data: [DONE]\n\n"
 log = logging.getLogger("splitwiser.serve")
 
 
+def _json(payload) -> str:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
 def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_json(payload)}\n\n"
 
 
 class ChoiceText:
@@ -46,6 +51,7 @@ class ChoiceText:
 
     def __init__(self, tokenizer, stop: tuple[str, ...], include_stop: bool):
         self._tokenizer = tokenizer
+        self._decode_ids = _decoder(tokenizer)
         self._stop = stop
         self._include_stop = include_stop
         # NOTE: a stop string not yet complete may be the end of the text now: hold back that
@@ -60,7 +66,7 @@ class ChoiceText:
         self._searched = 0  # stop strings are not in self._text[: self._searched]
 
     def _decode(self, token_ids: list[int]) -> str:
-        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+        return self._decode_ids(token_ids)
 
     def _read_new(self) -> None:
         """Take the new tokens' text into ``_text`` once it ends on a whole character."""
@@ -105,6 +111,16 @@ class ChoiceText:
         full = self._decode(output.token_ids)
         found = [(full.find(s), s) for s in self._stop if s in full]
         return min(found)[1] if found else None
+
+
+def _decoder(tokenizer) -> Callable[[list[int]], str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True)``, straight from the Rust tokenizer
+    where that is all it does (a fast tokenizer with no clean-up of spaces): the Python around
+    it costs more than the decode of a few tokens, and a stream decodes at every token."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    if backend is None or tokenizer.clean_up_tokenization_spaces:
+        return partial(tokenizer.decode, skip_special_tokens=True)
+    return partial(backend.decode, skip_special_tokens=True)
 
 
 def stop_reason(output: RequestOutput, text: ChoiceText, params) -> int | str | None:
@@ -265,24 +281,23 @@ class _Answer:
     def usage(self) -> dict:
         return usage([len(p) for p in self.prompts], self.num_generated)
 
-    async def _steps(self, gen: Generation) -> AsyncIterator[tuple[Choice, Step, str]]:
-        """Each step with its choice and new text; a failed request raises its error. Cancels
-        whatever still runs when left early (the client went away, an error)."""
-        try:
-            async for step in gen.steps():
-                if step.error is not None:
-                    raise step.error
-                choice = self.choices[step.index]
-                self.num_generated += step.token is not None
-                yield choice, step, choice.step_text(step)
-        finally:
-            gen.cancel()
+    def _advance(self, step: Step) -> tuple[Choice, str]:
+        """The step's choice and its new text; a failed request raises its error."""
+        if step.error is not None:
+            raise step.error
+        choice = self.choices[step.index]
+        self.num_generated += step.token is not None
+        return choice, choice.step_text(step)
 
     # ---- whole answers
     async def _collect(self, gen: Generation) -> dict[int, str]:
         texts = {c.index: "" for c in self.choices}
-        async for choice, _, delta in self._steps(gen):
-            texts[choice.index] += delta
+        try:
+            async for step in gen.steps():
+                choice, delta = self._advance(step)
+                texts[choice.index] += delta
+        finally:  # also when cancelled (the client went away): its requests stop
+            gen.cancel()
         return texts
 
     @staticmethod
@@ -325,23 +340,28 @@ class _Answer:
 
     # ---- streams
     async def _chunks(self, gen: Generation, kind: str, choice_body) -> AsyncIterator[str]:
-        """The stream's events, each sent as soon as it is made; those whose steps had already
-        arrived go out together (one write), and the last with ``[DONE]``."""
+        """The stream's events: each batch of steps that arrived together goes out as one
+        write (an event per step), the last with ``[DONE]``. Cancels whatever still runs when
+        left early (the client went away, an error)."""
+        # every chunk starts with the same id, object, created and model: made once
+        head = f"data: {_json(self._head(kind))[:-1]},\"choices\":["
         ready: list[str] = []
         try:
-            async for choice, step, delta in self._steps(gen):
-                body = choice_body(choice, delta)
-                step_lps = [step.logprobs] if step.logprobs is not None else []
-                body["logprobs"] = self._logprobs(choice, step_lps, kind)
-                body["finish_reason"] = choice.finish_reason if step.is_last else None
-                body["stop_reason"] = choice.stop_reason if step.is_last else None
-                if self.req.return_token_ids:
-                    body["token_ids"] = [] if step.token is None else [step.token]
-                chunk = {**self._head(kind), "choices": [body]}
-                if self.req.continuous_usage:
-                    chunk["usage"] = self.usage()
-                ready.append(sse(chunk))
-                if not gen.has_more() and not gen.ended:  # the last goes out with [DONE]
+            async for batch in gen.batches():
+                for step in batch:
+                    choice, delta = self._advance(step)
+                    body = choice_body(choice, delta)
+                    step_lps = [step.logprobs] if step.logprobs is not None else []
+                    body["logprobs"] = self._logprobs(choice, step_lps, kind)
+                    body["finish_reason"] = choice.finish_reason if step.is_last else None
+                    body["stop_reason"] = choice.stop_reason if step.is_last else None
+                    if self.req.return_token_ids:
+                        body["token_ids"] = [] if step.token is None else [step.token]
+                    usage = (
+                        f',"usage":{_json(self.usage())}' if self.req.continuous_usage else ""
+                    )
+                    ready.append(f"{head}{_json(body)}]{usage}}}\n\n")
+                if not gen.ended:  # the last batch goes out with [DONE]
                     yield "".join(ready)
                     ready.clear()
             if self.req.include_usage:
@@ -350,6 +370,8 @@ class _Answer:
             if not isinstance(exc, SplitwiserError):
                 log.exception("stream %s failed", self.id)
             ready.append(sse(error_body(500, str(exc) or type(exc).__name__)))
+        finally:
+            gen.cancel()
         ready.append(DONE)
         yield "".join(ready)
 
