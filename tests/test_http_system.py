@@ -92,3 +92,24 @@ def test_events_cut_across_reads_are_put_back_together():
     assert out.token_ids == tokens and out.text == " t11 t12 t13"
     assert len(out.metrics.token_times) == 3  # the usage chunk is not a token
     assert out.metrics.finish_time >= out.metrics.token_times[-1]
+
+
+def test_http_cost_measures_the_floor_server(tmp_path):
+    """bench/http_cost.py against its stack-only server: every token read, CPU per token
+    reported for server and client, the server stopped."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "floor.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "http_cost.py"
+    cmd = [sys.executable, str(script), "--server", "floor", "--requests", "4",
+           "--new-tokens", "3", "--prompt-len", "5", "--reps", "1", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (rep,) = json.loads(out.read_text())["reps"]
+    assert rep["tokens"] == 12
+    # CPU is read in clock ticks (10 ms): a dozen tokens may read as none
+    assert rep["server_us_per_token"] >= 0 and rep["client_us_per_token"] >= 0
+    leftover = subprocess.run(["pgrep", "-f", "run-floor-server"], capture_output=True)
+    assert leftover.returncode == 1, leftover.stdout  # the server was stopped
