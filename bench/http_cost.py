@@ -33,7 +33,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 
 import psutil
 
@@ -98,6 +100,15 @@ def start_server(kind: str, new_tokens: int) -> tuple[subprocess.Popen, str]:
         cmd = [sys.executable, "-m", "splitwiser", "serve", "--port", "0", "--device", "cpu",
                "--procs", "4", "--no-access-log"]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        return proc, _wait_ready(proc, kind)
+    except BaseException:
+        stop_server(proc)
+        raise
+
+
+def _wait_ready(proc: subprocess.Popen, kind: str) -> str:
+    """The server's URL once it answers (its log read up to the line naming it, then drained)."""
     for line in proc.stderr:
         found = re.search(r"(?:listening on|running on) (http://[\d.]+:\d+)", line)
         if found:
@@ -105,19 +116,24 @@ def start_server(kind: str, new_tokens: int) -> tuple[subprocess.Popen, str]:
             break
     else:
         raise SystemExit(f"the {kind} server did not start")
-    # keep its log flowing; wait until it serves
-    import threading
-
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-    import urllib.request
-
+    threading.Thread(target=proc.stderr.read, daemon=True).start()  # its log keeps flowing
+    probe = f"{url}/health" if kind == "serve" else f"{url}/v1/models"
     for _ in range(600):
         try:
-            with urllib.request.urlopen(f"{url}/health" if kind == "serve" else f"{url}/v1/models"):
-                return proc, url
+            with urllib.request.urlopen(probe):
+                return url
         except OSError:
             time.sleep(0.5)
     raise SystemExit(f"the {kind} server never became ready")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def thread_times(proc: psutil.Process) -> dict[int, float]:
@@ -141,23 +157,19 @@ def measure(args) -> list[dict]:
                 after, mine = thread_times(ps), sum(me.cpu_times()[:2]) - mine
                 tokens = sum(len(o.token_ids) for o in outs)
                 spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+                total = sum(spent.values())
                 loop = spent.get(server.pid, 0.0)  # the main thread runs the event loop
                 reps.append({
                     "wall_s": round(wall, 3), "tokens": tokens,
-                    "server_us_per_token": round(1e6 * sum(spent.values()) / tokens, 1),
+                    "server_us_per_token": round(1e6 * total / tokens, 1),
                     "server_loop_us_per_token": round(1e6 * loop / tokens, 1),
-                    "server_other_us_per_token": round(1e6 * (sum(spent.values()) - loop) / tokens, 1),
+                    "server_other_us_per_token": round(1e6 * (total - loop) / tokens, 1),
                     "client_us_per_token": round(1e6 * mine / tokens, 1),
                     "machine_cpu_s": round(wall * psutil.cpu_count(), 3),
                 })  # fmt: skip
                 print(json.dumps(reps[-1]), flush=True)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
     return reps
 
 

@@ -50,8 +50,7 @@ class ChoiceText:
     so a token costs the same at the 10th and the 10,000th."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...], include_stop: bool):
-        self._tokenizer = tokenizer
-        self._decode_ids = _decoder(tokenizer)
+        self._decode = _decoder(tokenizer)  # token ids -> text, special tokens skipped
         self._stop = stop
         self._include_stop = include_stop
         # NOTE: a stop string not yet complete may be the end of the text now: hold back that
@@ -64,9 +63,6 @@ class ChoiceText:
         self._window_text = ""  # the decode of token_ids[self._window : self._read]
         self._num_sent = 0  # characters
         self._searched = 0  # stop strings are not in self._text[: self._searched]
-
-    def _decode(self, token_ids: list[int]) -> str:
-        return self._decode_ids(token_ids)
 
     def _read_new(self) -> None:
         """Take the new tokens' text into ``_text`` once it ends on a whole character."""
@@ -344,7 +340,7 @@ class _Answer:
         write (an event per step), the last with ``[DONE]``. Cancels whatever still runs when
         left early (the client went away, an error)."""
         # every chunk starts with the same id, object, created and model: made once
-        head = f"data: {_json(self._head(kind))[:-1]},\"choices\":["
+        head = f'data: {_json(self._head(kind))[:-1]},"choices":['
         ready: list[str] = []
         try:
             async for batch in gen.batches():
@@ -357,9 +353,7 @@ class _Answer:
                     body["stop_reason"] = choice.stop_reason if step.is_last else None
                     if self.req.return_token_ids:
                         body["token_ids"] = [] if step.token is None else [step.token]
-                    usage = (
-                        f',"usage":{_json(self.usage())}' if self.req.continuous_usage else ""
-                    )
+                    usage = f',"usage":{_json(self.usage())}' if self.req.continuous_usage else ""
                     ready.append(f"{head}{_json(body)}]{usage}}}\n\n")
                 if not gen.ended:  # the last batch goes out with [DONE]
                     yield "".join(ready)
