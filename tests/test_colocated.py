@@ -57,22 +57,55 @@ def test_killed_worker_requests_resume_with_the_same_tokens(
     leftovers.assert_clean()
 
 
-def test_cancel_while_chunked_and_while_decoding_frees_the_blocks(model_dirs, leftovers):
+def test_cancel_while_chunked_and_while_decoding_frees_the_blocks(
+    model_dirs, reference_models, leftovers
+):
     long = SamplingParams(max_new_tokens=200, ignore_eos=True)
     with ColocatedPipeline(
-        model_dirs["qwen2"], device="cpu", max_num_batched_tokens=16, max_num_seqs=8
+        model_dirs["qwen2"], device="cpu", max_num_batched_tokens=8, max_num_seqs=8
     ) as pipe:
         decoding = pipe.submit([4, 5, 6], long)
         next(iter(decoding.stream(timeout=60)))
-        chunked = pipe.submit(list(range(1, 200)), long)  # 13 steps of prefill at 16 a step
-        chunked.cancel()
+        since = time.monotonic()
+        # 199 prompt tokens at 7 a step beside the decode: about 28 mixed steps of prefill
+        chunked = pipe.submit(list(range(1, 200)), long)
+        _wait_for(lambda: any(s.kind == "mixed" for s in pipe.phase_log(since)), 60, "a chunk")
+        chunked.cancel()  # its prompt is part-way through its chunks
+        out = chunked.result(timeout=60)
+        assert out.finish_reason == "abort" and out.token_ids == []  # no first token yet
         decoding.cancel()
-        for h in (chunked, decoding):
-            out = h.result(timeout=60)
-            assert out.finish_reason == "abort" and len(out.token_ids) < 200
+        out = decoding.result(timeout=60)
+        assert out.finish_reason == "abort" and 1 <= len(out.token_ids) < 200
+        chunks = [s.num_tokens for s in pipe.phase_log(since) if s.kind == "mixed"]
+        assert 0 < sum(chunks) < 199  # the prefill was cut short
         assert pipe.stats()["num_free_blocks"] == pipe.num_kv_blocks
         out = pipe.generate([[7, 8, 9]], SamplingParams(max_new_tokens=3))[0]
-        assert len(out.token_ids) == 3
+        assert out.token_ids == hf_greedy(reference_models["qwen2"], [7, 8, 9], 3)
+    leftovers.assert_clean()
+
+
+def test_each_step_fills_the_token_budget_exactly(model_dirs, reference_models, leftovers):
+    """The decodes take one token of the budget each, prefill chunks the rest, to the last."""
+    prompt = [(11 * i) % 900 + 1 for i in range(48)]
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    model = reference_models["llama"]
+    with ColocatedPipeline(
+        model_dirs["llama"], device="cpu", max_num_batched_tokens=16, max_num_seqs=16
+    ) as pipe:
+        since = time.monotonic()
+        alone = pipe.generate([prompt], params)[0]
+        chunks = [s.num_tokens for s in pipe.phase_log(since) if s.kind == "mixed"]
+        assert chunks == [16, 16, 16]  # the budget, exactly, three times
+        decoding = pipe.submit([4, 5, 6], SamplingParams(max_new_tokens=200, ignore_eos=True))
+        next(iter(decoding.stream(timeout=60)))
+        since = time.monotonic()
+        beside = pipe.generate([prompt[:45]], params)[0]
+        chunks = [s.num_tokens for s in pipe.phase_log(since) if s.kind == "mixed"]
+        assert chunks == [15, 15, 15]  # one token of each step went to the running decode
+        decoding.cancel()
+        decoding.result(timeout=60)
+    assert alone.token_ids == hf_greedy(model, prompt, 4)
+    assert beside.token_ids == hf_greedy(model, prompt[:45], 4)
     leftovers.assert_clean()
 
 

@@ -3,11 +3,16 @@ the online path (submit, stream, cancel) and the baseline pipeline."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import time
+
 import pytest
 import torch
 
 from splitwiser import ColocatedPipeline, SamplingParams, SequentialPipeline, SplitwiserPipeline
-from splitwiser.errors import InvalidRequestError
+from splitwiser.errors import InvalidRequestError, PipelineClosedError
 from tests.conftest import EOS_PROMPT, hf_greedy
 
 PROMPT = EOS_PROMPT
@@ -138,3 +143,74 @@ def test_text_prompts_round_trip(pipe):
     assert out.prompt == "The capital of France is"
     assert out.prompt_token_ids == pipe.tokenizer("The capital of France is").input_ids
     assert out.text == pipe.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_result_and_stream_time_out_then_the_request_goes_on(pipe, eos_model_dir):
+    handle = pipe.submit(PROMPT, SamplingParams(max_new_tokens=200, ignore_eos=True))
+    with pytest.raises(TimeoutError, match="did not finish in 0.01 s"):
+        handle.result(timeout=0.01)
+    first = next(iter(handle.stream(timeout=30)))
+    assert first == eos_model_dir[1][0]  # the timeout cancelled nothing
+    handle.cancel()
+    assert handle.result(timeout=30).finish_reason == "abort"
+
+
+def test_phase_log_since_keeps_only_what_began_after(pipe):
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    t0 = time.monotonic()
+    pipe.generate([PROMPT], params)
+    t1 = time.monotonic()
+    pipe.generate([PROMPT, PROMPT[:3]], params)
+    later = pipe.phase_log(t1)
+    assert later and all(r.start_s >= t1 for r in later)
+    assert sum(r.kind == "prefill" for r in later) >= 1
+    assert len(pipe.phase_log(t0)) > len(later)
+    assert pipe.phase_log(time.monotonic()) == []
+    assert [r for r in pipe.phase_log() if r.start_s >= t1] == later
+
+
+def test_health_degraded_while_a_worker_restarts_then_closed(
+    model_dirs, reference_models, leftovers
+):
+    params = SamplingParams(max_new_tokens=3)
+    pipe = SplitwiserPipeline(model_dirs["llama"], device="cpu")
+    try:
+        assert pipe.stats()["health"] == "ok"
+        os.kill(pipe.workers()["splitwiser-token-0"]["pid"], signal.SIGKILL)
+        seen, deadline = set(), time.monotonic() + 60
+        while "ok" not in seen or "degraded" not in seen:
+            assert time.monotonic() < deadline, f"health went through {seen}"
+            health = pipe.stats()["health"]
+            if health == "degraded" or "degraded" in seen:
+                seen.add(health)
+            time.sleep(0.005)
+        assert pipe.stats()["restarts"]["token"] == 1
+        served = pipe.generate([[7, 8, 9]], params)[0].token_ids
+    finally:
+        pipe.close()
+    assert pipe.stats()["health"] == "closed"
+    with pytest.raises(PipelineClosedError, match="closed"):
+        pipe.submit([7, 8, 9], params)
+    with pytest.raises(PipelineClosedError):
+        pipe.generate([[7, 8, 9]], params)
+    assert served == hf_greedy(reference_models["llama"], [7, 8, 9], 3)
+    leftovers.assert_clean()
+
+
+def test_generate_command_prints_each_prompt_with_its_continuation(eos_model_dir, pipe):
+    from click.testing import CliRunner
+
+    from splitwiser.cli.generate import generate
+
+    prompts = ["The capital of France is", "Once upon a time"]
+    outs = pipe.generate(prompts, SamplingParams(max_new_tokens=5))
+    args = ["--model", eos_model_dir[0], "--max-new-tokens", "5", *prompts]
+    done = CliRunner().invoke(generate, args)
+    assert done.exit_code == 0, done.output
+    assert done.output.splitlines() == [f"{o.prompt}{o.text}  [{o.finish_reason}]" for o in outs]
+    done = CliRunner().invoke(generate, ["--json", *args])
+    lines = [json.loads(line) for line in done.output.splitlines()]
+    assert [(d["prompt"], d["text"], d["token_ids"]) for d in lines] == [
+        (o.prompt, o.text, o.token_ids) for o in outs
+    ]
+    assert all(d["finish_reason"] == "length" and d["ttft_s"] > 0 for d in lines)

@@ -6,6 +6,8 @@ import asyncio
 import json
 import threading
 
+import pytest
+
 from splitwiser.benchmark.http_system import OpenAIEndpoint, _event_data
 from splitwiser.sampling import SamplingParams
 
@@ -109,7 +111,12 @@ def test_http_cost_measures_the_floor_server(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     (rep,) = json.loads(out.read_text())["reps"]
     assert rep["tokens"] == 12
-    # CPU is read in clock ticks (10 ms): a dozen tokens may read as none
-    assert rep["server_us_per_token"] >= 0 and rep["client_us_per_token"] >= 0
+    # CPU is read in clock ticks (10 ms): a dozen tokens may read as none, but never more than
+    # the machine had in the rep's wall time, and the server's parts add up to its total
+    most = 1e6 * rep["machine_cpu_s"] / rep["tokens"]
+    for key in ("server_us_per_token", "server_loop_us_per_token", "client_us_per_token"):
+        assert 0 <= rep[key] <= most, key
+    parts = rep["server_loop_us_per_token"] + rep["server_other_us_per_token"]
+    assert rep["server_us_per_token"] == pytest.approx(parts, abs=0.11)
     leftover = subprocess.run(["pgrep", "-f", "run-floor-server"], capture_output=True)
     assert leftover.returncode == 1, leftover.stdout  # the server was stopped

@@ -50,6 +50,18 @@ def test_goodput_interpolates_between_the_last_rate_met_and_the_next():
     assert goodput_rps([1, 2, 4], [1.0, 0.9, 0.5])["goodput_rps"] == pytest.approx(2.0)
 
 
+def test_attainment_exactly_at_the_target_meets_it():
+    # 18 of 20 requests within the SLOs: 0.9, the target itself, counts as met
+    records = [rec([0.1, 0.2], request_id=i) for i in range(18)]
+    records += [rec([0.9, 1.0], request_id=18 + i) for i in range(2)]
+    attainment = slo_attainment(records, {"ttft_ms": 500})
+    assert attainment == 0.9
+    assert goodput_rps([1, 2, 4], [0.85, attainment, 0.5])["goodput_rps"] == 2.0
+    assert goodput_rps([1, 2], [1.0, attainment]) == {"goodput_rps": 2.0, "highest_rate_met": True}
+    # a request exactly at an SLO's limit meets it
+    assert slo_attainment([rec([0.25, 0.5])], {"ttft_ms": 250, "tpot_ms": 250}) == 1.0
+
+
 def test_goodput_none_met_and_all_met():
     assert goodput_rps([1, 2, 4], [0.85, 0.5, 0.1]) == {
         "goodput_rps": None,
