@@ -71,26 +71,34 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def _sample_row(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> torch.Tensor:
-    """The next token of one row of logits ``[vocab]`` as a 0-d device tensor (no host sync)."""
-    logits = logits.float()
-    if params.is_greedy:
-        return torch.argmax(logits)
-    logits = logits / params.temperature
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution ``[vocab]`` a sampled (``temperature > 0``) request draws its next token
+    from, given one row of logits ``[vocab]``: temperature, top-k, then top-p, as ``generate()``
+    applies them, then softmax."""
+    logits = logits.float() / params.temperature
     if params.top_k > 0:
         k = min(params.top_k, logits.numel())
         kth = torch.topk(logits, k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # NOTE: keep the token that crosses top_p (Hugging Face keeps at least one token)
-        drop_sorted = (probs.cumsum(dim=-1) - probs) > params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        # NOTE: generate()'s and vLLM's rule, to the tie: in ascending order, drop the tokens
+        # whose running mass stays <= 1 - top_p; the most likely token always stays
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop_sorted = cum <= 1 - params.top_p
+        drop_sorted[-1] = False
+        drop = drop_sorted.scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def _sample_row(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The next token of one row of logits ``[vocab]`` as a 0-d device tensor (no host sync)."""
+    if params.is_greedy:
+        return torch.argmax(logits.float())
+    probs = sampling_probs(logits, params)
     # a draw from ``probs`` without leaving the device: argmax of p / E with E ~ Exp(1)
     noise = torch.empty_like(probs).exponential_(generator=generator)
     return torch.argmax(probs / noise)
