@@ -23,14 +23,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from splitwiser.engine import cpu_kernels, triton_attention
-from splitwiser.engine.attention import (
+from splitwiser.layers import linear
+from splitwiser.layers.attention import (
     AttentionMetadata,
     _blocks,
     _gathered_decode,
     prefill_attention,
 )
-from splitwiser.models import linear
+from splitwiser.layers.attention import cpu_paged as cpu_kernels
+from splitwiser.layers.attention import triton_paged as triton_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BS = 32, 8, 64, 16  # Llama-3.2-1B's attention
 

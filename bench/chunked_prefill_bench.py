@@ -21,12 +21,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from splitwiser.engine.decode_batch import DecodeBatch
-from splitwiser.engine.heap import keep_freed_memory
-from splitwiser.engine.kv_pool import KVLayout, allocate_pool
-from splitwiser.engine.model_runner import ModelRunner, PrefillSeq
+from splitwiser.kv.pool import KVLayout, allocate_pool
 from splitwiser.models.loader import load_model
 from splitwiser.models.shape import ModelShape
+from splitwiser.worker.decode_batch import DecodeBatch
+from splitwiser.worker.heap import keep_freed_memory
+from splitwiser.worker.model_runner import ModelRunner, PrefillSeq
 
 BLOCK_SIZE = 16
 CPU = torch.device("cpu")

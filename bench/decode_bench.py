@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 from splitwiser.config import resolve_device, resolve_dtype
-from splitwiser.engine.decode_batch import DecodeBatch
-from splitwiser.engine.heap import keep_freed_memory
-from splitwiser.engine.kv_pool import KVLayout
-from splitwiser.engine.model_runner import ModelRunner
+from splitwiser.kv.pool import KVLayout
 from splitwiser.models.loader import load_model
 from splitwiser.models.registry import resolve_model_impl
 from splitwiser.models.shape import ModelShape
 from splitwiser.sampling import SamplingParams, sample_next
+from splitwiser.worker.decode_batch import DecodeBatch
+from splitwiser.worker.heap import keep_freed_memory
+from splitwiser.worker.model_runner import ModelRunner
 
 BLOCK_SIZE = 16
 GREEDY = SamplingParams()

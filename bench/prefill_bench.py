@@ -34,13 +34,13 @@ import torch
 from torch._dynamo.utils import counters
 
 from splitwiser.config import resolve_device, resolve_dtype
-from splitwiser.engine.heap import keep_freed_memory
-from splitwiser.engine.kv_pool import KVLayout
-from splitwiser.engine.model_runner import ModelRunner, PrefillSeq
+from splitwiser.kv.pool import KVLayout
 from splitwiser.models import llama
 from splitwiser.models.loader import load_model
 from splitwiser.models.registry import NATIVE_MODELS, resolve_model_impl
 from splitwiser.models.shape import ModelShape
+from splitwiser.worker.heap import keep_freed_memory
+from splitwiser.worker.model_runner import ModelRunner, PrefillSeq
 
 BLOCK_SIZE = 16
 TOKENS = {"cuda": "256,512,1024,2048,4096,8192,16384", "cpu": "256,512,1024,2048"}

@@ -10,7 +10,7 @@ _EXPORTS = {
     "ColocatedPipeline": "splitwiser.pipeline",
     "SequentialPipeline": "splitwiser.baselines",
     "EngineConfig": "splitwiser.config",
-    "RequestHandle": "splitwiser.engine.handle",
+    "RequestHandle": "splitwiser.handle",
     "RequestMetrics": "splitwiser.outputs",
     "RequestOutput": "splitwiser.outputs",
     "TokenLogprobs": "splitwiser.outputs",

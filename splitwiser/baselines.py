@@ -14,17 +14,17 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from splitwiser.config import resolve_device, resolve_dtype
-from splitwiser.errors import ConfigError, InvalidRequestError
-from splitwiser.models.loader import load_model
-from splitwiser.models.shape import ModelShape
-from splitwiser.outputs import RequestMetrics, RequestOutput
-from splitwiser.prompts import (
+from splitwiser.core.prompts import (
     PromptChecker,
     as_prompt_list,
     eos_token_ids,
     params_list,
     stop_reason,
 )
+from splitwiser.errors import ConfigError, InvalidRequestError
+from splitwiser.models.loader import load_model
+from splitwiser.models.shape import ModelShape
+from splitwiser.outputs import RequestMetrics, RequestOutput
 from splitwiser.sampling import SamplingParams
 
 

@@ -8,11 +8,11 @@ from dataclasses import fields
 import torch
 
 from splitwiser.config import EngineConfig
-from splitwiser.engine.engine import Engine
-from splitwiser.engine.handle import RequestHandle
+from splitwiser.core.prompts import Prompt, submit_all
 from splitwiser.errors import ConfigError
+from splitwiser.handle import RequestHandle
 from splitwiser.outputs import RequestOutput
-from splitwiser.prompts import Prompt, submit_all
+from splitwiser.runtime.engine import Engine
 from splitwiser.sampling import SamplingParams
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitwiser.engine.attention import AttentionMetadata, decode_attention
-from splitwiser.engine.kv_pool import KVLayout, allocate_pool
-from splitwiser.engine.model_runner import ModelRunner, PrefillSeq
+from splitwiser.kv.pool import KVLayout, allocate_pool
+from splitwiser.layers.attention import AttentionMetadata, decode_attention
 from splitwiser.models.loader import load_model
 from splitwiser.models.shape import ModelShape
+from splitwiser.worker.model_runner import ModelRunner, PrefillSeq
 from tests.conftest import ARCHS, hf_greedy
 
 CPU = torch.device("cpu")

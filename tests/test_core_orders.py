@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import pytest
 
 from splitwiser.config import EngineConfig
-from splitwiser.engine import messages as m
-from splitwiser.engine.core import PHASE_COUNTERS, EngineCore
-from splitwiser.engine.request import Request, RequestStatus, WorkerKey
+from splitwiser.core import messages as m
+from splitwiser.core.engine_core import PHASE_COUNTERS, EngineCore
+from splitwiser.core.prompts import PromptChecker, stop_reason
+from splitwiser.core.request import Request, RequestStatus, WorkerKey
 from splitwiser.errors import SplitwiserError, WorkerCrashedError
 from splitwiser.models.default import build_tokenizer
 from splitwiser.outputs import TokenLogprobs
-from splitwiser.prompts import PromptChecker, stop_reason
 from splitwiser.sampling import SamplingParams
 
 P0, T0, C0 = ("prompt", 0), ("token", 0), ("colocated", 0)

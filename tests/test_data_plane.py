@@ -12,18 +12,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from splitwiser.engine import cpu_kernels
-from splitwiser.engine.attention import (
+from splitwiser.layers import linear as linear_mod
+from splitwiser.layers.attention import (
     AttentionMetadata,
     _blocks,  # noqa: F401 (the Triton check below imports it from here)
     decode_attention,
     prefill_attention,
 )
-from splitwiser.engine.decode_batch import DecodeBatch
-from splitwiser.engine.model_runner import ModelRunner, PrefillSeq, graph_batch_sizes
-from splitwiser.models import linear as linear_mod
+from splitwiser.layers.attention import cpu_paged as cpu_kernels
 from splitwiser.models.registry import resolve_model_impl
 from splitwiser.sampling import SamplingParams, sample_next, sample_token, token_generator
+from splitwiser.worker.decode_batch import DecodeBatch
+from splitwiser.worker.model_runner import ModelRunner, PrefillSeq, graph_batch_sizes
 from tests.conftest import ARCHS
 
 BS, KV_HEADS, HEADS, D = 4, 2, 8, 16
@@ -129,9 +129,9 @@ def test_cpu_decode_kernel_refuses_a_context_beyond_its_table():
 KERNEL_FALLBACK = """
 import logging, torch
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
-from splitwiser.engine import cpu_kernels
+from splitwiser.layers.attention import cpu_paged as cpu_kernels
 from tests.test_data_plane import _paged_setup, _decode_reference
-from splitwiser.engine.attention import decode_attention
+from splitwiser.layers.attention import decode_attention
 assert not cpu_kernels.available()
 lens = [3, 9]
 pool, table, meta, q = _paged_setup(lens, seed=4)
@@ -157,7 +157,7 @@ def test_decode_attention_gathers_where_the_cpu_kernel_cannot_build(env, tmp_pat
 
 TRITON_CHECK = """
 import torch
-from splitwiser.engine import triton_attention as T
+from splitwiser.layers.attention import triton_paged as triton_attention as T
 from tests.test_data_plane import _paged_setup, _decode_reference, _blocks
 lens = [1, 4, 5, 17, 70, 130]
 pool, table, meta, q = _paged_setup(lens, seed=3)

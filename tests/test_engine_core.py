@@ -13,13 +13,13 @@ import time
 import pytest
 
 from splitwiser.config import EngineConfig
-from splitwiser.engine import messages as m
-from splitwiser.engine.core import EngineCore
-from splitwiser.engine.request import RequestStatus, seed_for_offset
-from splitwiser.engine.supervisor import Supervisor
+from splitwiser.core import messages as m
+from splitwiser.core.engine_core import EngineCore
+from splitwiser.core.prompts import PromptChecker
+from splitwiser.core.request import RequestStatus, seed_for_offset
 from splitwiser.errors import KVCacheTooSmallError, SplitwiserError, WorkerCrashedError
 from splitwiser.models.default import build_tokenizer
-from splitwiser.prompts import PromptChecker
+from splitwiser.runtime.supervisor import Supervisor
 from splitwiser.sampling import SamplingParams
 
 P0, P1, T0, T1 = ("prompt", 0), ("prompt", 1), ("token", 0), ("token", 1)

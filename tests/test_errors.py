@@ -19,7 +19,7 @@ from splitwiser import (
     SplitwiserError,
     SplitwiserPipeline,
 )
-from splitwiser.engine import kv_pool
+from splitwiser.kv import pool as kv_pool
 
 
 @pytest.fixture(scope="module")

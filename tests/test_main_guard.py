@@ -17,7 +17,7 @@ GUARD = 'if __name__ == "__main__":'
 
 BARE_SPAWN = """
 import os
-from splitwiser.engine import spawn
+from splitwiser.runtime import spawn
 
 p = spawn.CTX.Process(target=os.getpid)
 spawn.start(p)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from splitwiser.engine.decode_batch import DecodeBatch
-from splitwiser.engine.kv_pool import KVLayout, allocate_pool
-from splitwiser.engine.model_runner import ModelRunner, PrefillSeq
+from splitwiser.kv.pool import KVLayout, allocate_pool
 from splitwiser.models import llama
 from splitwiser.models.shape import ModelShape
+from splitwiser.worker.decode_batch import DecodeBatch
+from splitwiser.worker.model_runner import ModelRunner, PrefillSeq
 
 BLOCK_SIZE = 16
 CPU = torch.device("cpu")

@@ -164,7 +164,7 @@ def _exit_0_if_sigint_blocked() -> None:  # runs in a spawned child
 
 
 SPAWN_HELD = """
-from splitwiser.engine.procs import _CTX, _sigint_held
+from splitwiser.runtime.procs import _CTX, _sigint_held
 from tests.test_processes import _exit_0_if_sigint_blocked
 if __name__ == "__main__":
     with _sigint_held():  # the first spawn of a fresh interpreter

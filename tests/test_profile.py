@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from splitwiser import ConfigError, EngineConfig, mps, profiling
-from splitwiser.engine.worker import WorkerConfig, for_attached_profiler, phase_range
 from splitwiser.profiling import (
     ProfileConfig,
     ProfilerError,
@@ -23,6 +22,7 @@ from splitwiser.profiling import (
     summary_table,
     target_command,
 )
+from splitwiser.worker.main import WorkerConfig, for_attached_profiler, phase_range
 from tests.conftest import FAKES
 
 SAMPLE = (Path(__file__).parent / "fixtures" / "ncu_raw_sample.csv").read_text()

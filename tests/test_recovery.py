@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from splitwiser import SamplingParams, SplitwiserPipeline, WorkerCrashedError
-from splitwiser.engine.request import seed_for_offset
+from splitwiser.core.request import seed_for_offset
 from splitwiser.sampling import token_generator
 from tests.conftest import build_model_dir, hf_greedy
 

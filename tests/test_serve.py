@@ -247,8 +247,8 @@ def test_generation_follows_handles_filled_by_another_thread_without_a_thread_ea
     too, a failure ends its choice, and no thread is started per request."""
     import asyncio
 
-    from splitwiser.engine.handle import RequestHandle
     from splitwiser.errors import WorkerCrashedError
+    from splitwiser.handle import RequestHandle
     from splitwiser.outputs import RequestMetrics, RequestOutput
     from splitwiser.server.bridge import Generation
 

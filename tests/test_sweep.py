@@ -25,7 +25,7 @@ from splitwiser.benchmark.metrics import RequestRecord
 from splitwiser.benchmark.sweep import _schedules
 from splitwiser.benchmark.sweep_config import SweepConfig, parse_rates, parse_sweep_slo
 from splitwiser.benchmark.workloads import build_workload
-from splitwiser.engine.core import PhaseRecord
+from splitwiser.core.engine_core import PhaseRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from splitwiser import ConfigError, EngineConfig, InvalidRequestError, SamplingParams
-from splitwiser.engine.block_manager import BlockAllocator
-from splitwiser.engine.kv_pool import slots_for
-from splitwiser.engine.request import Request, RequestStatus
-from splitwiser.engine.scheduler import Scheduler
+from splitwiser.core.prompts import stop_reason
+from splitwiser.core.request import Request, RequestStatus
+from splitwiser.core.scheduler import Scheduler
+from splitwiser.kv.block_allocator import BlockAllocator
+from splitwiser.kv.pool import slots_for
 from splitwiser.outputs import RequestMetrics
-from splitwiser.prompts import stop_reason
 from splitwiser.sampling import sample_token, token_generator
 
 
@@ -153,7 +153,7 @@ def test_config_rejects_bad_values(kwargs, match):
 
 
 def test_no_cuda_context_in_a_process_that_never_loaded_the_driver():
-    from splitwiser.engine.cuda_context import cuda_context_active
+    from splitwiser.runtime.cuda_context import cuda_context_active
 
     # torch itself does not load the driver library until CUDA is used
     assert cuda_context_active() is torch.cuda.is_initialized()

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from splitwiser.engine.attention import (
+from splitwiser.layers.attention import (
     AttentionMetadata,
     decode_attention,
     prefill_attention,
     write_kv,
 )
-from splitwiser.models.linear import linear_for
+from splitwiser.layers.linear import linear_for
 from splitwiser.models.shape import ModelShape
 
 log = logging.getLogger("splitwiser")

@@ -7,13 +7,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from splitwiser.engine.attention import (
+from splitwiser.layers.attention import (
     AttentionMetadata,
     decode_attention,
     prefill_attention,
     write_kv,
 )
-from splitwiser.models.linear import linear_for
+from splitwiser.layers.linear import linear_for
 from splitwiser.models.shape import ModelShape
 
 _POSITION_OFFSET = 2  # OPT's learned positions start at index 2

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from splitwiser.config import MODEL_IMPLS
-from splitwiser.engine.attention import ATTN_IMPLEMENTATION, AttentionMetadata
 from splitwiser.errors import ConfigError
+from splitwiser.layers.attention import ATTN_IMPLEMENTATION, AttentionMetadata
 from splitwiser.models.llama import LlamaModel
 from splitwiser.models.opt import OPTModel
 

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from splitwiser.engine.messages import ShutdownMsg
+from splitwiser.core.messages import ShutdownMsg
 from splitwiser.vllm.messages import (
     EngineAbortMsg,
     EngineErrorMsg,

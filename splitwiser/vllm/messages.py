@@ -1,10 +1,10 @@
 """Every message between a vLLM pipeline and its engine processes. Named ``Engine*Msg``, apart
-from the Splitwiser workers' messages (``splitwiser.engine.messages``), whose ``ShutdownMsg``
+from the Splitwiser workers' messages (``splitwiser.core.messages``), whose ``ShutdownMsg``
 the engines share.
 
 Parent -> engine: ``EngineAddMsg``, ``EngineAbortMsg``, ``ShutdownMsg``. Engine -> parent:
 ``EngineReadyMsg`` once, then ``EngineTokensMsg`` per request and step; ``EngineErrorMsg`` if
-it fails. Each engine has two plain pipes of its own (``splitwiser.engine.spawn.Channel``).
+it fails. Each engine has two plain pipes of its own (``splitwiser.runtime.spawn.Channel``).
 """
 
 from __future__ import annotations

@@ -22,17 +22,17 @@ import weakref
 from dataclasses import dataclass, field
 
 from splitwiser.config import resolve_device, resolve_dtype
-from splitwiser.engine import spawn
-from splitwiser.engine.handle import RequestHandle
+from splitwiser.core.prompts import PromptChecker, submit_all
 from splitwiser.errors import (
     ConfigError,
     PipelineClosedError,
     WorkerCrashedError,
 )
+from splitwiser.handle import RequestHandle
 from splitwiser.models.loader import RANDOM_PREFIX, _resolve, load_model_config, load_tokenizer
 from splitwiser.models.shape import ModelShape
 from splitwiser.outputs import RequestMetrics, RequestOutput
-from splitwiser.prompts import PromptChecker, submit_all
+from splitwiser.runtime import spawn
 from splitwiser.sampling import SamplingParams
 from splitwiser.vllm.engine_proc import EngineSpec
 from splitwiser.vllm.messages import EngineAbortMsg, EngineAddMsg, EngineTokensMsg

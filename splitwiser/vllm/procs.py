@@ -1,5 +1,5 @@
 """The parent's side of one engine process: start it, wait until ready, talk to it, stop it.
-The plumbing (spawn, the two-pipe channel, the stop ladder) is ``splitwiser.engine.spawn``'s."""
+The plumbing (spawn, the two-pipe channel, the stop ladder) is ``splitwiser.runtime.spawn``'s."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
 
-from splitwiser.engine import spawn
-from splitwiser.engine.messages import ShutdownMsg
+from splitwiser.core.messages import ShutdownMsg
 from splitwiser.errors import WorkerStartupError
+from splitwiser.runtime import spawn
 from splitwiser.vllm.engine_proc import EngineSpec, engine_main
 from splitwiser.vllm.messages import EngineErrorMsg, EngineReadyMsg, EngineTokensMsg
 

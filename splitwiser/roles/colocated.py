@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from splitwiser.engine import messages as m
-from splitwiser.engine.decoding_worker import DecodingWorker
-from splitwiser.engine.model_runner import PrefillSeq
-from splitwiser.engine.worker import phase_range, settle
-from splitwiser.prompts import stop_reason
+from splitwiser.core import messages as m
+from splitwiser.core.prompts import stop_reason
 from splitwiser.sampling import sample_next, token_logprobs
+from splitwiser.worker.decoding import DecodingWorker
+from splitwiser.worker.main import phase_range, settle
+from splitwiser.worker.model_runner import PrefillSeq
 
 
 @dataclass

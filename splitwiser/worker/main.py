@@ -14,13 +14,13 @@ import psutil
 import torch
 
 from splitwiser.config import EngineConfig
-from splitwiser.engine import messages as m
-from splitwiser.engine.decode_batch import DecodeBatch
-from splitwiser.engine.heap import keep_freed_memory, reserve_heap
-from splitwiser.engine.kv_pool import KVLayout, prefill_workspace_bytes
-from splitwiser.engine.model_runner import ModelRunner, graph_batch_sizes
-from splitwiser.models.linear import bound_primitive_caches
+from splitwiser.core import messages as m
+from splitwiser.kv.pool import KVLayout, prefill_workspace_bytes
+from splitwiser.layers.linear import bound_primitive_caches
 from splitwiser.models.shape import ModelShape
+from splitwiser.worker.decode_batch import DecodeBatch
+from splitwiser.worker.heap import keep_freed_memory, reserve_heap
+from splitwiser.worker.model_runner import ModelRunner, graph_batch_sizes
 
 
 @dataclass(frozen=True)
@@ -206,9 +206,9 @@ def worker_main(cfg: WorkerConfig, payload: bytes, in_conn, out_conn) -> None:
         )
     )
     # NOTE: imported here: the loops import this module's helpers
-    from splitwiser.engine.colocated_worker import ColocatedWorker
-    from splitwiser.engine.prompt_worker import PromptWorker
-    from splitwiser.engine.token_worker import TokenWorker
+    from splitwiser.roles.colocated import ColocatedWorker
+    from splitwiser.roles.prompt import PromptWorker
+    from splitwiser.roles.token import TokenWorker
 
     if cfg.role == "prompt":
         PromptWorker(cfg, runner, kv_pool, in_conn, out_conn, device).run()

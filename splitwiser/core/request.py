@@ -11,8 +11,8 @@ import dataclasses
 import enum
 from dataclasses import dataclass, field
 
-from splitwiser.engine.handle import RequestHandle
-from splitwiser.engine.messages import HandoffMsg, RequestSpec
+from splitwiser.core.messages import HandoffMsg, RequestSpec
+from splitwiser.handle import RequestHandle
 from splitwiser.outputs import RequestMetrics, RequestOutput
 from splitwiser.sampling import SamplingParams
 

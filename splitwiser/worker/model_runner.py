@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from splitwiser.engine.attention import AttentionMetadata
-from splitwiser.engine.decode_batch import DecodeBatch
-from splitwiser.engine.kv_pool import slots_for
+from splitwiser.kv.pool import slots_for
+from splitwiser.layers.attention import AttentionMetadata
 from splitwiser.models.registry import build_model
+from splitwiser.worker.decode_batch import DecodeBatch
 
 
 @dataclass

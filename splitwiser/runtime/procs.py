@@ -12,10 +12,10 @@ from multiprocessing import resource_sharer
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
 
-from splitwiser.engine import messages as m
-from splitwiser.engine import spawn
-from splitwiser.engine.worker import WorkerConfig, worker_main
+from splitwiser.core import messages as m
 from splitwiser.errors import WorkerStartupError
+from splitwiser.runtime import spawn
+from splitwiser.worker.main import WorkerConfig, worker_main
 
 # the names tests/test_processes.py spawns with
 _CTX, _sigint_held = spawn.CTX, spawn.sigint_held

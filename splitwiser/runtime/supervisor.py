@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from splitwiser.config import EngineConfig
-from splitwiser.engine.procs import WorkerProc
+from splitwiser.runtime.procs import WorkerProc
 
 log = logging.getLogger("splitwiser")
 

@@ -17,15 +17,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from splitwiser.config import EngineConfig
-from splitwiser.engine import messages as m
-from splitwiser.engine.block_manager import BlockAllocator
-from splitwiser.engine.handle import RequestHandle
-from splitwiser.engine.request import Request, RequestStatus, WorkerKey
-from splitwiser.engine.roles import ColocatedRole, PromptRole, Role, TokenRole
-from splitwiser.engine.scheduler import Scheduler
+from splitwiser.core import messages as m
+from splitwiser.core.prompts import PromptChecker, stop_reason
+from splitwiser.core.request import Request, RequestStatus, WorkerKey
+from splitwiser.core.scheduler import Scheduler
 from splitwiser.errors import KVCacheTooSmallError, SplitwiserError, WorkerCrashedError
+from splitwiser.handle import RequestHandle
+from splitwiser.kv.block_allocator import BlockAllocator
 from splitwiser.outputs import RequestMetrics
-from splitwiser.prompts import PromptChecker, stop_reason
+from splitwiser.roles.base import ColocatedRole, PromptRole, Role, TokenRole
 from splitwiser.sampling import SamplingParams
 
 Send = tuple[WorkerKey, object]  # a message and the worker it goes to

@@ -7,12 +7,12 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from splitwiser.engine import messages as m
-from splitwiser.engine.decoding_worker import DecodingWorker
-from splitwiser.engine.kv_pool import slots_for
-from splitwiser.engine.worker import phase_range, settle, synchronize
-from splitwiser.prompts import stop_reason
+from splitwiser.core import messages as m
+from splitwiser.core.prompts import stop_reason
+from splitwiser.kv.pool import slots_for
 from splitwiser.sampling import sample_next, token_logprobs
+from splitwiser.worker.decoding import DecodingWorker
+from splitwiser.worker.main import phase_range, settle, synchronize
 
 
 @dataclass

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from splitwiser.engine.block_manager import BlockAllocator
-from splitwiser.engine.request import Request
+from splitwiser.core.request import Request
+from splitwiser.kv.block_allocator import BlockAllocator
 
 
 class Scheduler:

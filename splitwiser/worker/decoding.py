@@ -7,10 +7,10 @@ from __future__ import annotations
 import queue
 from collections import deque
 
-from splitwiser.engine import messages as m
-from splitwiser.engine.decode_batch import DecodeBatch
-from splitwiser.engine.model_runner import ModelRunner
-from splitwiser.engine.worker import get_msg
+from splitwiser.core import messages as m
+from splitwiser.worker.decode_batch import DecodeBatch
+from splitwiser.worker.main import get_msg
+from splitwiser.worker.model_runner import ModelRunner
 
 
 class DecodingWorker:

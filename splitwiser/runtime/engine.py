@@ -17,20 +17,20 @@ from multiprocessing.connection import Pipe, wait
 import torch
 
 from splitwiser.config import EngineConfig, resolve_device, resolve_dtype
-from splitwiser.engine import spawn
-from splitwiser.engine.core import EngineCore, Send
-from splitwiser.engine.cuda_context import join_mps
-from splitwiser.engine.handle import RequestHandle
-from splitwiser.engine.kv_pool import KVLayout, allocate_pool, default_num_blocks
-from splitwiser.engine.messages import ReadyMsg
-from splitwiser.engine.procs import WorkerProc, wait_ready
-from splitwiser.engine.supervisor import LostWorker, Supervisor
-from splitwiser.engine.worker import WorkerConfig
+from splitwiser.core.engine_core import EngineCore, Send
+from splitwiser.core.messages import ReadyMsg
+from splitwiser.core.prompts import PromptChecker, eos_token_ids
 from splitwiser.errors import PipelineClosedError, SplitwiserError, WorkerCrashedError
+from splitwiser.handle import RequestHandle
+from splitwiser.kv.pool import KVLayout, allocate_pool, default_num_blocks
 from splitwiser.models.loader import load_model
 from splitwiser.models.registry import resolve_model_impl
 from splitwiser.models.shape import ModelShape
-from splitwiser.prompts import PromptChecker, eos_token_ids
+from splitwiser.runtime import spawn
+from splitwiser.runtime.cuda_context import join_mps
+from splitwiser.runtime.procs import WorkerProc, wait_ready
+from splitwiser.runtime.supervisor import LostWorker, Supervisor
+from splitwiser.worker.main import WorkerConfig
 
 log = logging.getLogger("splitwiser")
 

@@ -9,10 +9,10 @@ from multiprocessing.reduction import ForkingPickler
 
 import torch
 
-from splitwiser.engine import messages as m
-from splitwiser.engine.model_runner import ModelRunner, PrefillSeq
-from splitwiser.engine.worker import get_msg, phase_range, settle, synchronize
+from splitwiser.core import messages as m
 from splitwiser.sampling import sample_next, token_logprobs
+from splitwiser.worker.main import get_msg, phase_range, settle, synchronize
+from splitwiser.worker.model_runner import ModelRunner, PrefillSeq
 
 
 class PromptWorker:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from splitwiser.engine import cpu_kernels, triton_attention
+from splitwiser.layers.attention import cpu_paged, triton_paged
 
 ATTN_IMPLEMENTATION = "splitwiser_paged"
 
@@ -110,12 +110,12 @@ def decode_attention(
     if meta.query_starts is not None:
         return _mixed_attention(q, meta, layer, scale)
     k_cache, v_cache = _blocks(meta, layer)
-    if q.is_cuda and triton_attention.AVAILABLE:
-        return triton_attention.paged_decode(
+    if q.is_cuda and triton_paged.AVAILABLE:
+        return triton_paged.paged_decode(
             q, k_cache, v_cache, meta.block_table, meta.context_lens, scale
         )
-    if cpu_kernels.supports(q, k_cache):  # reads the blocks in place, as the Triton kernel
-        return cpu_kernels.paged_decode(
+    if cpu_paged.supports(q, k_cache):  # reads the blocks in place, as the Triton kernel
+        return cpu_paged.paged_decode(
             q, k_cache, v_cache, meta.block_table, meta.context_lens, scale
         )
     return _gathered_decode(q, k_cache, v_cache, meta, scale)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from splitwiser.engine import messages as m
-from splitwiser.engine.request import RequestStatus, WorkerKey
+from splitwiser.core import messages as m
+from splitwiser.core.request import RequestStatus, WorkerKey
 
 if TYPE_CHECKING:
-    from splitwiser.engine.core import EngineCore, Send
+    from splitwiser.core.engine_core import EngineCore, Send
 
 
 class Role(Protocol):
