@@ -191,6 +191,10 @@ def _add_error_handlers(app: FastAPI) -> None:
             status = 500
         return JSONResponse(error_body(status, str(exc)), status)
 
+    @app.exception_handler(Exception)  # a bug: still OpenAI's shape (uvicorn logs the traceback)
+    async def unexpected_error(request, exc: Exception):
+        return JSONResponse(error_body(500, str(exc) or type(exc).__name__), 500)
+
 
 def build_serving(config: ServeConfig, bridge, *, tokenizer, shape, max_model_len,
                   chat_template: ChatTemplate) -> Serving:  # fmt: skip

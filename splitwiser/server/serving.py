@@ -364,6 +364,9 @@ class _Answer:
             if not isinstance(exc, SplitwiserError):
                 log.exception("stream %s failed", self.id)
             ready.append(sse(error_body(500, str(exc) or type(exc).__name__)))
+        except asyncio.CancelledError:  # cut: the server stopping past its --shutdown-timeout
+            # (or the client gone, then nobody reads it): the stream still ends as an error does
+            ready.append(sse(error_body(503, "the request was cancelled: the server is stopping")))
         finally:
             gen.cancel()
         ready.append(DONE)
