@@ -24,12 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from splitwiser.layers import linear
-from splitwiser.layers.attention import (
-    AttentionMetadata,
-    _blocks,
-    _gathered_decode,
-    prefill_attention,
-)
+from splitwiser.layers.attention import AttentionMetadata, kv_blocks, prefill_attention, sdpa
 from splitwiser.layers.attention import cpu_paged as cpu_kernels
 from splitwiser.layers.attention import triton_paged as triton_attention
 
@@ -60,9 +55,9 @@ def decode_candidates(device, dtype, batch: int, ctx: int) -> list[dict]:
     meta = AttentionMetadata(False, pool, BS, torch.zeros(0), block_table=table,
                              context_lens=lens, max_context_len=ctx)  # fmt: skip
     q = torch.randn((batch, HEADS, HEAD_DIM), device=device, dtype=dtype)
-    k_cache, v_cache = _blocks(meta, 0)
+    k_cache, v_cache = kv_blocks(meta, 0)
     scale = HEAD_DIM**-0.5
-    ref = _gathered_decode(q.double(), k_cache.double(), v_cache.double(), meta, scale)
+    ref = sdpa.paged_decode(q.double(), k_cache.double(), v_cache.double(), table, lens, scale, ctx)
 
     def per_head_gqa():  # one query per head, SDPA's enable_gqa (before grouping)
         k = k_cache.flatten(1)[table.flatten().long()].view(batch, -1, KV_HEADS, HEAD_DIM)
@@ -79,8 +74,11 @@ def decode_candidates(device, dtype, batch: int, ctx: int) -> list[dict]:
         k, v = (x.repeat_interleave(HEADS // KV_HEADS, 1) for x in (k, v))
         return F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale)[:, :, 0]
 
-    cands = {"gathered_sdpa": lambda: _gathered_decode(q, k_cache, v_cache, meta, scale),
-             "gathered_sdpa_per_head_gqa": per_head_gqa, "repeat_kv_sdpa": repeated}  # fmt: skip
+    cands = {
+        "gathered_sdpa": lambda: sdpa.paged_decode(q, k_cache, v_cache, table, lens, scale, ctx),
+        "gathered_sdpa_per_head_gqa": per_head_gqa,
+        "repeat_kv_sdpa": repeated,
+    }
     if cpu_kernels.supports(q, k_cache):
         cands["cpu_paged_kernel"] = lambda: cpu_kernels.paged_decode(
             q, k_cache, v_cache, table, lens, scale

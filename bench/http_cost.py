@@ -3,7 +3,7 @@
     python bench/http_cost.py [--server floor|serve] [--requests 192] [--prompt-len 256]
                               [--new-tokens 64] [--reps 3] [--out http_cost.json]
 
-The bench's http:// client (``splitwiser.benchmark.http_system.OpenAIEndpoint``: aiohttp on
+The bench's http:// client (``splitwiser.systems.http.OpenAIEndpoint``: aiohttp on
 one uvloop loop, as ``vllm bench serve``) sends ``--requests`` streamed completions at once,
 ``--reps`` times, and reads every token's chunk; each rep reports the CPU seconds (user +
 system, from ``/proc``) that the server process and this client took per streamed token.
@@ -39,8 +39,8 @@ import urllib.request
 
 import psutil
 
-from splitwiser.benchmark.http_system import OpenAIEndpoint
 from splitwiser.sampling import SamplingParams
+from splitwiser.systems.http import OpenAIEndpoint
 
 TICK_S = 0.015
 

@@ -27,21 +27,35 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 DEFAULT_GPU_KV_FRACTION = 0.3
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
+def _gpu_usable(init_cuda: bool) -> bool:
+    if init_cuda:
+        return torch.cuda.is_available()
+    from splitwiser import mps
+
+    # a GPU is what NVML sees, usable by a CUDA build of torch: never the CPU for "auto" because
+    # CUDA misbehaved (under a broken MPS daemon CUDA reports no device at all)
+    return bool(torch.version.cuda) and mps.gpu_present()
+
+
+def resolve_device(device: str | torch.device, *, init_cuda: bool = True) -> torch.device:
+    """``auto``, ``cpu`` or ``cuda[:i]`` -> a device. ``init_cuda=False``: decided without
+    initialising CUDA in this process (one that starts and stops the MPS daemon, whose ``quit``
+    waits for every client), and ``cuda`` keeps no index."""
     name = str(device)
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1")
+        name = "cuda" if not hidden and _gpu_usable(init_cuda) else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError as exc:
         raise ConfigError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda'") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported; use 'auto', 'cpu' or 'cuda'")
+    if dev.type == "cuda" and not _gpu_usable(init_cuda):
         raise ConfigError(
             f"device {name!r} requested but no CUDA GPU is available; use device='cpu'"
         )
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {name!r} is not supported; use 'auto', 'cpu' or 'cuda'")
-    if dev.type == "cuda" and dev.index is None:
+    if init_cuda and dev.type == "cuda" and dev.index is None:
         # workers call torch.cuda.set_device, which needs an index
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
@@ -208,20 +222,26 @@ class EngineConfig:
             return 8192 if total >= 70 << 30 else 2048
         return 2048
 
-    def worker_env(self, role: str) -> dict[str, str]:
-        """Environment a worker of ``role`` sets before CUDA starts (MPS connection and share)."""
+    def worker_env(self, mps_share: int | None) -> dict[str, str]:
+        """Environment a worker sets before CUDA starts: the MPS connection and its role's
+        thread share (``mps_share``: which of ``mps_thread_percentage``; None: none)."""
         if self.mps_pipe_dir is None:
             return {}
         env = {"CUDA_MPS_PIPE_DIRECTORY": self.mps_pipe_dir}
-        if self.mps_thread_percentage is not None and role in ("prompt", "token"):
-            share = self.mps_thread_percentage[0 if role == "prompt" else 1]
+        if self.mps_thread_percentage is not None and mps_share is not None:
+            share = self.mps_thread_percentage[mps_share]
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(share)
         return env
 
-    def worker_nice(self, role: str, device: torch.device) -> int:
-        """How much a worker of ``role`` lowers its own CPU priority (``os.nice``)."""
-        yielding = {"prefill": "token", "decode": "prompt"}.get(self.phase_priority)
-        return _YIELDING_NICE if device.type == "cpu" and role == yielding else 0
+    def worker_nice(self, phase: str | None, device: torch.device) -> int:
+        """How much a worker that runs ``phase`` ("prefill" or "decode"; None: both) lowers its
+        own CPU priority (``os.nice``): the phase ``phase_priority`` does not favour yields."""
+        yielding = {"prefill": "decode", "decode": "prefill"}.get(self.phase_priority)
+        return (
+            _YIELDING_NICE
+            if device.type == "cpu" and phase is not None and phase == yielding
+            else 0
+        )
 
     def threads_per_worker(self) -> int:
         if self.worker_threads is not None:

@@ -3,7 +3,7 @@ prefill, token workers the decode, one device, one copy of the weights, one KV b
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 
@@ -99,7 +99,6 @@ class SplitwiserPipeline(_EnginePipeline):
         num_token_workers: int = 1,
         device: str = "auto",
         dtype: str | torch.dtype | None = None,
-        kv_handoff: str = "shared",
         block_size: int = 16,
         **engine_options,
     ):
@@ -109,7 +108,6 @@ class SplitwiserPipeline(_EnginePipeline):
             num_token_workers=num_token_workers,
             device=device,
             dtype=dtype,
-            kv_handoff=kv_handoff,
             block_size=block_size,
             **engine_options,
         )
@@ -140,16 +138,16 @@ class ColocatedPipeline(_EnginePipeline):
         for name in ("num_prompt_workers", "num_token_workers", "kv_handoff"):
             if name in engine_options:
                 raise ConfigError(f"{name} is not an option of the colocated pipeline")
-        self.config = EngineConfig(
+        config = EngineConfig(
             model=model,
             device=device,
             dtype=dtype,
             block_size=block_size,
-            colocated=True,
             max_num_seqs=_colocated_max_num_seqs(max_num_seqs, max_num_batched_tokens),
             max_num_batched_tokens=max_num_batched_tokens,
             **engine_options,
         )
+        self.config = replace(config, colocated=True)  # validated again, as colocated
         self._engine = Engine(self.config)
 
 
@@ -164,7 +162,7 @@ def _colocated_max_num_seqs(given: int | None, max_num_batched_tokens: int | Non
 
 
 # the options of the split that a colocated pipeline has no use for (one worker, no handoff)
-_SPLIT_ONLY = ("num_prompt_workers", "num_token_workers", "kv_handoff", "colocated")
+_SPLIT_ONLY = ("num_prompt_workers", "num_token_workers", "kv_handoff")
 
 
 def pipeline_from_config(config: EngineConfig) -> SplitwiserPipeline | ColocatedPipeline:

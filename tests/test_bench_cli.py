@@ -96,6 +96,25 @@ def test_procs_split_into_prompt_and_token_workers():
             split_procs(3, prompt_procs)
 
 
+def test_a_system_spec_names_one_registered_system():
+    from splitwiser.systems import KNOWN_BASELINES, SYSTEMS, get_system
+    from splitwiser.systems.http import HTTPSystem
+
+    assert KNOWN_BASELINES == (
+        "sequential", "batched", "colocated", "vllm", "vllm-parallel", "vllm-split"
+    )  # fmt: skip
+    for name, system in SYSTEMS.items():
+        assert get_system(name) is system
+    for url in ("http://127.0.0.1:8000/v1", "https://example.com/v1"):
+        assert get_system(url) is HTTPSystem
+    for spec in ("tgi", "vllm-cpu", "HTTP://x", "", "Splitwiser"):
+        with pytest.raises(ConfigError, match=f"unknown baseline {spec!r}"):
+            get_system(spec)
+    # what the sweep reads from the registry: whose phase log has mixed steps, which log phases
+    assert [n for n, s in SYSTEMS.items() if s.has_mixed_steps] == ["colocated"]
+    assert [n for n, s in SYSTEMS.items() if s.is_engine] == ["splitwiser", "colocated"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -27,8 +27,10 @@ from splitwiser.core.engine_core import PHASE_COUNTERS, EngineCore
 from splitwiser.core.prompts import PromptChecker, stop_reason
 from splitwiser.core.request import Request, RequestStatus, WorkerKey
 from splitwiser.errors import SplitwiserError, WorkerCrashedError
+from splitwiser.handoff import select_handoff
 from splitwiser.models.default import build_tokenizer
 from splitwiser.outputs import TokenLogprobs
+from splitwiser.roles import make_roles
 from splitwiser.sampling import SamplingParams
 
 P0, T0, C0 = ("prompt", 0), ("token", 0), ("colocated", 0)
@@ -320,7 +322,11 @@ class Pipeline:
     def __init__(self, tokenizer, num_blocks: int = 64, **options):
         self.config = EngineConfig(**{"block_size": BLOCK_SIZE} | options)
         self.checker = PromptChecker(tokenizer, len(tokenizer), max_model_len=128)
-        self.core = EngineCore(self.config, num_blocks, self.checker, (tokenizer.eos_token_id,))
+        self.core = EngineCore(
+            self.config, num_blocks, self.checker, (tokenizer.eos_token_id,),
+            make_roles(self.config),
+            chunked_prefill=select_handoff(self.config).allows_chunked_prefill,
+        )  # fmt: skip
         self.model = ScriptedModel(filler=tokenizer(WORDS[0]).input_ids[0])
         self.workers: dict[WorkerKey, ScriptedWorker | None] = {
             (role, i): WORKER_SCRIPTS[role](self, (role, i))

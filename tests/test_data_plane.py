@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from splitwiser.layers import linear as linear_mod
 from splitwiser.layers.attention import (
     AttentionMetadata,
-    _blocks,  # noqa: F401 (the Triton check below imports it from here)
     decode_attention,
     prefill_attention,
 )
@@ -157,8 +156,8 @@ def test_decode_attention_gathers_where_the_cpu_kernel_cannot_build(env, tmp_pat
 
 TRITON_CHECK = """
 import torch
-from splitwiser.layers.attention import triton_paged as triton_attention as T
-from tests.test_data_plane import _paged_setup, _decode_reference, _blocks
+from splitwiser.layers.attention import kv_blocks as _blocks, triton_paged as T
+from tests.test_data_plane import _paged_setup, _decode_reference
 lens = [1, 4, 5, 17, 70, 130]
 pool, table, meta, q = _paged_setup(lens, seed=3)
 out = T.paged_decode(q, *_blocks(meta, 0), table, meta.context_lens, 0.3)

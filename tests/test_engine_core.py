@@ -18,7 +18,9 @@ from splitwiser.core.engine_core import EngineCore
 from splitwiser.core.prompts import PromptChecker
 from splitwiser.core.request import RequestStatus, seed_for_offset
 from splitwiser.errors import KVCacheTooSmallError, SplitwiserError, WorkerCrashedError
+from splitwiser.handoff import select_handoff
 from splitwiser.models.default import build_tokenizer
+from splitwiser.roles import make_roles
 from splitwiser.runtime.supervisor import Supervisor
 from splitwiser.sampling import SamplingParams
 
@@ -47,7 +49,11 @@ def make_core(tokenizer):
             **{"block_size": 4, "num_prompt_workers": 2, "num_token_workers": 2} | options
         )
         checker = PromptChecker(tokenizer, len(tokenizer), max_model_len=128)
-        return EngineCore(config, num_blocks, checker, (tokenizer.eos_token_id,))
+        handoff = select_handoff(config)
+        return EngineCore(
+            config, num_blocks, checker, (tokenizer.eos_token_id,), make_roles(config),
+            chunked_prefill=handoff.allows_chunked_prefill,
+        )  # fmt: skip
 
     return make
 

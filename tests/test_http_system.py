@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from splitwiser.benchmark.http_system import OpenAIEndpoint, _event_data
 from splitwiser.sampling import SamplingParams
+from splitwiser.systems.http import OpenAIEndpoint, _event_data
 
 
 def test_event_data_joins_data_lines_and_skips_comments():

@@ -31,6 +31,7 @@ from splitwiser.server.errors import BadRequest
 from splitwiser.server.metrics import buckets_1_2_5
 from splitwiser.server.serving import ChoiceText
 from tests.conftest import hf_greedy
+from tests.test_stop import sentencepiece_style_tokenizer
 
 API_KEY = "sk-serve-test"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -152,23 +153,6 @@ def test_text_held_back_never_has_to_be_taken_back_at_a_stop_string(reference):
     assert sent + text.finish(out) == cut == "the cat sat "
 
 
-def _sentencepiece_style_tokenizer():
-    """A Llama-style tokenizer: "▁" for spaces, the leading one stripped, bytes as
-    <0x..> tokens that join into characters (some of them 2 and 3 bytes long)."""
-    from tokenizers import Tokenizer, decoders
-    from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
-
-    pieces = ["<s>", "▁the", "▁cat", "▁sat", "▁", "on", "mat", "."]
-    pieces += [f"<0x{b:02X}>" for b in (0xC3, 0xA9, 0xE4, 0xB8, 0xAD, 0x41)]
-    backend = Tokenizer(BPE({p: i for i, p in enumerate(pieces)}, [], byte_fallback=True))
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-         decoders.Strip(" ", 1, 0)]
-    )  # fmt: skip
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
-
-
 @pytest.mark.parametrize("style", ["byte-level", "sentencepiece"])
 def test_streamed_text_is_the_whole_decode_at_every_token(reference, style):
     """Decoded a window at a time, the text sent is the output's decode up to its last whole
@@ -176,7 +160,7 @@ def test_streamed_text_is_the_whole_decode_at_every_token(reference, style):
     taken back, and the end completes it."""
     from splitwiser.outputs import RequestMetrics, RequestOutput
 
-    tok = reference[1] if style == "byte-level" else _sentencepiece_style_tokenizer()
+    tok = reference[1] if style == "byte-level" else sentencepiece_style_tokenizer()
     if style == "byte-level":  # any token: ByteLevel decodes broken bytes the same in context
         units = [[t] for t in range(len(tok))]
     else:  # words and whole characters split over byte tokens: a run of byte tokens that is
@@ -622,9 +606,9 @@ def test_ctrl_c_while_idle_exits_0():
 def test_an_openai_endpoint_as_a_bench_system_times_every_token(server, reference):
     from splitwiser import SamplingParams
     from splitwiser.benchmark.config import BenchConfig
-    from splitwiser.benchmark.http_system import OpenAIEndpoint
-    from splitwiser.benchmark.replay import REPLAY
     from splitwiser.benchmark.workloads import BenchRequest
+    from splitwiser.systems import get_system
+    from splitwiser.systems.http import OpenAIEndpoint
 
     url = f"{server.url}/v1"
     assert BenchConfig(baselines=(url,)).baselines == (url,)
@@ -636,7 +620,8 @@ def test_an_openai_endpoint_as_a_bench_system_times_every_token(server, referenc
         assert out.token_ids == hf_greedy(model, PROMPTS[1], 8)
         assert len(out.metrics.token_times) == 8 and out.metrics.finish_time is not None
         requests = [BenchRequest(i, 0.01 * i, len(p), 4) for i, p in enumerate(PROMPTS)]
-        records, duration_s = REPLAY[url](endpoint, requests, PROMPTS, lambda n: None)
+        system = get_system(url)(url, endpoint)
+        records, duration_s = system.replay(requests, PROMPTS, lambda n: None)
     assert [r.ok for r in records] == [True, True] and duration_s > 0
     assert [r.token_ids for r in records] == [hf_greedy(model, p, 4) for p in PROMPTS]
     with pytest.raises(Exception, match="cannot reach"):

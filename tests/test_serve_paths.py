@@ -205,6 +205,18 @@ def test_serve_without_a_daemon_runs_without_mps_or_fails_in_one_line_with_it(se
     assert list(fake_mps.glob("splitwiser-mps-*")) == []  # none was started
 
 
+def test_serve_max_num_seqs_defaults_as_the_python_api(serve_cli, fake_mps, monkeypatch):
+    from splitwiser import EngineConfig, pipeline
+
+    monkeypatch.setattr(pipeline, "Engine", lambda config: None)  # the config, no workers
+    assert serve_cli()[2].max_num_seqs == EngineConfig().max_num_seqs
+    for args in ((), ("--max-num-batched-tokens", "48")):
+        code, _, engine = serve_cli("--colocated", *args)
+        api = pipeline.ColocatedPipeline(max_num_batched_tokens=engine.max_num_batched_tokens)
+        assert code == 0 and engine.max_num_seqs == api.config.max_num_seqs
+    assert serve_cli("--colocated", "--max-num-seqs", "12")[2].max_num_seqs == 12
+
+
 # ---------------------------------------------------------------------- Ctrl-C twice
 
 

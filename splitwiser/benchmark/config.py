@@ -9,12 +9,8 @@ from splitwiser.benchmark.workloads import WORKLOADS
 from splitwiser.config import EngineConfig
 from splitwiser.errors import ConfigError
 from splitwiser.mps import MPS_MODES
+from splitwiser.systems import BASELINES, get_system
 
-BASELINES = ("sequential", "batched")  # the default comparison
-# the fair baseline: ONE worker running both phases on Splitwiser's own data plane
-COLOCATED = "colocated"
-VLLM_SYSTEMS = ("vllm", "vllm-parallel", "vllm-split")  # see splitwiser.vllm
-KNOWN_BASELINES = (*BASELINES, COLOCATED, *VLLM_SYSTEMS)
 MAX_REQUESTS = 1_000_000  # per system; the trace files hold fewer rows
 DEFAULT_PROCS = 4  # worker processes sharing the device
 
@@ -89,18 +85,9 @@ class BenchConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"--{name.replace('_', '-')} must be finite, got {value}")
-        urls = {b for b in self.baselines if b.startswith(("http://", "https://"))}
-        unknown = set(self.baselines) - set(KNOWN_BASELINES) - urls
-        if unknown:
-            raise ConfigError(
-                f"unknown baseline {sorted(unknown)[0]!r}; use a comma list of "
-                f"{', '.join(KNOWN_BASELINES)}, http://HOST:PORT/v1 (an OpenAI-compatible "
-                f"server), or none"
-            )
-        if set(self.baselines) & set(VLLM_SYSTEMS):
-            from splitwiser.vllm import require_vllm
-
-            require_vllm()  # one line naming the install command, before any work
+        systems = {spec: get_system(spec) for spec in sorted(self.baselines)}
+        for spec, system in systems.items():
+            system.check(spec, self)
 
     @property
     def procs(self) -> int:

@@ -21,12 +21,13 @@ import torch
 from splitwiser import mps
 from splitwiser.benchmark.config import BenchConfig
 from splitwiser.benchmark.metrics import compute_metrics, ratios, token_agreement
-from splitwiser.benchmark.system import SystemJob, SystemRun, run_in_child
 from splitwiser.benchmark.workloads import BenchRequest, build_prompts, build_workload
-from splitwiser.config import resolve_dtype
+from splitwiser.config import resolve_device, resolve_dtype
 from splitwiser.errors import ConfigError
 from splitwiser.models.loader import load_model_config, load_tokenizer
 from splitwiser.models.shape import ModelShape
+from splitwiser.systems import SEQUENTIAL, SPLITWISER
+from splitwiser.systems.process import SystemJob, SystemRun, run_in_child
 
 
 @dataclass
@@ -34,24 +35,6 @@ class BenchResult:
     run_dir: Path
     summary: dict
     runs: dict[str, SystemRun]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``, ``cpu`` or ``cuda[:i]`` -> a device, without initialising CUDA here: a GPU is
-    what NVML sees, usable by a CUDA build of torch. Never the CPU for ``auto`` because CUDA
-    misbehaved (under a broken MPS daemon CUDA reports no device at all)."""
-    if name == "auto":
-        hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1")
-        name = "cuda" if torch.version.cuda and not hidden and mps.gpu_present() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda'") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {name!r} is not supported; use 'auto', 'cpu' or 'cuda'")
-    if dev.type == "cuda" and not (torch.version.cuda and mps.gpu_present()):
-        raise ConfigError(f"device {name!r} requested but no CUDA GPU is available; use cpu")
-    return dev
 
 
 def check_out(config: BenchConfig) -> Path:
@@ -142,7 +125,7 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
     from splitwiser.benchmark.report import write_results
 
     engine = config.engine
-    device = resolve_device(engine.device)
+    device = resolve_device(engine.device, init_cuda=False)  # this process never touches CUDA
     dtype = resolve_dtype(engine.dtype, device)
     model_config = load_model_config(engine.model)
     # the context every system serves (Splitwiser's, sliding window applied), or less
@@ -165,11 +148,11 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
     with mps.session(config.mps, engine.device) as (daemon, mps_state):
         mps_state["split"] = config.mps_split
         mps_env = daemon.env() if daemon is not None else {}
-        for name in ("splitwiser", *config.baselines):
+        for name in (SPLITWISER, *config.baselines):
             job = SystemJob(name, config, str(device), mps_env, requests, prompts, show)
             runs[name] = run_in_child(job)
     # NOTE: after the session: the summary records how the daemon's stop went
-    env = environment(device, mps_state, runs["splitwiser"].device_info)
+    env = environment(device, mps_state, runs[SPLITWISER].device_info)
     systems = {}
     for name, run in runs.items():
         metrics = compute_metrics(run.records, run.duration_s, config.slo)
@@ -188,9 +171,9 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
         "workload": workload.describe(),
         "environment": env,
         "systems": systems,
-        "ratios": ratios(systems),
-        "token_agreement_with_sequential": _agreement(runs, "sequential"),
-        "token_agreement_with_splitwiser": _agreement(runs, "splitwiser"),
+        "ratios": ratios(systems, SPLITWISER),
+        f"token_agreement_with_{SEQUENTIAL}": _agreement(runs, SEQUENTIAL),
+        f"token_agreement_with_{SPLITWISER}": _agreement(runs, SPLITWISER),
     }
     run_dir = write_results(config, summary, runs, out, device)
     return BenchResult(run_dir, summary, runs)

@@ -10,15 +10,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-COLORS = {
-    "splitwiser": "tab:blue",
-    "colocated": "tab:purple",
-    "sequential": "tab:red",
-    "batched": "tab:orange",
-    "vllm": "tab:green",
-    "vllm-parallel": "tab:olive",
-    "vllm-split": "tab:cyan",
-}
+from splitwiser.systems import SEQUENTIAL, plot_color  # noqa: E402
 
 
 def _cdf(ax, values: list[float], label: str) -> None:
@@ -27,7 +19,7 @@ def _cdf(ax, values: list[float], label: str) -> None:
     xs = sorted(values)
     ys = [(i + 1) / len(xs) for i in range(len(xs))]
     xs, ys = [xs[0], *xs], [0.0, *ys]  # start the curve at 0
-    ax.step(xs, ys, where="post", label=label, color=COLORS.get(label))
+    ax.step(xs, ys, where="post", label=label, color=plot_color(label))
 
 
 def latency_cdfs(path: Path, runs) -> None:
@@ -62,8 +54,8 @@ def throughput_bars(path: Path, summary: dict) -> None:
         axes, (("output_throughput", "output tokens/s"), ("request_throughput", "requests/s"))
     ):
         vals = [systems[n][key] for n in names]
-        bars = ax.bar(names, vals, color=[COLORS.get(n, "tab:gray") for n in names])
-        base = systems.get("sequential", {}).get(key)
+        bars = ax.bar(names, vals, color=[plot_color(n) or "tab:gray" for n in names])
+        base = systems.get(SEQUENTIAL, {}).get(key)
         for bar, v in zip(bars, vals):
             note = f"{v:.1f}" + (f"\n{v / base:.2f}x seq" if base else "")
             ax.annotate(note, (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom")
@@ -96,7 +88,7 @@ def telemetry_plot(path: Path, runs) -> None:
                 pts = [(s["time_s"], s.get(key)) for s in run.telemetry.gpu_samples]
                 xs = [t for t, v in pts if v is not None]
                 ys = [v for _, v in pts if v is not None]
-            ax.plot(xs, ys, label=name, color=COLORS.get(name))
+            ax.plot(xs, ys, label=name, color=plot_color(name))
         ax.set_ylabel(title)
         ax.grid(True, alpha=0.3)
     axes[0].legend()
@@ -119,7 +111,7 @@ def _against_rate(ax, summary: dict, key: str, scale: float = 1.0) -> None:
         pts = [(p["rate"], p.get(key)) for p in system["points"]]
         pts = [(r, v * scale) for r, v in pts if v is not None]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=name, color=COLORS.get(name))
+            ax.plot(*zip(*pts), marker="o", label=name, color=plot_color(name))
     ax.set_xlabel("offered load (requests/s)")
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -141,7 +133,7 @@ def write_sweep_plots(run_dir: Path, summary: dict) -> list[str]:
     ax.axhline(100 * summary["attainment_target"], color="gray", linestyle="--", linewidth=1)
     for name, system in summary["systems"].items():
         if system["goodput_rps"] is not None:
-            ax.axvline(system["goodput_rps"], color=COLORS.get(name, "gray"), linestyle=":")
+            ax.axvline(system["goodput_rps"], color=plot_color(name) or "gray", linestyle=":")
     ax.set_ylabel("requests within every SLO (%)")
     ax.set_ylim(0, 105)
     slo = ", ".join(f"{k} {v:.4g}" for k, v in summary["slo"].items())

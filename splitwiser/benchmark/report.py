@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from splitwiser.benchmark.metrics import HEADLINE
+from splitwiser.systems import SPLITWISER
 
 REQUEST_COLUMNS = (
     "system", "request_id", "arrival_s", "submit_s", "prompt_len", "output_len",
@@ -149,7 +150,7 @@ def comparison_table(summary: dict) -> str:
     same = summary.get("token_agreement_with_splitwiser") or {}
     if same:  # greedy: the same prompt ids should give the same tokens everywhere
         rows.append(["tokens = splitwiser %", *(
-            "" if n == "splitwiser" or same.get(n) is None else f"{100 * same[n]:.0f}"
+            "" if n == SPLITWISER or same.get(n) is None else f"{100 * same[n]:.0f}"
             for n in names
         ), *[""] * len(ratio_cols)])  # fmt: skip
     if any(systems[n].get("median_handoff_ms") is not None for n in names):  # the splits

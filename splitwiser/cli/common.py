@@ -1,10 +1,87 @@
-"""Options and helpers shared by the subcommands that run workers on a GPU."""
+"""Options and helpers shared by the subcommands: each option that several commands take is
+declared here once, its default read from ``EngineConfig``."""
 
 from __future__ import annotations
 
 import shlex
+from dataclasses import fields
 
 import click
+
+from splitwiser.config import KV_HANDOFF_MODES, MODEL_IMPLS, PHASE_PRIORITIES, EngineConfig
+
+ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
+MODEL_HELP = "HF directory, hub id or random:<preset>. [default: embedded model]"
+
+
+def model_option(help: str = MODEL_HELP):
+    return click.option("--model", default=ENGINE_DEFAULTS["model"], help=help)
+
+
+def device_option():
+    return click.option(
+        "--device", default=ENGINE_DEFAULTS["device"], show_default=True, help="auto, cpu or cuda."
+    )
+
+
+def dtype_option(help: str = "float32, bfloat16 or float16. "
+                 "[default: float32 on CPU, bfloat16 on CUDA]"):  # fmt: skip
+    return click.option("--dtype", default=ENGINE_DEFAULTS["dtype"], help=help)
+
+
+def procs_options(default: int, procs_help: str, prompt_procs_help: str):
+    """``--procs`` (worker processes) and ``--prompt-procs`` (how many of them prompt workers);
+    see ``splitwiser.benchmark.config.split_procs``."""
+
+    def decorate(fn):
+        fn = click.option("--prompt-procs", default=None, type=int, help=prompt_procs_help)(fn)
+        return click.option(
+            "--procs", default=default, show_default=True, type=int, help=procs_help
+        )(fn)
+
+    return decorate
+
+
+def kv_handoff_option():
+    return click.option(
+        "--kv-handoff", type=click.Choice(KV_HANDOFF_MODES),
+        default=ENGINE_DEFAULTS["kv_handoff"], show_default=True,
+        help="shared: block ids only; copy: the K/V copied into the token worker's blocks "
+        "(device to device on CUDA), for comparison.",
+    )  # fmt: skip
+
+
+def model_impl_option():
+    return click.option(
+        "--model-impl", type=click.Choice(MODEL_IMPLS), default=ENGINE_DEFAULTS["model_impl"],
+        show_default=True,
+        help="Splitwiser's own model code (Llama, Mistral, Qwen2, OPT) or the Hugging Face "
+        "modules; auto: own code where the architecture has it.",
+    )  # fmt: skip
+
+
+def phase_priority_option():
+    return click.option(
+        "--phase-priority", type=click.Choice(PHASE_PRIORITIES),
+        default=ENGINE_DEFAULTS["phase_priority"], show_default=True,
+        help="CPU: whose workers the OS favours on shared cores; prefill: token workers yield "
+        "(prompts first, full decode batches), decode: prompt workers yield.",
+    )  # fmt: skip
+
+
+def enforce_eager_option(help: str = "CUDA: decode without CUDA graphs."):
+    return click.option("--enforce-eager", is_flag=True, help=help)
+
+
+def max_num_batched_tokens_option(help: str):
+    return click.option(
+        "--max-num-batched-tokens", default=ENGINE_DEFAULTS["max_num_batched_tokens"], type=int,
+        help=help,
+    )  # fmt: skip
+
+
+def mps_split_option(help: str):
+    return click.option("--mps-split", default=None, metavar="P,T", help=help)
 
 
 def mps_options(default: str, help: str):

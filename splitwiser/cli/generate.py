@@ -3,40 +3,30 @@
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 
 import click
 
-from splitwiser.config import KV_HANDOFF_MODES, EngineConfig
-
-_DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
+from splitwiser.cli.common import (
+    ENGINE_DEFAULTS,
+    device_option,
+    dtype_option,
+    kv_handoff_option,
+    model_option,
+)
 
 
 @click.command()
 @click.argument("prompts", nargs=-1, required=True)
+@model_option()
 @click.option(
-    "--model",
-    default=None,
-    help="HF directory, hub id or random:<preset>. [default: embedded model]",
+    "--prompt-workers", default=ENGINE_DEFAULTS["num_prompt_workers"], show_default=True, type=int
 )
 @click.option(
-    "--prompt-workers", default=_DEFAULTS["num_prompt_workers"], show_default=True, type=int
+    "--token-workers", default=ENGINE_DEFAULTS["num_token_workers"], show_default=True, type=int
 )
-@click.option(
-    "--token-workers", default=_DEFAULTS["num_token_workers"], show_default=True, type=int
-)
-@click.option("--device", default=_DEFAULTS["device"], show_default=True)
-@click.option(
-    "--dtype",
-    default=None,
-    help="float32, bfloat16 or float16. [default: float32 on CPU, bfloat16 on CUDA]",
-)
-@click.option(
-    "--kv-handoff",
-    type=click.Choice(KV_HANDOFF_MODES),
-    default=_DEFAULTS["kv_handoff"],
-    show_default=True,
-)
+@device_option()
+@dtype_option()
+@kv_handoff_option()
 @click.option("--max-new-tokens", default=32, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float)
 @click.option("--seed", default=None, type=int, help="Sampling seed.")

@@ -4,17 +4,28 @@ their defaults (and choices) from ``EngineConfig``."""
 from __future__ import annotations
 
 import signal
-from dataclasses import fields
 
 import click
 
-from splitwiser.cli.common import mps_options, resolve_mps
-from splitwiser.config import KV_HANDOFF_MODES, MODEL_IMPLS, PHASE_PRIORITIES, EngineConfig
+from splitwiser.cli.common import (
+    ENGINE_DEFAULTS,
+    device_option,
+    dtype_option,
+    enforce_eager_option,
+    kv_handoff_option,
+    max_num_batched_tokens_option,
+    model_impl_option,
+    model_option,
+    mps_options,
+    mps_split_option,
+    phase_priority_option,
+    procs_options,
+    resolve_mps,
+)
+from splitwiser.config import EngineConfig
+from splitwiser.pipeline import _colocated_max_num_seqs as colocated_max_num_seqs
 
-_ENGINE = {f.name: f.default for f in fields(EngineConfig)}
 DEFAULT_MAX_BODY_BYTES = 32 << 20  # as splitwiser.server.app's (not imported: keeps --help light)
-
-DEFAULT_PROCS = 2
 
 
 def _mps_pipe_dir(mode: str, device: str) -> str | None:
@@ -35,11 +46,7 @@ def _mps_pipe_dir(mode: str, device: str) -> str | None:
 
 
 @click.command()
-@click.option(
-    "--model",
-    default=None,
-    help="HF directory, hub id, random:<preset> or default. [default: embedded model]",
-)
+@model_option("HF directory, hub id, random:<preset> or default. [default: embedded model]")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--port",
@@ -66,18 +73,10 @@ def _mps_pipe_dir(mode: str, device: str) -> str | None:
     help="A Jinja chat template file. [default: the tokenizer's; the embedded model "
     "has a simple one]",
 )
-@click.option(
-    "--procs",
-    default=DEFAULT_PROCS,
-    show_default=True,
-    type=int,
-    help="Worker processes sharing the device (>= 2; ignored with --colocated).",
-)
-@click.option(
-    "--prompt-procs",
-    default=None,
-    type=int,
-    help="How many of them are prompt workers. [default: procs // 2]",
+@procs_options(
+    EngineConfig().num_workers,
+    "Worker processes sharing the device (>= 2; ignored with --colocated).",
+    "How many of them are prompt workers. [default: procs // 2]",
 )
 @click.option(
     "--colocated",
@@ -85,27 +84,19 @@ def _mps_pipe_dir(mode: str, device: str) -> str | None:
     help="ONE worker runs both phases (vLLM v1's step policy) instead of the split.",
 )
 @mps_options("auto", "CUDA MPS through a daemon already running (splitwiser mps start).")
-@click.option(
-    "--mps-split",
-    default=None,
-    metavar="P,T",
-    help="Active thread percentages of prompt and token workers under MPS.",
-)
-@click.option("--device", default=_ENGINE["device"], show_default=True, help="auto, cpu or cuda.")
-@click.option(
-    "--dtype",
-    default=None,
-    help="float32, bfloat16 or float16. [default: float32 on CPU, bfloat16 on CUDA]",
-)
+@mps_split_option("Active thread percentages of prompt and token workers under MPS.")
+@device_option()
+@dtype_option()
 @click.option(
     "--max-model-len", default=None, type=int, help="Context length served. [default: the model's]"
 )
 @click.option(
     "--max-num-seqs",
-    default=_ENGINE["max_num_seqs"],
-    show_default=True,
+    default=None,
     type=int,
-    help="Requests decoded together by one token worker.",
+    help=f"Requests decoded together by one token worker. [default: "
+    f"{ENGINE_DEFAULTS['max_num_seqs']}; with --colocated: {colocated_max_num_seqs(None, None)}, "
+    "at most --max-num-batched-tokens, as ColocatedPipeline]",
 )
 @click.option(
     "--num-kv-blocks",
@@ -115,33 +106,16 @@ def _mps_pipe_dir(mode: str, device: str) -> str | None:
 )
 @click.option(
     "--block-size",
-    default=_ENGINE["block_size"],
+    default=ENGINE_DEFAULTS["block_size"],
     show_default=True,
     type=int,
     help="Tokens per KV block.",
 )
-@click.option(
-    "--kv-handoff",
-    type=click.Choice(KV_HANDOFF_MODES),
-    default=_ENGINE["kv_handoff"],
-    show_default=True,
-)
-@click.option(
-    "--model-impl", type=click.Choice(MODEL_IMPLS), default=_ENGINE["model_impl"], show_default=True
-)
-@click.option(
-    "--phase-priority",
-    type=click.Choice(PHASE_PRIORITIES),
-    default=_ENGINE["phase_priority"],
-    show_default=True,
-)
-@click.option("--enforce-eager", is_flag=True, help="CUDA: decode without CUDA graphs.")
-@click.option(
-    "--max-num-batched-tokens",
-    default=None,
-    type=int,
-    help="Colocated: the token budget of one step. [default: as vLLM]",
-)
+@kv_handoff_option()
+@model_impl_option()
+@phase_priority_option()
+@enforce_eager_option()
+@max_num_batched_tokens_option("Colocated: the token budget of one step. [default: as vLLM]")
 @click.option(
     "--shutdown-timeout",
     default=30.0,
@@ -202,6 +176,12 @@ def serve(ctx, model, host, port, api_key, served_model_name, chat_template, pro
     workers = {} if colocated else split_procs(procs, prompt_procs)
     pipe_dir = _mps_pipe_dir(resolve_mps(ctx, mps_mode, no_mps), engine["device"])
     split = parse_split(mps_split)
+    if engine["max_num_seqs"] is None:
+        engine["max_num_seqs"] = (
+            colocated_max_num_seqs(None, engine["max_num_batched_tokens"])
+            if colocated
+            else ENGINE_DEFAULTS["max_num_seqs"]
+        )
     config = EngineConfig(
         model=spec, colocated=colocated, mps_pipe_dir=pipe_dir,
         mps_thread_percentage=split if pipe_dir else None, **workers, **engine,

@@ -6,6 +6,7 @@ import click
 
 from splitwiser.cli.bench import BASELINE_HELP, bench_config, csv_list, shared_options
 from splitwiser.cli.common import command_line
+from splitwiser.systems import COLOCATED
 
 
 @click.command()
@@ -37,7 +38,7 @@ from splitwiser.cli.common import command_line
 @click.option(
     "--baseline",
     "baselines",
-    default="colocated",
+    default=COLOCATED,
     show_default=True,
     help=BASELINE_HELP,
 )

@@ -13,20 +13,24 @@ import itertools
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from splitwiser.config import EngineConfig
 from splitwiser.core import messages as m
-from splitwiser.core.prompts import PromptChecker, stop_reason
+from splitwiser.core.prompts import PromptChecker
 from splitwiser.core.request import Request, RequestStatus, WorkerKey
 from splitwiser.core.scheduler import Scheduler
+from splitwiser.core.stop import StopStringMatcher, stop_reason
 from splitwiser.errors import KVCacheTooSmallError, SplitwiserError, WorkerCrashedError
 from splitwiser.handle import RequestHandle
 from splitwiser.kv.block_allocator import BlockAllocator
 from splitwiser.outputs import RequestMetrics
-from splitwiser.roles.base import ColocatedRole, PromptRole, Role, TokenRole
 from splitwiser.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from splitwiser.roles.base import Role
 
 Send = tuple[WorkerKey, object]  # a message and the worker it goes to
 PHASE_LOG_LEN = 1 << 16  # the latest prefill batches and steps kept (bounded: a long life)
@@ -49,9 +53,18 @@ PHASE_COUNTERS = (
 )  # fmt: skip
 
 
+# what a phase record adds to the counters: (batches or steps, tokens, seconds)
+_PHASE_COUNTED = {
+    "prefill": ("prefill_batches", "prefill_tokens", "prefill_s"),
+    "decode": ("decode_steps", "decode_tokens", "decode_s"),
+    "mixed": ("mixed_steps", "prefill_tokens", "mixed_s"),
+}
+
+
 class EngineCore:
-    """``roles`` maps a role's name to what it does; their order is the scheduling order (the
-    token workers' handoffs first: their K/V already occupy blocks)."""
+    """``roles`` maps a role's name to what it does (``splitwiser.roles.make_roles``); their
+    order is the scheduling order. ``chunked_prefill``: a prompt over the prefill budget may be
+    prefilled in chunks (the handoff's ``allows_chunked_prefill``)."""
 
     def __init__(
         self,
@@ -59,18 +72,17 @@ class EngineCore:
         num_blocks: int,
         checker: PromptChecker,
         eos_token_ids: tuple[int, ...],
-        roles: dict[str, Role] | None = None,
+        roles: dict[str, Role],
+        chunked_prefill: bool = True,
     ):
         self.config = config
         self.checker = checker
         self.eos_token_ids = eos_token_ids
         self.allocator = BlockAllocator(num_blocks)
-        # NOTE: the copy handoff stages a prompt's K/V outside the pool: whole prompts only
         self.scheduler = Scheduler(
-            self.allocator, config.block_size, config.max_prefill_tokens,
-            chunked=config.kv_handoff == "shared",
-        )  # fmt: skip
-        self.roles: dict[str, Role] = roles or default_roles(config)
+            self.allocator, config.block_size, config.max_prefill_tokens, chunked=chunked_prefill
+        )
+        self.roles = roles
         self.requests: dict[int, Request] = {}  # every unfinished request, and finished ones
         # whose blocks a worker still holds
         self.decode_queue: deque[Request] = deque()  # prefilled, waiting for a token worker
@@ -78,6 +90,8 @@ class EngineCore:
         self.phase_counters = dict.fromkeys(PHASE_COUNTERS, 0.0)
         self.phase_log: deque[PhaseRecord] = deque(maxlen=PHASE_LOG_LEN)
         self.num_retried = 0  # requests run again after the worker running them died or hung
+        # the stop strings of each unfinished request with some and a token, by request id
+        self.stop_matchers: dict[int, StopStringMatcher] = {}
         self._request_ids = itertools.count()  # next() is atomic: callers on any thread
         self._batch_ids = itertools.count()
 
@@ -186,14 +200,12 @@ class EngineCore:
     def owned_by(self, worker: WorkerKey) -> list[Request]:
         return [r for r in self.requests.values() if r.owner == worker]
 
+    def owned_by_role(self, role: str) -> list[Request]:
+        return [r for r in self.requests.values() if r.owner is not None and r.owner[0] == role]
+
     def loads(self, role: str) -> Counter:
-        """Per worker index of ``role``: the requests it owns (prompt workers: their batches)."""
-        if role == "prompt":
-            batches = {(r.owner[1], r.batch_id) for r in self.requests.values()
-                       if r.owner is not None and r.owner[0] == role}  # fmt: skip
-            return Counter(index for index, _ in batches)
-        return Counter(r.owner[1] for r in self.requests.values()
-                       if r.owner is not None and r.owner[0] == role)  # fmt: skip
+        """Per worker index of ``role``: the work it holds, as the role balances it."""
+        return self.roles[role].loads(self)
 
     def busy_workers(self) -> set[WorkerKey]:
         """Workers with work outstanding (the liveness clock runs for these)."""
@@ -208,11 +220,50 @@ class EngineCore:
             "phases": dict(self.phase_counters),
         }
 
-    def log_phase(self, kind: str, worker: WorkerKey, end_s: float, took_s: float, n: int):
+    # ------------------------------------------------------------------ what roles call
+
+    def request(self, request_id: int) -> Request | None:
+        return self.requests.get(request_id)
+
+    def owned_request(self, worker: WorkerKey, request_id: int) -> Request | None:
+        """The request if ``worker`` still owns it (None: it ended, or runs elsewhere now)."""
+        req = self.requests.get(request_id)
+        return req if req is not None and req.owner == worker else None
+
+    def record_phase(self, kind: str, worker: WorkerKey, end_s: float, took_s: float, n: int):
+        """A prefill batch, decode step or mixed step as its worker timed it (``n``: see
+        ``PhaseRecord.num_tokens``): into the counters and the log."""
+        batches, tokens, seconds = _PHASE_COUNTED[kind]
+        c = self.phase_counters
+        c[batches] += 1
+        c[tokens] += n
+        c[seconds] += took_s
         self.phase_log.append(PhaseRecord(kind, worker, end_s - took_s, end_s, n))
 
     def next_batch_id(self) -> int:
         return next(self._batch_ids)
+
+    def next_prefill_batches(self, loads: dict[int, int]) -> list[tuple[int, list]]:
+        """``Scheduler.schedule``: ``[(worker index, [(request, tokens to prefill)])]``."""
+        return self.scheduler.schedule(loads)
+
+    def continue_prefill(self, req: Request) -> None:
+        self.scheduler.continue_prefill(req)
+
+    def admit_next(self) -> Request | None:
+        return self.scheduler.admit_next()
+
+    def queue_handoff(self, req: Request) -> None:
+        """A prefilled request waits for a token worker (``take_handoffs``)."""
+        self.decode_queue.append(req)
+
+    def take_handoffs(self) -> Iterator[Request]:
+        """The queued handoffs still due, oldest first, each taken as it is yielded (a request
+        finished or run again meanwhile is dropped)."""
+        while self.decode_queue:
+            req = self.decode_queue.popleft()
+            if req.status is RequestStatus.DECODING and req.handoff is not None:
+                yield req
 
     # ------------------------------------------------------------------ tokens and endings
 
@@ -228,9 +279,14 @@ class EngineCore:
             token, req.num_output_tokens, req.max_new_tokens, req.params, self.eos_token_ids
         )
         text = None
-        if reason is None and req.params.stop:
-            text, matched = self.checker.apply_stop_strings(req.output_token_ids, req.params.stop)
-            reason = "stop" if matched else None
+        if req.params.stop:  # fed every token (made at the first), so it has the final text
+            matcher = self.stop_matchers.get(req.request_id)
+            if matcher is None:
+                matcher = self.stop_matchers[req.request_id] = self.checker.stop_matcher(
+                    req.params.stop
+                )
+            if matcher.add(token) and reason is None:
+                reason, text = "stop", matcher.stopped_text
         if reason is None:
             return []
         return self.finish(req, reason, now, text)
@@ -239,8 +295,9 @@ class EngineCore:
         """End a request (``reason`` None: failed). Its blocks go at once if no worker owns it;
         otherwise once the owner lets go (a token worker is told to; a prompt worker lets go at
         the end of its batch)."""
+        matcher = self.stop_matchers.pop(req.request_id, None)
         if text is None:
-            text = self.checker.decode(req.output_token_ids)
+            text = self.checker.decode(req.output_token_ids) if matcher is None else matcher.text
         req.finish(reason, now, text)
         if req.owner is None:
             self.release(req)
@@ -285,13 +342,6 @@ class EngineCore:
             again.append(req)
         self.num_retried += len(again)
         self.scheduler.requeue_front(again)
-
-
-def default_roles(config: EngineConfig) -> dict[str, Role]:
-    """The roles of ``config.workers_per_role``, in scheduling order."""
-    if config.colocated:  # a few requests queued beyond the running ones: no idle step
-        return {"colocated": ColocatedRole(max_outstanding=2 * config.max_num_seqs)}
-    return {"token": TokenRole(), "prompt": PromptRole()}
 
 
 def worker_name(worker: WorkerKey) -> str:

@@ -1,9 +1,11 @@
-"""Prompt validation, detokenisation and stop conditions, shared by both pipelines."""
+"""Prompt validation and detokenisation, shared by both pipelines (the stop rule: stop.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from splitwiser.core.stop import StopStringMatcher, first_stop
+from splitwiser.core.stop import stop_reason as stop_reason  # re-exported
 from splitwiser.errors import InvalidRequestError
 from splitwiser.sampling import SamplingParams
 
@@ -58,22 +60,6 @@ def eos_token_ids(model) -> tuple[int, ...]:
     return tuple(ids) if isinstance(ids, (list, tuple)) else (ids,)
 
 
-def stop_reason(
-    token: int,
-    num_generated: int,
-    max_new_tokens: int,
-    params: SamplingParams,
-    eos: tuple[int, ...],
-) -> str | None:
-    """Why a request ends after its ``num_generated``-th token, or ``None`` if it goes on."""
-    stops = token in params.stop_token_ids or (not params.ignore_eos and token in eos)
-    if stops and num_generated >= params.min_new_tokens:
-        return "stop"
-    if num_generated >= max_new_tokens:
-        return "length"
-    return None
-
-
 class PromptChecker:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int):
         self.tokenizer = tokenizer
@@ -120,7 +106,12 @@ class PromptChecker:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def apply_stop_strings(self, token_ids: list[int], stop: tuple[str, ...]) -> tuple[str, bool]:
-        """The text so far, cut before the first stop string; and whether one matched."""
+        """The text so far, cut before the first stop string; and whether one matched. Decodes
+        every token: once per request (for one token at a time, ``stop_matcher``)."""
         text = self.decode(token_ids)
-        cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
-        return (text[: min(cuts)], True) if cuts else (text, False)
+        found = first_stop(text, stop)
+        return (text, False) if found is None else (text[: found[0]], True)
+
+    def stop_matcher(self, stop: tuple[str, ...]) -> StopStringMatcher:
+        """A request's stop strings, matched one token at a time (as ``apply_stop_strings``)."""
+        return StopStringMatcher(self.tokenizer, stop)

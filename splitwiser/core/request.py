@@ -21,7 +21,7 @@ _SEED_STRIDE = 1_000_003
 _SEED_MOD = 2**63
 _SEED_STRIDE_INVERSE = pow(_SEED_STRIDE, -1, _SEED_MOD)
 
-WorkerKey = tuple[str, int]  # (role, index), e.g. ("token", 1)
+WorkerKey = tuple[str, int]  # (role, index): splitwiser-token-1 is the second token worker
 
 
 def seed_for_offset(seed: int, offset: int) -> int:
@@ -64,7 +64,6 @@ class Request:
     handoff: HandoffMsg | None = None  # prefilled, for the token worker that takes it
     finish_reason: str | None = None
     text: str = ""
-    cancelled: bool = False  # cancelled while in a prefill batch
     # losses in a row without a new token: each time the worker running it died or hung and
     # it was run again; a loss after progress starts a new count (the worker, not the request,
     # was at fault: a request that crashes every worker it touches never progresses)

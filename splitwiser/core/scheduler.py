@@ -1,4 +1,4 @@
-"""Parent-side scheduling: FCFS prefill batches under a token budget, token-worker placement.
+"""Parent-side scheduling: FCFS prefill batches under a token budget.
 
 Pure logic, no processes: the engine feeds it requests and worker loads and sends what it returns.
 Blocks for a request's whole lifetime (prompt + all new tokens) are reserved at admission, so a
@@ -97,11 +97,6 @@ class Scheduler:
                 break
             out.append((worker, batch))
         return out
-
-    @staticmethod
-    def pick_token_worker(token_worker_loads: dict[int, int]) -> int:
-        """The token worker with the fewest live requests."""
-        return min(token_worker_loads, key=token_worker_loads.get)
 
     def free(self, req: Request) -> None:
         if req.block_ids is not None:

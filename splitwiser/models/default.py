@@ -15,19 +15,13 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from splitwiser.cache import cache_root
+
 DEFAULT_MODEL_VERSION = "v1"
 # NOTE: bump DEFAULT_MODEL_VERSION when anything below changes: the cache is keyed on it.
 _VOCAB_SIZE = 2048
 _SEED = 0
 EOS_TOKEN = "<|endoftext|>"
-
-
-def cache_root() -> Path:
-    root = os.environ.get("SPLITWISER_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
-    return Path(xdg) / "splitwiser"
 
 
 def default_model_dir() -> Path:

@@ -8,7 +8,8 @@ import torch
 
 from splitwiser.config import MODEL_IMPLS
 from splitwiser.errors import ConfigError
-from splitwiser.layers.attention import ATTN_IMPLEMENTATION, AttentionMetadata
+from splitwiser.layers.attention import AttentionMetadata
+from splitwiser.layers.attention.hf import ATTN_IMPLEMENTATION
 from splitwiser.models.llama import LlamaModel
 from splitwiser.models.opt import OPTModel
 

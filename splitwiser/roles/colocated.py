@@ -1,23 +1,75 @@
-"""The colocated worker's loop: ONE process runs both phases on the same data plane, with vLLM
-v1's policy. Each step takes the running decodes first, then fills the rest of a token budget
+"""The colocated role: ONE worker process runs both phases on the same data plane, with vLLM v1's
+policy. The parent hands a request to the worker whole (its blocks reserved first); each step
+the worker takes the running decodes first, then fills the rest of a token budget
 (``max_num_batched_tokens``) with prefill chunks, first come first served, under
 ``max_num_seqs``; a step with chunks is one forward over the mixed batch, a decode-only step is
-the token worker's (CUDA graphs on CUDA)."""
+the token worker's (CUDA graphs on CUDA). A request's first token comes in a ``TokensMsg``."""
 
 from __future__ import annotations
 
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
+from splitwiser.config import EngineConfig
 from splitwiser.core import messages as m
-from splitwiser.core.prompts import stop_reason
+from splitwiser.core.engine_core import EngineCore, Send
+from splitwiser.core.request import WorkerKey
+from splitwiser.core.stop import stop_reason
+from splitwiser.roles.base import RoleSpec, append_step, requests_per_worker
 from splitwiser.sampling import sample_next, token_logprobs
+from splitwiser.worker.context import WorkerConfig, phase_range, settle
 from splitwiser.worker.decoding import DecodingWorker
-from splitwiser.worker.main import phase_range, settle
 from splitwiser.worker.model_runner import PrefillSeq
+
+NAME = "colocated"
+
+
+class ColocatedRole:
+    """The parent side: whole requests to the ready colocated workers, a few queued beyond the
+    running ones; their steps' tokens (a mixed step also prefilled chunks)."""
+
+    def __init__(self, max_outstanding: int):
+        self.max_outstanding = max_outstanding  # requests a worker holds: running and queued
+
+    def schedule(self, core: EngineCore, ready: list[int]) -> list[Send]:
+        loads = self.loads(core)
+        sends: list[Send] = []
+        now = time.monotonic()
+        while True:
+            index = min(ready, key=lambda i: loads[i])
+            if loads[index] >= self.max_outstanding:
+                break
+            req = core.admit_next()
+            if req is None:
+                break
+            key = (NAME, index)
+            req.start_prefill(key, None, now)
+            loads[index] += 1
+            next_token = req.output_token_ids[-1] if req.is_resumed else None
+            msg = m.RunMsg(req.spec(), req.prefill_token_ids, req.block_ids, next_token)
+            sends.append((key, msg))
+        return sends
+
+    def on_message(self, core: EngineCore, worker: WorkerKey, msg) -> list[Send]:
+        if not isinstance(msg, m.TokensMsg):
+            raise TypeError(f"a colocated worker sent {type(msg).__name__}")
+        end_s = msg.started_at + msg.step_s
+        if msg.num_prefill_tokens:  # a mixed step: prefill chunks and decodes in one forward
+            core.record_phase("mixed", worker, end_s, msg.step_s, msg.num_prefill_tokens)
+        else:
+            core.record_phase("decode", worker, end_s, msg.step_s, len(msg.request_ids))
+        return append_step(core, worker, msg, time.monotonic())
+
+    def stop_msg(self, request_ids: list[int]):
+        return m.AbortMsg(request_ids)
+
+    def loads(self, core: EngineCore) -> Counter:
+        """Per colocated worker: its requests, running and queued."""
+        return requests_per_worker(core, NAME)
 
 
 @dataclass
@@ -43,7 +95,8 @@ class _Decoding:
 
 
 class ColocatedWorker(DecodingWorker):
-    """``self.queued``: the requests being prefilled, FCFS, the one being chunked first."""
+    """The worker's loop. ``self.queued``: the requests being prefilled, FCFS, the one being
+    chunked first."""
 
     accepts = m.RunMsg
 
@@ -164,3 +217,17 @@ class ColocatedWorker(DecodingWorker):
         """The parent applies the same rule to the same token."""
         reason = stop_reason(token, num_generated, spec.max_new_tokens, spec.params, self.eos)
         return reason is not None
+
+
+def _make(config: EngineConfig) -> ColocatedRole:
+    # a few requests queued beyond the running ones: no idle step
+    return ColocatedRole(max_outstanding=2 * config.max_num_seqs)
+
+
+def _prefill_budget(cfg: WorkerConfig) -> int:
+    return cfg.max_num_batched_tokens
+
+
+SPEC = RoleSpec(
+    name=NAME, make=_make, worker=ColocatedWorker, prefill_budget=_prefill_budget, decodes=True
+)

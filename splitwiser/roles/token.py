@@ -1,18 +1,55 @@
-"""The token worker's loop: continuous-batch decode over the persistent ``DecodeBatch``,
-admitting handed-off requests at step boundaries."""
+"""The token role: each prefilled request goes to the token worker with the fewest live requests,
+whose decode steps report its tokens. Its workers run continuous-batch decode over the
+persistent ``DecodeBatch``, admitting handed-off requests at step boundaries."""
 
 from __future__ import annotations
 
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass
 
 from splitwiser.core import messages as m
-from splitwiser.core.prompts import stop_reason
-from splitwiser.kv.pool import slots_for
+from splitwiser.core.engine_core import EngineCore, Send
+from splitwiser.core.request import WorkerKey
+from splitwiser.core.stop import stop_reason
+from splitwiser.roles.base import RoleSpec, append_step, requests_per_worker
 from splitwiser.sampling import sample_next, token_logprobs
+from splitwiser.worker.context import phase_range, settle
 from splitwiser.worker.decoding import DecodingWorker
-from splitwiser.worker.main import phase_range, settle, synchronize
+
+NAME = "token"
+
+
+class TokenRole:
+    """The parent side: handoffs to the ready token workers; their steps' tokens."""
+
+    def schedule(self, core: EngineCore, ready: list[int]) -> list[Send]:
+        loads = self.loads(core)
+        sends: list[Send] = []
+        for req in core.take_handoffs():
+            index = min(ready, key=lambda i: loads[i])
+            loads[index] += 1  # this tick's picture: the request is owned from here on
+            sends.append(((NAME, index), req.hand_off((NAME, index))))
+        return sends
+
+    def on_message(self, core: EngineCore, worker: WorkerKey, msg) -> list[Send]:
+        if not isinstance(msg, m.TokensMsg):
+            raise TypeError(f"a token worker sent {type(msg).__name__}")
+        end_s = msg.started_at + msg.step_s
+        core.record_phase("decode", worker, end_s, msg.step_s, len(msg.request_ids))
+        for rid, handoff_s in msg.handoff_s.items():
+            req = core.request(rid)
+            if req is not None:
+                req.metrics.handoff_s = handoff_s
+        return append_step(core, worker, msg, time.monotonic())
+
+    def stop_msg(self, request_ids: list[int]):
+        return m.AbortMsg(request_ids)
+
+    def loads(self, core: EngineCore) -> Counter:
+        """Per token worker: its live requests."""
+        return requests_per_worker(core, NAME)
 
 
 @dataclass
@@ -22,8 +59,8 @@ class _RunningSeq:
 
 
 class TokenWorker(DecodingWorker):
-    """Continuous batching over the persistent ``DecodeBatch``; handed-off requests join at
-    step boundaries."""
+    """The worker's loop: continuous batching over the persistent ``DecodeBatch``; handed-off
+    requests join at step boundaries."""
 
     accepts = m.HandoffMsg
 
@@ -50,12 +87,7 @@ class TokenWorker(DecodingWorker):
         handoff_s = {}
         while self.queued and len(self.rows) < self.cfg.max_num_seqs:
             h = self.queued.popleft()
-            if h.kv_copy is not None:  # copy handoff: scatter the received K/V into the blocks
-                slots = slots_for(h.block_ids, h.prompt_len, self.cfg.block_size, self.device)
-                kv = h.kv_copy.open()  # CUDA: maps the prompt worker's buffer
-                self.kv_pool[:, :, slots] = kv  # device to device on CUDA
-                synchronize(self.device)  # the handoff ends when the K/V are in place
-                del kv  # CUDA: the prompt worker may free its buffer now
+            self.handoff.receive(h, self.kv_pool, self.cfg.block_size, self.device)
             self.batch.add(h.block_ids, h.prompt_len, h.first_token)
             self.rows.append(_RunningSeq(h.request, 1))
             handoff_s[h.request.request_id] = time.monotonic() - h.published_at
@@ -84,3 +116,15 @@ class TokenWorker(DecodingWorker):
         return m.TokensMsg(
             ids, tokens, finished, handoff_s, time.monotonic() - t0, t0, logprobs=logprobs
         )
+
+
+SPEC = RoleSpec(
+    name=NAME,
+    make=lambda config: TokenRole(),
+    worker=TokenWorker,
+    prefill_budget=None,
+    decodes=True,
+    mps_share=1,
+    phase="decode",
+    schedule_rank=0,
+)

@@ -22,15 +22,17 @@ from splitwiser.core.messages import ReadyMsg
 from splitwiser.core.prompts import PromptChecker, eos_token_ids
 from splitwiser.errors import PipelineClosedError, SplitwiserError, WorkerCrashedError
 from splitwiser.handle import RequestHandle
+from splitwiser.handoff import select_handoff
 from splitwiser.kv.pool import KVLayout, allocate_pool, default_num_blocks
 from splitwiser.models.loader import load_model
 from splitwiser.models.registry import resolve_model_impl
 from splitwiser.models.shape import ModelShape
+from splitwiser.roles import make_roles
 from splitwiser.runtime import spawn
 from splitwiser.runtime.cuda_context import join_mps
 from splitwiser.runtime.procs import WorkerProc, wait_ready
 from splitwiser.runtime.supervisor import LostWorker, Supervisor
-from splitwiser.worker.main import WorkerConfig
+from splitwiser.worker.context import WorkerConfig
 
 log = logging.getLogger("splitwiser")
 
@@ -79,7 +81,11 @@ class Engine:
             self.layout, self.device, config, self.max_model_len, self.model.config
         )
         self.kv_pool = allocate_pool(self.layout, self.num_kv_blocks, self.device)
-        self.core = EngineCore(config, self.num_kv_blocks, checker, eos)
+        handoff = select_handoff(config)  # the workers select the same one
+        self.core = EngineCore(
+            config, self.num_kv_blocks, checker, eos, make_roles(config),
+            chunked_prefill=handoff.allows_chunked_prefill,
+        )  # fmt: skip
         # one worker's config; every worker's is this one with its role and index replaced
         self._worker_cfg = WorkerConfig(
             engine=config,

@@ -170,7 +170,6 @@ class PipelineBridge:
         self.pipe = None
         self.error: BaseException | None = None  # the pipeline failed to start
         self.stopping = False
-        self.max_model_len: int | None = None
         self._waker: Waker | None = None  # for the serving loop, made on its first request
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._start, name="splitwiser-serve-start")
@@ -181,7 +180,6 @@ class PipelineBridge:
     def _start(self) -> None:
         try:
             pipe = self._factory()
-            self.max_model_len = pipe.stats()["max_model_len"]
             self.pipe = pipe
             # what exists now (the tokenizer, the model's modules, imports) lives as long as the
             # server: out of the collector's sight, a full collection no longer walks it at
@@ -197,10 +195,6 @@ class PipelineBridge:
 
     def wait_started(self, timeout: float | None = None) -> bool:
         return self._started.wait(timeout)
-
-    @property
-    def tokenizer(self):
-        return self._ready_pipe().tokenizer
 
     def state(self) -> tuple[bool, str]:
         """(serving, why not): ready and healthy, or "starting", "failed: ...", "stopping"."""

@@ -14,13 +14,13 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from functools import partial
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from splitwiser.core.stop import StopStringMatcher
 from splitwiser.errors import InvalidRequestError, SplitwiserError
 from splitwiser.outputs import RequestOutput, TokenLogprobs
 from splitwiser.server.bridge import Generation, Step
@@ -44,47 +44,32 @@ def sse(payload: dict) -> str:
 class ChoiceText:
     """One choice's text as its tokens come: the part safe to send now, and the rest at the end.
 
-    Decoded incrementally, as vLLM's detokenizer does: each token decodes a window of a few
-    tokens (from the last point where the text was whole, so a tokenizer that drops a leading
-    space or joins bytes across tokens decodes it as in context), not the whole output again,
-    so a token costs the same at the 10th and the 10,000th."""
+    Its stop strings are matched as the engine matches them (``StopStringMatcher``: a few
+    tokens decoded per token, whatever the length of the output); only committed text (whole
+    characters) is sent, and of it only what no stop string can still take back."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...], include_stop: bool):
-        self._decode = _decoder(tokenizer)  # token ids -> text, special tokens skipped
-        self._stop = stop
+        self._matcher = StopStringMatcher(tokenizer, stop)
         self._include_stop = include_stop
         # NOTE: a stop string not yet complete may be the end of the text now: hold back that
         # much, so text sent is never taken back when the stop string completes
         self._holdback = max((len(s) for s in stop), default=1) - 1
         self.token_ids: list[int] = []
-        self._text = ""  # the text of token_ids[: self._read], which ends on a whole character
-        self._window = 0  # where the decode window starts (a token index)
-        self._read = 0  # tokens whose text is in self._text
-        self._window_text = ""  # the decode of token_ids[self._window : self._read]
         self._num_sent = 0  # characters
-        self._searched = 0  # stop strings are not in self._text[: self._searched]
-
-    def _read_new(self) -> None:
-        """Take the new tokens' text into ``_text`` once it ends on a whole character."""
-        text = self._decode(self.token_ids[self._window :])
-        if len(text) <= len(self._window_text) or text.endswith("\ufffd"):
-            return  # no new text yet, or a character whose bytes are not all there yet
-        self._text += text[len(self._window_text) :]
-        self._window, self._read = self._read, len(self.token_ids)
-        self._window_text = self._decode(self.token_ids[self._window : self._read])
+        self._unsent = ""  # the committed text after the first _num_sent characters
 
     def add(self, token: int) -> str:
         self.token_ids.append(token)
-        self._read_new()
-        text = self._text
-        end = len(text) - self._holdback
-        cuts = [i for i in (text.find(s, self._searched) for s in self._stop) if i >= 0]
-        if cuts:  # this token completes a stop string: the request ends here, cut before it
-            end = min(end, *cuts)
-        self._searched = max(0, len(text) - self._holdback)
+        m = self._matcher
+        m.add(token)
+        self._unsent += m.new_text
+        end = m.detokenizer.num_committed - self._holdback
+        if m.cut is not None:  # a stop string ends the request here: cut before it
+            end = min(end, m.cut)
         if end <= self._num_sent:
             return ""
-        delta, self._num_sent = text[self._num_sent : end], end
+        n = end - self._num_sent
+        delta, self._unsent, self._num_sent = self._unsent[:n], self._unsent[n:], end
         return delta
 
     def finish(self, output: RequestOutput) -> str:
@@ -98,25 +83,12 @@ class ChoiceText:
         stop = self.stop_string(output)
         if stop is None or not self._include_stop:
             return output.text
-        full = self._decode(output.token_ids)
-        return full[: full.find(stop) + len(stop)]
+        text = self._matcher.text
+        return text[: text.find(stop) + len(stop)]
 
     def stop_string(self, output: RequestOutput) -> str | None:
-        if output.finish_reason != "stop" or not self._stop:
-            return None
-        full = self._decode(output.token_ids)
-        found = [(full.find(s), s) for s in self._stop if s in full]
-        return min(found)[1] if found else None
-
-
-def _decoder(tokenizer) -> Callable[[list[int]], str]:
-    """``tokenizer.decode(ids, skip_special_tokens=True)``, straight from the Rust tokenizer
-    where that is all it does (a fast tokenizer with no clean-up of spaces): the Python around
-    it costs more than the decode of a few tokens, and a stream decodes at every token."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
-    if backend is None or tokenizer.clean_up_tokenization_spaces:
-        return partial(tokenizer.decode, skip_special_tokens=True)
-    return partial(backend.decode, skip_special_tokens=True)
+        """The stop string that ended the choice, if one did."""
+        return self._matcher.stop_str if output.finish_reason == "stop" else None
 
 
 def stop_reason(output: RequestOutput, text: ChoiceText, params) -> int | str | None:

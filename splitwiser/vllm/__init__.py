@@ -14,16 +14,8 @@ from splitwiser.vllm.pipeline import (
 )
 from splitwiser.vllm.split import VLLMSplitPipeline
 
-# the systems by their `splitwiser bench` names
-SYSTEMS = {
-    "vllm": VLLMPipeline,
-    "vllm-parallel": VLLMParallelPipeline,
-    "vllm-split": VLLMSplitPipeline,
-}
-
 __all__ = [
     "INSTALL_HINT",
-    "SYSTEMS",
     "VLLMParallelPipeline",
     "VLLMPipeline",
     "VLLMSplitPipeline",

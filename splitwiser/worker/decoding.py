@@ -8,9 +8,8 @@ import queue
 from collections import deque
 
 from splitwiser.core import messages as m
+from splitwiser.worker.context import WorkerParts, get_msg
 from splitwiser.worker.decode_batch import DecodeBatch
-from splitwiser.worker.main import get_msg
-from splitwiser.worker.model_runner import ModelRunner
 
 
 class DecodingWorker:
@@ -19,13 +18,14 @@ class DecodingWorker:
 
     accepts: type  # the parent's message of new work, queued as ``self.queue(msg)``
 
-    def __init__(self, cfg, runner: ModelRunner, kv_pool, in_conn, out_conn, device, batch):
-        self.cfg, self.runner, self.kv_pool = cfg, runner, kv_pool
-        self.in_conn, self.out_conn, self.device = in_conn, out_conn, device
-        self.batch: DecodeBatch = batch
+    def __init__(self, parts: WorkerParts):
+        self.cfg, self.runner, self.kv_pool = parts.cfg, parts.runner, parts.kv_pool
+        self.in_conn, self.out_conn, self.device = parts.in_conn, parts.out_conn, parts.device
+        self.batch: DecodeBatch = parts.batch
+        self.handoff = parts.handoff
         self.rows: list = []
         self.queued: deque = deque()
-        self.eos = cfg.eos_token_ids
+        self.eos = parts.cfg.eos_token_ids
 
     def queue(self, msg) -> None:
         self.queued.append(msg)

@@ -1,10 +1,10 @@
 """The CPU's paged decode attention: a small C kernel (``csrc/paged_decode.c``) that reads each
 request's K/V in place from the block pool, as vLLM's CPU build does with its own kernel.
 
-The plain-torch path (``attention._gathered_decode``) copies every running request's whole
-context out of the pool at every step and layer, then runs a masked SDPA over the copy. The
-kernel reads each key and value row once, where it lies (one layer of Llama-3.2-1B's attention
-at batch 128, context 512: 29 against 114 ms on a 2-core CPU, ``bench/README.md``).
+The plain-torch path (``sdpa.paged_decode``) copies every running request's whole context out
+of the pool at every step and layer, then runs a masked SDPA over the copy. The kernel reads each
+key and value row once, where it lies (one layer of Llama-3.2-1B's attention at batch 128,
+context 512: 29 against 114 ms on a 2-core CPU, ``bench/README.md``).
 
 It is compiled on first use with the system's C compiler (``cc``, or ``$CC``) for this machine
 (``-march=native``) into ``kernels/`` of Splitwiser's cache (``$SPLITWISER_CACHE`` or
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from splitwiser.models.default import cache_root
+from splitwiser.cache import cache_root
 
 log = logging.getLogger("splitwiser")
 
@@ -123,6 +123,7 @@ def paged_decode(
     block_table: torch.Tensor,  # [T, max_blocks] int32
     context_lens: torch.Tensor,  # [T] int32
     scale: float,
+    max_context_len: int | None = None,  # unused: the kernel reads each request's length
 ) -> torch.Tensor:
     """Each query token over its request's first ``context_lens[i]`` keys, read in place:
     ``softmax(q k^T * scale) v`` -> [T, heads, D]."""

@@ -16,7 +16,7 @@ try:
     import triton.language as tl
 
     AVAILABLE = True
-except ImportError:  # CPU-only installs: attention.py uses its torch path
+except ImportError:  # CPU-only installs: decode falls to the next backend
     AVAILABLE = False
 
 TOKENS_PER_TILE = 64  # K/V rows per loop iteration
@@ -80,6 +80,11 @@ if AVAILABLE:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
 
+def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Any CUDA batch, where Triton is installed."""
+    return q.is_cuda and AVAILABLE
+
+
 def paged_decode(
     q: torch.Tensor,  # [B, heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
@@ -87,6 +92,7 @@ def paged_decode(
     block_table: torch.Tensor,  # [B, max_blocks] int32
     context_lens: torch.Tensor,  # [B] int32, >= 1
     scale: float,
+    max_context_len: int | None = None,  # unused: each program reads its request's length
 ) -> torch.Tensor:
     num_reqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape

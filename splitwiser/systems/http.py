@@ -1,4 +1,5 @@
-"""Any OpenAI-compatible endpoint as a bench system: ``--baseline http://HOST:PORT/v1``.
+"""Any OpenAI-compatible endpoint as a bench system: ``--baseline http://HOST:PORT/v1`` (a server
+of its own: nothing is built in the system's process but the client).
 
 Each request goes to ``POST {url}/completions`` as token ids, streamed, with the run's forced
 output length (``max_tokens``, ``ignore_eos``), greedy, at its scheduled arrival (the same
@@ -16,15 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 
 from splitwiser.errors import SplitwiserError
 from splitwiser.outputs import RequestMetrics, RequestOutput
-
-
-def is_http_system(name: str) -> bool:
-    return name.startswith(("http://", "https://"))
+from splitwiser.systems.base import BenchSystem
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -45,7 +44,7 @@ def _event_data(event: bytes) -> bytes | None:
 
 
 class _Handle:
-    """What ``replay_splitwiser`` waits on: ``done()`` and ``result()``."""
+    """What ``replay_submit`` waits on: ``done()`` and ``result()``."""
 
     def __init__(self, request_id: int):
         self.request_id = request_id
@@ -174,3 +173,14 @@ class OpenAIEndpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class HTTPSystem(BenchSystem):
+    """The endpoint ``spec`` names, with ``$OPENAI_API_KEY`` if set."""
+
+    @classmethod
+    def build(cls, spec, config, device, dtype, mps_pipe_dir) -> HTTPSystem:
+        return cls(spec, OpenAIEndpoint(spec, api_key=os.environ.get("OPENAI_API_KEY")))
+
+    def facts(self, config, records, before) -> dict:
+        return {"endpoint": self.pipe.base_url, "served_model": self.pipe.model}

@@ -3,12 +3,11 @@
 Every system gets the same prompt token ids, the same forced output lengths (``ignore_eos``)
 and the same schedule; latencies count from the scheduled arrival (see ``metrics``).
 
-- ``splitwiser``, ``colocated``, the vLLM systems and OpenAI-compatible endpoints (a URL, see
-  ``http_system``): each request is submitted at its arrival
-  time; the runtime batches on its own.
-- ``sequential``: requests in arrival order, each alone once the previous one finished.
-- ``batched``: when idle, up to ``batch_size`` requests that have arrived form one static batch
-  (or the next arrival alone when none is waiting).
+- ``replay_submit`` (Splitwiser, colocated, the vLLM systems, OpenAI-compatible endpoints):
+  each request is submitted at its arrival time; the runtime batches on its own.
+- ``replay_sequential``: requests in arrival order, each alone once the previous one finished.
+- ``replay_batched``: when idle, up to ``batch_size`` requests that have arrived form one
+  static batch (or the next arrival alone when none is waiting).
 """
 
 from __future__ import annotations
@@ -17,10 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from functools import partial
 
-from splitwiser.benchmark.config import COLOCATED, VLLM_SYSTEMS
-from splitwiser.benchmark.http_system import is_http_system
 from splitwiser.benchmark.metrics import RequestRecord
 from splitwiser.benchmark.workloads import BenchRequest
 from splitwiser.errors import SplitwiserError
@@ -56,11 +52,9 @@ def _record(system, req, t0, submit, out: RequestOutput | None, error=None) -> R
     return rec
 
 
-def replay_splitwiser(
-    pipe, requests, prompts, progress: Progress, system: str = "splitwiser"
-) -> tuple[list, float]:
-    """Submit at arrival times; a side thread reports completions as they happen. Also the
-    colocated and vLLM systems' replay (the same ``submit`` contract)."""
+def replay_submit(pipe, requests, prompts, progress: Progress, system: str) -> tuple[list, float]:
+    """Submit at arrival times (``pipe.submit``); a side thread reports completions as they
+    happen. ``system``: the name in the records."""
     t0 = time.monotonic()
     submitted: list = []
     stop = threading.Event()
@@ -101,7 +95,9 @@ def replay_splitwiser(
     return records, _end(records, t0)
 
 
-def replay_sequential(pipe, requests, prompts, progress: Progress) -> tuple[list, float]:
+def replay_sequential(
+    pipe, requests, prompts, progress: Progress, system: str
+) -> tuple[list, float]:
     t0 = time.monotonic()
     records = []
     for req, ids in zip(requests, prompts):
@@ -111,12 +107,12 @@ def replay_sequential(pipe, requests, prompts, progress: Progress) -> tuple[list
             out, error = pipe.generate([ids], _params(req))[0], None
         except SplitwiserError as exc:
             out, error = None, exc
-        records.append(_record("sequential", req, t0, submit, out, error))
+        records.append(_record(system, req, t0, submit, out, error))
         progress(1)
     return records, _end(records, t0)
 
 
-def replay_batched(pipe, requests, prompts, progress: Progress) -> tuple[list, float]:
+def replay_batched(pipe, requests, prompts, progress: Progress, system: str) -> tuple[list, float]:
     t0 = time.monotonic()
     pending = deque(zip(requests, prompts))
     records = []
@@ -133,7 +129,7 @@ def replay_batched(pipe, requests, prompts, progress: Progress) -> tuple[list, f
         except SplitwiserError as exc:
             outs, errors = [None] * len(batch), [exc] * len(batch)
         for (req, _), out, error in zip(batch, outs, errors):
-            records.append(_record("batched", req, t0, submit, out, error))
+            records.append(_record(system, req, t0, submit, out, error))
         progress(len(batch))
     return records, _end(records, t0)
 
@@ -142,21 +138,3 @@ def _end(records: list[RequestRecord], t0: float) -> float:
     """The run's duration: its start to the last request's end (or now, if none finished)."""
     ends = [r.finish_s for r in records if r.finish_s is not None]
     return max(ends) if ends else time.monotonic() - t0
-
-
-class _Replays(dict):
-    """The replay of each system; an OpenAI-compatible endpoint (a URL) replays as Splitwiser."""
-
-    def __missing__(self, name: str):
-        if is_http_system(name):
-            return partial(replay_splitwiser, system=name)
-        raise KeyError(name)
-
-
-REPLAY = _Replays({
-    "splitwiser": replay_splitwiser,
-    COLOCATED: partial(replay_splitwiser, system=COLOCATED),
-    **{name: partial(replay_splitwiser, system=name) for name in VLLM_SYSTEMS},
-    "sequential": replay_sequential,
-    "batched": replay_batched,
-})  # fmt: skip

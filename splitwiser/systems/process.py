@@ -20,16 +20,18 @@ import sys
 import traceback
 from dataclasses import dataclass, replace
 from multiprocessing import get_context, resource_tracker
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from splitwiser.benchmark.config import COLOCATED, BenchConfig
-from splitwiser.benchmark.http_system import OpenAIEndpoint, is_http_system
-from splitwiser.benchmark.metrics import RequestRecord, phase_summary
-from splitwiser.benchmark.replay import REPLAY
+from splitwiser.benchmark.metrics import RequestRecord
 from splitwiser.benchmark.telemetry import TelemetryLog, TelemetrySampler
 from splitwiser.benchmark.workloads import BenchRequest
 from splitwiser.errors import SplitwiserError
+from splitwiser.systems import BenchSystem, get_system
+
+if TYPE_CHECKING:
+    from splitwiser.benchmark.config import BenchConfig
 
 WARMUP_OUTPUT_LEN = 4
 _CTX = get_context("spawn")  # never fork: CUDA cannot survive it
@@ -39,7 +41,7 @@ _CTX = get_context("spawn")  # never fork: CUDA cannot survive it
 class SystemJob:
     """What a system's process needs; every system of a run gets the same requests."""
 
-    name: str  # splitwiser, colocated, sequential, batched or a vLLM system
+    name: str  # the system's spec (see splitwiser.systems.get_system)
     config: BenchConfig
     device: str  # resolved by the run ("cpu", "cuda"), never "auto"
     mps_env: dict[str, str]  # CUDA_MPS_* set before this process touches CUDA; {} without MPS
@@ -59,83 +61,10 @@ class SystemRun:
     device_info: dict  # the GPU as this process saw it ({} on CPU)
 
 
-def is_engine_system(name: str) -> bool:
-    """Systems on Splitwiser's engine: they report phases and a phase log."""
-    return name in ("splitwiser", COLOCATED)
-
-
-def build_system(job: SystemJob, device, dtype):
+def build_system(job: SystemJob, device, dtype) -> BenchSystem:
     """The system ``job.name`` names, on the resolved device and dtype."""
-    from splitwiser.baselines import BatchedPipeline, SequentialPipeline
-    from splitwiser.pipeline import pipeline_from_config
-
-    config, pipe_dir = job.config, job.mps_env.get("CUDA_MPS_PIPE_DIRECTORY")
-    model = config.engine.model
-    if is_http_system(job.name):  # a server of its own: nothing is built here
-        return OpenAIEndpoint(job.name, api_key=os.environ.get("OPENAI_API_KEY"))
-    if job.name == "splitwiser":
-        engine = replace(
-            config.engine, device=str(device), dtype=dtype, mps_pipe_dir=pipe_dir,
-            mps_thread_percentage=config.mps_split if pipe_dir else None,
-        )  # fmt: skip
-        return pipeline_from_config(engine)
-    if job.name == COLOCATED:  # the same engine options, one worker for both phases
-        engine = config.engine
-        # as many requests decoding at once as the split system's token workers together (each
-        # decodes one token of the step budget)
-        seqs = engine.max_num_seqs * engine.num_token_workers
-        return pipeline_from_config(replace(
-            engine, device=str(device), dtype=dtype, mps_pipe_dir=pipe_dir,
-            mps_thread_percentage=None, colocated=True,
-            max_num_seqs=min(seqs, engine.max_num_batched_tokens or seqs),
-        ))  # fmt: skip
-    if job.name == "sequential":
-        return SequentialPipeline(model, device=str(device), dtype=dtype)
-    if job.name.startswith("vllm"):
-        from splitwiser.vllm import SYSTEMS
-
-        options = {"device": str(device), "dtype": dtype, "mps_pipe_dir": pipe_dir,
-                   "enforce_eager": config.engine.enforce_eager}  # fmt: skip
-        if job.name == "vllm-parallel":
-            options["num_engines"] = config.procs  # as many processes as Splitwiser's
-        if job.name == "vllm-split" and pipe_dir:
-            options["mps_thread_percentage"] = config.mps_split
-        return SYSTEMS[job.name](model, **options)
-    return BatchedPipeline(model, device=str(device), dtype=dtype, batch_size=config.batch_size)
-
-
-def phase_counters(name: str, pipe) -> dict:
-    """The engine's phase counters now ({} for a system not on the engine)."""
-    return dict(pipe.stats()["phases"]) if is_engine_system(name) else {}
-
-
-def system_facts(job: SystemJob, pipe, records: list[RequestRecord], before: dict) -> dict:
-    """What a system reports besides the request metrics; ``before``: its phase counters when
-    the measured run began."""
-    if job.name.startswith("vllm"):
-        return {"engines": pipe.workers(), "stats": pipe.stats()}
-    if is_http_system(job.name):
-        return {"endpoint": pipe.base_url, "served_model": pipe.model}
-    if not is_engine_system(job.name):  # a baseline: no pool, the K/V of generate()'s own cache
-        return {"kv_bytes_per_token": pipe.shape.kv_bytes_per_token(pipe.dtype)}
-    stats = pipe.stats()
-    kv_bytes_per_token = stats["kv_bytes_per_token"]
-    facts = {
-        "num_kv_blocks": stats["num_kv_blocks"],
-        "kv_bytes_per_token": kv_bytes_per_token,
-        # prefill, decode (and colocated: mixed) steps as the workers timed them, measured run
-        "phases": phase_summary({k: v - before[k] for k, v in stats["phases"].items()}),
-        "workers": pipe.workers(),
-        "stats": stats,
-    }
-    if job.name == "splitwiser":
-        done = [r for r in records if r.ok]
-        moved_nothing = job.config.engine.kv_handoff == "shared"
-        # the prompt K/V that stayed in the shared pool instead of travelling to a token worker
-        facts["kv_bytes_not_moved"] = (
-            sum(r.prompt_len for r in done) * kv_bytes_per_token if moved_nothing else 0
-        )
-    return facts
+    pipe_dir = job.mps_env.get("CUDA_MPS_PIPE_DIRECTORY")
+    return get_system(job.name).build(job.name, job.config, device, dtype, pipe_dir)
 
 
 def device_info(device) -> dict:
@@ -157,27 +86,27 @@ def start_system(job: SystemJob):
     return device, resolve_dtype(job.config.engine.dtype, device)
 
 
-def warm_up(job: SystemJob, pipe) -> None:
+def warm_up(job: SystemJob, system: BenchSystem) -> None:
     """The first requests, all at once with short outputs, excluded from every figure."""
     warm = [
         replace(r, arrival_s=0.0, output_len=min(r.output_len, WARMUP_OUTPUT_LEN))
         for r in job.requests[: job.config.warmup_requests]
     ]
     if warm:
-        REPLAY[job.name](pipe, warm, job.prompts[: len(warm)], lambda n: None)
+        system.replay(warm, job.prompts[: len(warm)], lambda n: None)
 
 
 def run_system(job: SystemJob) -> SystemRun:
     """Build, warm up, replay and close one system, in this process."""
     device, dtype = start_system(job)
     requests, prompts = job.requests, job.prompts
-    with build_system(job, device, dtype) as pipe:
-        warm_up(job, pipe)
-        before = phase_counters(job.name, pipe)
+    with build_system(job, device, dtype) as system:
+        warm_up(job, system)
+        before = system.phase_counters()
         bar = tqdm(total=len(requests), desc=f"{job.name:>10}", unit="req", disable=not job.show)
         with bar, TelemetrySampler(device) as telemetry:
-            records, duration_s = REPLAY[job.name](pipe, requests, prompts, bar.update)
-        extra = system_facts(job, pipe, records, before)
+            records, duration_s = system.replay(requests, prompts, bar.update)
+        extra = system.facts(job.config, records, before)
     return SystemRun(
         job.name, records, duration_s, telemetry, extra, os.getpid(), device_info(device)
     )
