@@ -29,7 +29,7 @@ when an output was wrong: every request must return exactly its ``max_new_tokens
 "length"), and one fixed greedy request, repeated in every wave, the same tokens each time;
 with ``serve`` also when an HTTP request failed or the server did not stop cleanly.
 
-The workers bound oneDNN's per-shape primitive caches (``splitwiser/models/linear.py``); to see
+The workers bound oneDNN's per-shape primitive caches (``splitwiser/layers/linear.py``); to see
 what they hold unbounded, run with ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024 LRU_CACHE_CAPACITY=1024``
 (oneDNN's defaults) and varied shapes (``--prompt-len 8:96 --wave 1:100 --new-tokens 1:16``).
 Throughput (requests and output tokens per second after the warm-up) is printed for same-run
