@@ -1,7 +1,7 @@
 """``splitwiser bench``: its options become one ``BenchConfig`` holding the Splitwiser
-system's ``EngineConfig`` (in-process); end to end in a real subprocess, bad options fail in
-one line with exit code 2 and start nothing, and a short run writes a valid summary, the
-per-request CSV and the plots."""
+system's ``EngineConfig``, and bad options fail in one line with exit code 2 and start nothing
+(in-process, through the command's ``main``; one in a real subprocess); end to end in a real
+subprocess, a short run writes a valid summary, the per-request CSV and the plots."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import pytest
 from splitwiser import ConfigError, EngineConfig
 from splitwiser.benchmark.config import BenchConfig, split_procs
 from splitwiser.config import KV_HANDOFF_MODES, MODEL_IMPLS, PHASE_PRIORITIES
+from tests.test_errors import assert_one_line_error, splitwiser_in_process
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SHORT = ["--procs", "2", "--num-requests", "6", "--input-len", "24", "--output-len", "6"]
@@ -141,22 +142,19 @@ def test_a_system_spec_names_one_registered_system():
     ],
 )
 def test_bad_options_fail_in_one_line(args, message, leftovers, tmp_path):
-    proc = bench(*args, "--out", str(tmp_path), timeout=180)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and message in lines[0], proc.stderr
-    assert lines[0].startswith("splitwiser: error:") and "Traceback" not in proc.stderr
+    """In this process, through the command's own ``main``; the real process's exit code and
+    stderr are the next test's."""
+    result = splitwiser_in_process("bench", *args, "--out", str(tmp_path))
+    assert_one_line_error(result.exit_code, result.stderr, message)
     assert list(tmp_path.iterdir()) == []  # no results written
     leftovers.assert_clean()
 
 
 def test_unwritable_out_fails_before_any_work(leftovers):
     proc = bench(*SHORT, "--out", "/proc/forbidden", timeout=180)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr
     # one line: no progress bar ran, no system was built
-    assert len(lines) == 1 and "/proc/forbidden" in lines[0] and "Traceback" not in proc.stderr
-    assert lines[0].startswith("splitwiser: error: cannot write results")
+    assert_one_line_error(proc.returncode, proc.stderr, "/proc/forbidden")
+    assert proc.stderr.strip().startswith("splitwiser: error: cannot write results")
     leftovers.assert_clean()
 
 

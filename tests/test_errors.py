@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner, Result
 
 from splitwiser import (
     ConfigError,
@@ -20,6 +23,7 @@ from splitwiser import (
     SplitwiserPipeline,
 )
 from splitwiser.kv import pool as kv_pool
+from tests.conftest import hf_greedy
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +55,28 @@ def test_bad_max_new_tokens():
             SamplingParams(max_new_tokens=bad)
 
 
-def test_request_that_can_never_fit_is_rejected_at_once(small_pool):
+def test_request_that_can_never_fit_is_rejected_at_once(small_pool, reference_models):
     with pytest.raises(
         KVCacheTooSmallError, match="needs 7 KV blocks .* has only 4; raise num_kv_blocks"
     ):
         small_pool.generate([[1] * 90], SamplingParams(max_new_tokens=20))
     # requests that fit still run, and more of them than the pool holds at once wait their turn
-    outs = small_pool.generate([[1, 2, 3]] * 6, SamplingParams(max_new_tokens=30, ignore_eos=True))
-    assert [len(o.token_ids) for o in outs] == [30] * 6
+    # in the same few blocks: each its own prompt, so K/V left in a reused block would show
+    prompts = [[1 + i, 2 + 3 * i, 3 + 5 * i] for i in range(6)]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    outs = small_pool.generate(prompts, params)
+    model = reference_models["llama"]
+    assert [o.token_ids for o in outs] == [hf_greedy(model, p, 30) for p in prompts]
+    assert small_pool.stats()["num_free_blocks"] == 4
+
+
+def test_a_request_needing_exactly_the_whole_pool_runs(small_pool, reference_models):
+    # 35 prompt + 30 new tokens: 64 cached (the last token never is), the 4 blocks exactly
+    prompt = [(7 * i) % 900 + 1 for i in range(35)]
+    out = small_pool.generate([prompt], SamplingParams(max_new_tokens=30, ignore_eos=True))[0]
+    assert out.token_ids == hf_greedy(reference_models["llama"], prompt, 30)
+    with pytest.raises(KVCacheTooSmallError, match="needs 5 KV blocks .* has only 4"):
+        small_pool.generate([prompt + [1]], SamplingParams(max_new_tokens=30))
     assert small_pool.stats()["num_free_blocks"] == 4
 
 
@@ -138,28 +156,51 @@ def test_all_errors_share_one_base():
         assert issubclass(exc, SplitwiserError)
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["generate", "--model", "/no/such/model", "hi"], "does not exist"),
-        (["generate", "--token-workers", "0", "hi"], "num_token_workers must be"),
-        (["generate", "--max-new-tokens", "0", "hi"], "max_new_tokens must be"),
-    ],
-)
-def test_cli_errors_are_one_line_exit_2(args, message):
+def splitwiser_in_process(*args: str) -> Result:
+    """``splitwiser ARGS`` run in this process through the command's own ``main`` (which turns
+    every error into one line and exit code 2), stdout and stderr captured apart."""
+    from splitwiser.cli import main
+
+    sigterm = signal.getsignal(signal.SIGTERM)  # main() installs its own handler
+    try:
+        return CliRunner().invoke(main, list(args), prog_name="splitwiser", catch_exceptions=False)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+
+
+def assert_one_line_error(exit_code: int, stderr: str, message: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert exit_code == 2, stderr
+    assert len(lines) == 1 and message in lines[0], stderr
+    assert lines[0].startswith("splitwiser: error:") and "Traceback" not in stderr
+
+
+GENERATE_ERRORS = [
+    (["generate", "--model", "/no/such/model", "hi"], "does not exist"),
+    (["generate", "--token-workers", "0", "hi"], "num_token_workers must be"),
+    (["generate", "--max-new-tokens", "0", "hi"], "max_new_tokens must be"),
+]
+
+
+@pytest.mark.parametrize("args, message", GENERATE_ERRORS)
+def test_cli_errors_are_one_line_exit_2(args, message, leftovers):
+    result = splitwiser_in_process(*args)
+    assert_one_line_error(result.exit_code, result.stderr, message)
+    assert result.stdout == ""
+    leftovers.assert_clean()
+
+
+def test_cli_errors_are_one_line_exit_2_in_a_real_process():
+    """The same contract where nothing catches the exit: a fresh interpreter's stderr."""
+    args, message = GENERATE_ERRORS[0]
     proc = subprocess.run(
         [sys.executable, "-m", "splitwiser", *args], capture_output=True, text=True, timeout=120
     )
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+    assert_one_line_error(proc.returncode, proc.stderr, message)
 
 
 def test_ctrl_c_while_the_command_line_loads_is_one_line():
     """SIGINT while torch and transformers are still being imported: one line, exit 130."""
-    import signal
-    import time
-
     proc = subprocess.Popen(
         [sys.executable, "-m", "splitwiser", "model", "info"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

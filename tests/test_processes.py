@@ -1,5 +1,6 @@
 """Real worker processes: one copy of the weights, owned processes, recovery from SIGKILL
-(more on lost workers in test_recovery.py)."""
+(more on lost workers in test_recovery.py). The phase priority's niceness and the supervisor's
+restart rate as logic first (a test clock, workers without processes), then in real workers."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
+import torch
 
-from splitwiser import ConfigError, SamplingParams, SplitwiserPipeline
+from splitwiser import ConfigError, EngineConfig, SamplingParams, SplitwiserPipeline
+from splitwiser.roles import ROLES
+from splitwiser.runtime.supervisor import Supervisor
 from tests.conftest import build_model_dir, hf_greedy
 
 
@@ -187,38 +192,166 @@ def test_a_worker_starts_with_ctrl_c_held_even_as_the_first_spawn(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("priority", ["prefill", "equal", "decode"])
-def test_phase_priority_sets_the_yielding_workers_niceness(
-    model_dirs, reference_models, leftovers, priority
-):
+@pytest.mark.parametrize(
+    "priority, yielding", [("prefill", "token"), ("equal", None), ("decode", "prompt")]
+)
+def test_phase_priority_decides_whose_workers_yield(priority, yielding):
     """On the CPU the phase that yields runs its workers at niceness 19 (the OS favours the
-    other where they share cores); output is the same whatever the priority."""
+    other where they share cores); on CUDA the kernels are not the OS's to schedule. The niceness
+    is all that the priority changes (``worker_nice`` is its only reader), so the output cannot
+    depend on it."""
+    engine = EngineConfig(phase_priority=priority)
+    assert set(ROLES) == {"prompt", "token", "colocated"}
+    for role, spec in ROLES.items():  # what worker_main passes to os.nice, per role
+        want = 19 if role == yielding else 0
+        assert engine.worker_nice(spec.phase, torch.device("cpu")) == want, role
+        assert engine.worker_nice(spec.phase, torch.device("cuda:0")) == 0, role
+
+
+def test_phase_priority_sets_the_yielding_workers_niceness(model_dirs, reference_models, leftovers):
+    """In real workers (the default priority, prefill: the token workers yield), a replaced one
+    included; the output is the same as ``generate()``'s."""
     base = psutil.Process().nice()
-    yielding = {"prefill": "token", "decode": "prompt"}.get(priority)
+    yielding = min(19, base + 19)
     prompt = [5, 9, 200, 31, 7]
-    with SplitwiserPipeline(model_dirs["llama"], device="cpu", phase_priority=priority) as pipe:
+    with SplitwiserPipeline(model_dirs["llama"], device="cpu", phase_priority="prefill") as pipe:
         for name, info in pipe.workers().items():
-            want = min(19, base + 19) if f"-{yielding}-" in name else base
+            want = yielding if "-token-" in name else base
             assert psutil.Process(info["pid"]).nice() == want, name
         out = pipe.generate([prompt], SamplingParams(max_new_tokens=8, ignore_eos=True))
         assert out[0].token_ids == hf_greedy(reference_models["llama"], prompt, 8)
-        if yielding == "token":  # a replaced worker yields too
-            _kill(_worker_pid(pipe, "splitwiser-token-0"))
-            deadline = time.monotonic() + 60
-            while (
-                pipe.stats()["restarts"]["token"] < 1 or "splitwiser-token-0" not in pipe.workers()
-            ):
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-            assert psutil.Process(_worker_pid(pipe, "splitwiser-token-0")).nice() == min(
-                19, base + 19
-            )
+        _kill(_worker_pid(pipe, "splitwiser-token-0"))  # a replaced worker yields too
+        deadline = time.monotonic() + 60
+        while pipe.stats()["restarts"]["token"] < 1 or "splitwiser-token-0" not in pipe.workers():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert psutil.Process(_worker_pid(pipe, "splitwiser-token-0")).nice() == yielding
     leftovers.assert_clean()
 
 
 def test_phase_priority_must_be_known():
     with pytest.raises(ConfigError, match="phase_priority must be one of prefill, equal, decode"):
         SplitwiserPipeline(device="cpu", phase_priority="tokens")
+
+
+# ------------------------------------------------------------ the restart rate, on a test clock
+
+
+class _Clock:
+    """Seconds that move only when a test moves them."""
+
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+class _Worker:
+    """The supervisor's view of a worker process, without one: alive and ready until told."""
+
+    def __init__(self, role: str, index: int):
+        self.cfg = SimpleNamespace(role=role, index=index)
+        self.ready: object | None = None  # set at its ReadyMsg
+        self.alive = True
+        self.process = SimpleNamespace(exitcode=-9)
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def age_s(self) -> float:
+        return 0.0
+
+    silent_s = age_s
+
+    def stop(self, timeout_s: float) -> None:
+        self.alive = False
+
+
+def _supervisor(num_token_workers: int = 1, **options) -> tuple[Supervisor, _Clock]:
+    clock = _Clock()
+    config = EngineConfig(num_prompt_workers=1, num_token_workers=num_token_workers, **options)
+    supervisor = Supervisor(config, _Worker, clock=clock)
+    supervisor.start_all()
+    _ready(supervisor)
+    return supervisor, clock
+
+
+def _ready(supervisor: Supervisor) -> None:
+    for worker in supervisor.workers.values():
+        worker.ready = worker.ready or object()
+
+
+def _crash(supervisor: Supervisor, key: tuple[str, int]) -> None:
+    """SIGKILL as the engine thread handles it: found lost, removed, its slot replaced."""
+    worker = supervisor.workers[key]
+    worker.alive = False
+    (lost,) = supervisor.find_lost(busy=set())
+    assert lost.worker is worker and lost.reason == "died (exit code -9)"
+    supervisor.remove(worker)
+    supervisor.replace(*key)
+
+
+def test_restarts_are_a_rate_not_a_lifetime_budget():
+    """One restart per 2 s: three deaths, each after the window of the restart before, are all
+    restarted at once."""
+    supervisor, clock = _supervisor(max_worker_restarts=1, worker_restart_window_s=2)
+    for _ in range(3):
+        first = supervisor.workers[("token", 0)]
+        _crash(supervisor, ("token", 0))
+        assert supervisor.workers[("token", 0)] is not first  # restarted at once
+        assert supervisor.health()["token"]["starting"] == 1
+        _ready(supervisor)
+        clock.now_s += 2.5
+    assert supervisor.stopped_role() is None
+    assert supervisor.health()["token"] == {
+        "configured": 1, "ready": 1, "starting": 0, "vacant": 0,
+        "restarts": 3, "restarts_in_window": 0,
+    }  # fmt: skip
+    assert supervisor.restarts == {"prompt": 0, "token": 3}
+
+
+def test_a_restart_past_the_rate_waits_for_the_window():
+    """The second death within the window leaves the slot vacant; with the role's only worker
+    gone the role has stopped (the engine fails the pipeline); once the window has passed the
+    next refill restarts it. Restarts older than the window no longer count, at any edge."""
+    supervisor, clock = _supervisor(max_worker_restarts=1, worker_restart_window_s=600)
+    _crash(supervisor, ("token", 0))
+    _ready(supervisor)
+    clock.now_s += 1
+    _crash(supervisor, ("token", 0))  # past the rate
+    assert ("token", 0) not in supervisor.workers and supervisor.vacant == {("token", 0)}
+    assert supervisor.stopped_role() == "token"
+    assert supervisor.health()["token"] == {
+        "configured": 1, "ready": 0, "starting": 0, "vacant": 1,
+        "restarts": 1, "restarts_in_window": 1,
+    }  # fmt: skip
+    clock.now_s += 599  # exactly one window after the first restart: it still counts
+    supervisor.refill()
+    assert supervisor.vacant == {("token", 0)}
+    clock.now_s += 0.001
+    supervisor.refill()
+    assert supervisor.vacant == set() and ("token", 0) in supervisor.workers
+    assert supervisor.stopped_role() is None
+    assert supervisor.health()["token"]["restarts"] == 2
+    assert supervisor.health()["token"]["restarts_in_window"] == 1
+
+
+def test_a_role_with_a_worker_left_has_not_stopped():
+    """Per role, not per slot: a second token worker lost within the window waits vacant while
+    the first still serves; the prompt role's rate is its own."""
+    supervisor, clock = _supervisor(
+        num_token_workers=2, max_worker_restarts=1, worker_restart_window_s=60
+    )
+    _crash(supervisor, ("token", 0))
+    _ready(supervisor)
+    clock.now_s += 1
+    _crash(supervisor, ("token", 1))
+    assert supervisor.vacant == {("token", 1)} and supervisor.stopped_role() is None
+    _crash(supervisor, ("prompt", 0))  # the prompt role has spent nothing yet
+    assert ("prompt", 0) in supervisor.workers
+    assert supervisor.health()["token"]["vacant"] == 1
+    assert supervisor.restarts == {"prompt": 1, "token": 1}
 
 
 def _minor_faults(pid: int) -> int:

@@ -24,6 +24,7 @@ from splitwiser.profiling import (
 )
 from splitwiser.worker.main import WorkerConfig, for_attached_profiler, phase_range
 from tests.conftest import FAKES
+from tests.test_errors import assert_one_line_error, splitwiser_in_process
 
 SAMPLE = (Path(__file__).parent / "fixtures" / "ncu_raw_sample.csv").read_text()
 
@@ -180,7 +181,10 @@ def test_profiler_found_off_path_newest_version_first(monkeypatch, tmp_path):
     assert find_tool("ncu") == str(tmp_path / "nsight-compute" / "2025.10.0" / "ncu")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on hosts without a GPU")
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+
+
+@NO_GPU
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -191,12 +195,20 @@ def test_profiler_found_off_path_newest_version_first(monkeypatch, tmp_path):
     ],
 )
 def test_cli_errors_without_a_gpu(args, message, tmp_path, leftovers):
+    """In this process, through the command's own ``main``; in a real process below."""
+    result = splitwiser_in_process("profile", *args, "--out", str(tmp_path / "p"))
+    assert_one_line_error(result.exit_code, result.stderr, message)
+    assert not (tmp_path / "p").exists()
+    leftovers.assert_clean()
+
+
+@NO_GPU
+def test_cli_error_without_a_gpu_in_a_real_process(tmp_path, leftovers):
     proc = subprocess.run(
-        [sys.executable, "-m", "splitwiser", "profile", *args, "--out", str(tmp_path / "p")],
+        [sys.executable, "-m", "splitwiser", "profile", "--out", str(tmp_path / "p")],
         capture_output=True, text=True, timeout=120, env=dict(os.environ),
     )  # fmt: skip
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert_one_line_error(proc.returncode, proc.stderr, "needs an NVIDIA GPU")
     assert not (tmp_path / "p").exists()
     leftovers.assert_clean()
 

@@ -3,7 +3,10 @@ private memory may grow after the warm-up (bench/soak.py, run as users run it).
 
 Shapes vary on purpose (prompt lengths, wave sizes, output lengths): every new batch shape is a
 new oneDNN primitive, and with oneDNN's default cache bounds a prompt worker's private memory
-grew by about a third within these 3,000 requests (and a token worker's by 7-9%)."""
+grew by about a third within these 3,000 requests (and a token worker's by 7-9%).
+
+The verdict (what grew, what else fails a soak, the exit status) is checked on samples made up
+here: no run needed to see it fail."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from bench import soak as soak_script
 
 ROOT = Path(__file__).parents[1]
 VARIED = ["--prompt-len", "8:96", "--wave", "1:100", "--new-tokens", "1:16"]
@@ -70,13 +75,79 @@ def test_server_and_worker_memory_stay_flat_over_a_short_http_soak(tmp_path, lef
     leftovers.assert_clean()
 
 
-def test_soak_fails_when_memory_grows_past_the_limit(tmp_path, leftovers):
-    """The verdict can fail: a limit no process can meet (growth of at most -100%)."""
-    proc, result = soak(
-        tmp_path, "--system", "colocated", "--requests", "300", "--warmup", "100",
-        "--sample-every", "100", "--max-growth", "-1",
+MIB = 1 << 20
+WORKERS = ("parent", "splitwiser-colocated-0")
+
+
+def _sample(requests: int, rss_anon_mib: float = 400, uss_mib: float = 500, threads: int = 20,
+            fds: int = 30) -> dict:  # fmt: skip
+    """One between-waves sample as ``soak()`` records it, every process alike."""
+    figures = {"uss": int(uss_mib * MIB), "rss_anon": int(rss_anon_mib * MIB),
+               "num_threads": threads, "num_fds": fds}  # fmt: skip
+    return {"requests": requests, "t_s": float(requests), "procs": dict.fromkeys(WORKERS, figures)}
+
+
+def _verdict(samples, *options: str, pid_changes=(), wrong=(), shutdown=()) -> dict:
+    args = soak_script.parse_args(["--requests", "300", "--warmup", "100", *options])
+    return soak_script.verdict(args, samples, list(pid_changes), list(wrong), list(shutdown),
+                               10.0, 80.0)  # fmt: skip
+
+
+def test_verdict_measures_growth_from_the_warm_up_sample_to_the_last():
+    """Start-up growth before the warm-up does not count; growth after it does, per process and
+    per figure, against --max-growth; so do threads and descriptors past --max-extra-handles."""
+    samples = [_sample(50, rss_anon_mib=100), _sample(100), _sample(200), _sample(300)]
+    samples[-1]["procs"]["splitwiser-colocated-0"] = {
+        "uss": 500 * MIB, "rss_anon": 440 * MIB, "num_threads": 23, "num_fds": 30,
+    }  # fmt: skip
+    result = _verdict(samples)
+    assert (result["warmup_requests"], result["last_requests"]) == (100, 300)
+    assert [row["name"] for row in result["rows"]] == list(WORKERS)
+    parent, worker = result["rows"]
+    assert parent["rss_anon"] == (400 * MIB, 400 * MIB, 0.0)  # not from the 100 MiB at 50
+    assert worker["rss_anon"] == (400 * MIB, 440 * MIB, pytest.approx(0.10))
+    assert worker["num_threads"] == (20, 23)
+    assert result["failures"] == [
+        "splitwiser-colocated-0: rss_anon grew +10.0% (limit 5%)",
+        "splitwiser-colocated-0: num_threads 20 -> 23",
+    ]
+    loose = _verdict(samples, "--max-growth", "0.2", "--max-extra-handles", "3")
+    assert loose["failures"] == []
+
+
+def test_verdict_fails_replaced_workers_wrong_outputs_and_an_unclean_stop():
+    samples = [_sample(100), _sample(300)]
+    samples[-1]["procs"]["splitwiser-colocated-1"] = samples[-1]["procs"]["parent"]
+    wrong = [f"request {i}: 3 of 4 tokens, finish stop" for i in range(12)]
+    result = _verdict(
+        samples, pid_changes=[{"requests": 200, "pids": {"splitwiser-colocated-0": 77}}],
+        wrong=wrong, shutdown=["the server exited with 1"],
     )  # fmt: skip
-    assert proc.returncode == 1
+    assert result["failures"] == [
+        "splitwiser-colocated-1: not present at the warm-up sample",
+        "workers replaced by 200 requests: {'splitwiser-colocated-0': 77}",
+        *(f"wrong output: {w}" for w in wrong[:10]),
+        "wrong output: 2 more",
+        "shutdown: the server exited with 1",
+    ]
+
+
+def test_soak_fails_when_memory_grows_past_the_limit(tmp_path, monkeypatch, capsys):
+    """The verdict can fail: a limit no process can meet (growth of at most -100%); the table
+    says FAIL, the JSON lists why, and the exit status is 1. Fed samples of a flat run."""
+    samples = [_sample(100), _sample(200), _sample(300)]
+
+    def flat_soak(args):
+        assert args.max_growth == -1
+        return soak_script.verdict(args, samples, [], [], [], 10.0, 80.0)
+
+    monkeypatch.setattr(soak_script, "soak", flat_soak)
+    out = tmp_path / "soak.json"
+    argv = ["--system", "colocated", "--requests", "300", "--warmup", "100", "--sample-every",
+            "100", "--max-growth", "-1", "--out", str(out)]  # fmt: skip
+    assert soak_script.main(argv) == 1
+    result = json.loads(out.read_text())
     assert any("grew" in f for f in result["failures"])
-    assert "FAIL" in proc.stdout
-    leftovers.assert_clean()
+    assert len(result["failures"]) == 2 * len(WORKERS)  # USS and RssAnon of every process
+    stdout = capsys.readouterr().out
+    assert "FAIL" in stdout and "GROWS: parent: uss grew +0.0% (limit -100%)" in stdout

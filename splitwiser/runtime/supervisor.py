@@ -28,12 +28,18 @@ class Supervisor:
     Restarts are a rate: at most ``max_worker_restarts`` per role within any
     ``worker_restart_window_s``. A slot whose restart the rate refuses stays vacant and is filled
     once the window allows; a role with every slot vacant has stopped (a crash loop), which the
-    engine turns into a fatal error.
+    engine turns into a fatal error. ``clock`` (seconds) times the restarts against that window.
     """
 
-    def __init__(self, config: EngineConfig, spawn: Callable[[str, int], WorkerProc]):
+    def __init__(
+        self,
+        config: EngineConfig,
+        spawn: Callable[[str, int], WorkerProc],
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.config = config
         self._spawn = spawn
+        self._clock = clock
         self.workers: dict[tuple[str, int], WorkerProc] = {}
         self.vacant: set[tuple[str, int]] = set()
         self.num_configured = config.workers_per_role
@@ -92,13 +98,13 @@ class Supervisor:
             if not self._may_restart(role):
                 continue
             self.vacant.discard((role, index))
-            self._recent[role].append(time.monotonic())
+            self._recent[role].append(self._clock())
             self.restarts[role] += 1
             self.workers[(role, index)] = self._spawn(role, index)  # ready at its ReadyMsg
 
     def _may_restart(self, role: str) -> bool:
         recent = self._recent[role]
-        horizon = time.monotonic() - self.config.worker_restart_window_s
+        horizon = self._clock() - self.config.worker_restart_window_s
         while recent and recent[0] < horizon:
             recent.popleft()
         return len(recent) < self.config.max_worker_restarts
