@@ -203,15 +203,9 @@ class EngineConfig:
             raise ConfigError(f"worker_threads must be >= 1, got {self.worker_threads!r}")
 
     @property
-    def workers_per_role(self) -> dict[str, int]:
-        """The worker processes of each role."""
-        if self.colocated:
-            return {"colocated": 1}
-        return {"prompt": self.num_prompt_workers, "token": self.num_token_workers}
-
-    @property
     def num_workers(self) -> int:
-        return sum(self.workers_per_role.values())
+        """Worker processes in all (``splitwiser.roles.workers_per_role``: per role)."""
+        return 1 if self.colocated else self.num_prompt_workers + self.num_token_workers
 
     def step_token_budget(self, device: torch.device) -> int:
         """``max_num_batched_tokens``, resolved for ``device`` (see the field)."""

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from splitwiser import ColocatedPipeline, ConfigError, SamplingParams
+from splitwiser.roles import workers_per_role
 from tests.conftest import hf_greedy
 
 WORKER = "splitwiser-colocated-0"
@@ -128,5 +129,5 @@ def test_one_worker_gets_every_core():
     from splitwiser.config import EngineConfig
 
     config = EngineConfig(colocated=True, num_prompt_workers=3, num_token_workers=3)
-    assert config.workers_per_role == {"colocated": 1}
+    assert workers_per_role(config) == {"colocated": 1}
     assert config.threads_per_worker() == max(1, os.cpu_count() or 1)

@@ -30,7 +30,7 @@ from splitwiser.errors import SplitwiserError, WorkerCrashedError
 from splitwiser.handoff import select_handoff
 from splitwiser.models.default import build_tokenizer
 from splitwiser.outputs import TokenLogprobs
-from splitwiser.roles import make_roles
+from splitwiser.roles import make_roles, workers_per_role
 from splitwiser.sampling import SamplingParams
 
 P0, T0, C0 = ("prompt", 0), ("token", 0), ("colocated", 0)
@@ -330,7 +330,7 @@ class Pipeline:
         self.model = ScriptedModel(filler=tokenizer(WORDS[0]).input_ids[0])
         self.workers: dict[WorkerKey, ScriptedWorker | None] = {
             (role, i): WORKER_SCRIPTS[role](self, (role, i))
-            for role, n in self.config.workers_per_role.items()
+            for role, n in workers_per_role(self.config).items()
             for i in range(n)
         }
         self.requests: list[Request] = []
@@ -715,7 +715,7 @@ def run_random_order(sim: Pipeline, requests: list[dict], rng: random.Random) ->
                 if not req.handle.done():
                     moves.append((abort_weight, ("abort", req)))
         if may_stop_role:
-            moves.append((0.05, ("stop_role", rng.choice(list(sim.config.workers_per_role)))))
+            moves.append((0.05, ("stop_role", rng.choice(list(workers_per_role(sim.config))))))
         _, (kind, *args) = rng.choices(moves, weights=[w for w, _ in moves])[0]
         if kind == "submit":
             sim.submit(**to_submit.popleft())

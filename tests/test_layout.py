@@ -182,7 +182,7 @@ RUNTIME = ("splitwiser.core", "splitwiser.runtime", "splitwiser.worker", "splitw
 @pytest.mark.parametrize(
     "names, home",
     [
-        (("prompt", "token", "colocated"), ("splitwiser.roles", "splitwiser.config")),
+        (("prompt", "token", "colocated"), ("splitwiser.roles",)),
         (("copy", "shared"), ("splitwiser.handoff", "splitwiser.config")),
     ],
     ids=["role names", "handoff names"],

@@ -23,10 +23,15 @@ register(token.SPEC)
 register(colocated.SPEC)
 
 
+def workers_per_role(config: EngineConfig) -> dict[str, int]:
+    """The worker processes of each role ``config`` runs."""
+    return {name: n for name, spec in ROLES.items() if (n := spec.num_workers(config))}
+
+
 def make_roles(config: EngineConfig, names: Iterable[str] | None = None) -> dict[str, Role]:
     """The parent sides of the roles ``names`` (default: the roles ``config`` runs), in
     scheduling order: what ``EngineCore`` routes to."""
-    names = config.workers_per_role if names is None else names
+    names = workers_per_role(config) if names is None else names
     specs = sorted((ROLES[name] for name in names), key=lambda spec: spec.schedule_rank)
     return {spec.name: spec.make(config) for spec in specs}
 
@@ -39,4 +44,5 @@ __all__ = [
     "make_roles",
     "register",
     "requests_per_worker",
+    "workers_per_role",
 ]

@@ -59,6 +59,8 @@ class RoleSpec:
     # scheduling order within a tick, lowest first (the token workers' handoffs first: their
     # K/V already occupy blocks)
     schedule_rank: int = 1
+    # how many workers of this role ``config`` runs (0: none)
+    num_workers: Callable[[EngineConfig], int] = lambda config: 0
 
 
 def requests_per_worker(core: EngineCore, role: str) -> Counter:

@@ -229,5 +229,6 @@ def _prefill_budget(cfg: WorkerConfig) -> int:
 
 
 SPEC = RoleSpec(
-    name=NAME, make=_make, worker=ColocatedWorker, prefill_budget=_prefill_budget, decodes=True
-)
+    name=NAME, make=_make, worker=ColocatedWorker, prefill_budget=_prefill_budget, decodes=True,
+    num_workers=lambda config: 1 if config.colocated else 0,
+)  # fmt: skip

@@ -151,4 +151,5 @@ SPEC = RoleSpec(
     decodes=False,
     mps_share=0,
     phase="prefill",
+    num_workers=lambda config: 0 if config.colocated else config.num_prompt_workers,
 )

@@ -127,4 +127,5 @@ SPEC = RoleSpec(
     mps_share=1,
     phase="decode",
     schedule_rank=0,
+    num_workers=lambda config: 0 if config.colocated else config.num_token_workers,
 )

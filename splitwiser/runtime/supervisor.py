@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from splitwiser.config import EngineConfig
+from splitwiser.roles import workers_per_role
 from splitwiser.runtime.procs import WorkerProc
 
 log = logging.getLogger("splitwiser")
@@ -42,7 +43,7 @@ class Supervisor:
         self._clock = clock
         self.workers: dict[tuple[str, int], WorkerProc] = {}
         self.vacant: set[tuple[str, int]] = set()
-        self.num_configured = config.workers_per_role
+        self.num_configured = workers_per_role(config)
         self.restarts = dict.fromkeys(self.num_configured, 0)  # over the pipeline's life
         self._recent: dict[str, deque[float]] = {r: deque() for r in self.num_configured}
 
