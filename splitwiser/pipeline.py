@@ -7,7 +7,7 @@ from dataclasses import fields, replace
 
 import torch
 
-from splitwiser.config import EngineConfig
+from splitwiser.config import SPLIT_ONLY_OPTIONS, EngineConfig
 from splitwiser.core.prompts import Prompt, submit_all
 from splitwiser.errors import ConfigError
 from splitwiser.handle import RequestHandle
@@ -135,7 +135,7 @@ class ColocatedPipeline(_EnginePipeline):
         max_num_batched_tokens: int | None = None,
         **engine_options,
     ):
-        for name in ("num_prompt_workers", "num_token_workers", "kv_handoff"):
+        for name in SPLIT_ONLY_OPTIONS:
             if name in engine_options:
                 raise ConfigError(f"{name} is not an option of the colocated pipeline")
         config = EngineConfig(
@@ -161,14 +161,11 @@ def _colocated_max_num_seqs(given: int | None, max_num_batched_tokens: int | Non
     return 128
 
 
-# the options of the split that a colocated pipeline has no use for (one worker, no handoff)
-_SPLIT_ONLY = ("num_prompt_workers", "num_token_workers", "kv_handoff")
-
-
 def pipeline_from_config(config: EngineConfig) -> SplitwiserPipeline | ColocatedPipeline:
     """The pipeline ``config`` describes: the split, or (``colocated``) one worker running both
     phases with the same engine options."""
     options = {f.name: getattr(config, f.name) for f in fields(config)}
     if config.colocated:
-        return ColocatedPipeline(**{k: v for k, v in options.items() if k not in _SPLIT_ONLY})
+        colocated = {k: v for k, v in options.items() if k not in SPLIT_ONLY_OPTIONS}
+        return ColocatedPipeline(**colocated)
     return SplitwiserPipeline(**options)

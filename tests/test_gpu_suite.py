@@ -41,7 +41,7 @@ def test_handoff_stage_runs_on_cpu(tmp_path, leftovers):
     assert set(handoff) == {"shared/16", "shared/64", "copy/16", "copy/64"}
     assert handoff["shared/64"]["kv_bytes_copied_per_request"] == 0
     assert handoff["copy/64"]["kv_bytes_copied_per_request"] > 0
-    assert all(r["median_handoff_ms"] >= 0 for r in handoff.values())
+    assert all(r["median_handoff_ms"] > 0 for r in handoff.values())  # measured, not a default
     leftovers.assert_clean()
 
 
