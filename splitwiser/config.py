@@ -91,7 +91,18 @@ class EngineConfig:
     kv_handoff: str = "shared"  # "shared": block ids only; "copy": K/V bytes through the parent
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # None: sized from kv_cache_bytes
-    kv_cache_bytes: int | None = None  # None: 1 GiB on CPU, 30% of free memory on CUDA
+    kv_cache_bytes: int | None = None  # None: 1 GiB on CPU; on CUDA see gpu_memory_utilization
+    # CUDA: the fraction of the device's memory all of Splitwiser's processes may use together
+    # (vLLM's meaning): the weights, every worker's context, workspaces and graphs measured, the
+    # rest to the KV pool. kv_cache_bytes and num_kv_blocks win where given. No effect on CPU
+    gpu_memory_utilization: float = 0.9
+    # automatic prefix caching (vLLM v1's, on by default): full blocks are hashed and kept after
+    # their request ends; a later request with the same prefix is not prefilled again. None: on
+    # wherever the handoff allows it (the copy handoff stages whole prompts: off)
+    enable_prefix_caching: bool | None = None
+    # blocks granted to a decoding request beyond the one it fills: a token worker never waits
+    # on the parent for memory (with 0 it may sit out steps while its grant is on the way)
+    num_lookahead_blocks: int = 1
     max_num_seqs: int = 64  # requests decoded together by one token worker
     max_prefill_tokens: int = 4096  # token budget of one prefill batch (longer prompts: chunks)
     # ONE colocated worker runs both phases (vLLM v1's policy) instead of prompt and token
@@ -169,6 +180,22 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len!r}")
+        if not (
+            isinstance(self.gpu_memory_utilization, (int, float))
+            and 0 < self.gpu_memory_utilization <= 1
+        ):
+            raise ConfigError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
+            )
+        if self.enable_prefix_caching and self.kv_handoff == "copy":
+            raise ConfigError(
+                "enable_prefix_caching needs the shared handoff: the copy handoff stages whole "
+                "prompts; use kv_handoff='shared' or enable_prefix_caching=False"
+            )
+        if not isinstance(self.num_lookahead_blocks, int) or self.num_lookahead_blocks < 0:
+            raise ConfigError(
+                f"num_lookahead_blocks must be an integer >= 0, got {self.num_lookahead_blocks!r}"
+            )
         if self.kv_handoff not in KV_HANDOFF_MODES:
             raise ConfigError(
                 f"kv_handoff must be one of {', '.join(KV_HANDOFF_MODES)}, got {self.kv_handoff!r}"
@@ -203,6 +230,13 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
         if self.worker_threads is not None and self.worker_threads < 1:
             raise ConfigError(f"worker_threads must be >= 1, got {self.worker_threads!r}")
+
+    @property
+    def prefix_caching(self) -> bool:
+        """``enable_prefix_caching``, resolved: on unless turned off or the handoff copies."""
+        if self.enable_prefix_caching is None:
+            return self.kv_handoff != "copy"
+        return self.enable_prefix_caching
 
     @property
     def num_workers(self) -> int:

@@ -68,6 +68,8 @@ class RequestOutput:
     finish_reason: str | None
     metrics: RequestMetrics
     logprobs: list[TokenLogprobs] | None = None  # one per generated token, if asked for
+    # prompt tokens found in the prefix cache at its first scheduling (not prefilled again)
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:

@@ -36,6 +36,9 @@ class SamplingParams:
     # return each generated token's log-probability and this many most likely tokens' (0: the
     # token's alone); None: none
     logprobs: int | None = None
+    # prefix caching: requests with different salts never share cached blocks (vLLM's
+    # ``cache_salt``: tenants that must not learn what others sent)
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -63,6 +66,12 @@ class SamplingParams:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.cache_salt is not None and not (
+            isinstance(self.cache_salt, str) and self.cache_salt
+        ):
+            raise InvalidRequestError(
+                f"cache_salt must be a non-empty string or None, got {self.cache_salt!r}"
+            )
         if self.stop is not None and any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
 
