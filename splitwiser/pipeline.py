@@ -51,9 +51,17 @@ class _EnginePipeline:
         figures of ``splitwiser sweep`` are computed from."""
         return self._engine.phase_log(since_s)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block (benchmarks that must start cold). Returns False,
+        and does nothing, while any request holds blocks (as vLLM's)."""
+        return self._engine.reset_prefix_cache()
+
     def stats(self) -> dict:
         """A consistent snapshot, safe from any thread: KV blocks (``num_kv_blocks``,
-        ``num_free_blocks``), ``num_unfinished`` (counted from ``submit()``), ``num_retried``,
+        ``num_free_blocks`` counting cached-but-free blocks as free, ``num_cached_blocks``
+        among them, ``num_used_blocks``), the prefix cache's ``prefix_cache_queries`` and
+        ``prefix_cache_hits`` (prompt tokens since the start), ``num_preemptions``,
+        ``num_unfinished`` (counted from ``submit()``), ``num_retried``,
         ``phases``, and the pipeline's health: ``health`` ("ok", "degraded" while a worker
         restarts, "failed" once a role crashed past the restart rate, "closed"), ``error``, and
         per role in ``workers`` the workers configured, ready, starting and vacant, with their

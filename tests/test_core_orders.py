@@ -4,10 +4,16 @@ Scripted workers send what the real ones send, when they may send it (prompt_wor
 token_worker.py, colocated_worker.py), and ``Pipeline`` routes between them and the core as the
 engine thread does (engine.py). Orders drawn from fixed seeds interleave new requests, aborts,
 stop strings, steps, releases, failed steps and lost workers; a few orders are written out for
-the races that matter most. After every event the books must balance: the blocks in use are
-those of the requests the core holds, a finished request is held only while a worker still owns
-it, every owner is alive, and a worker writes only into the blocks of requests it owns. At the
-end of every run every block is free, every handle resolved, and the core holds nothing.
+the races that matter most. Pools are often too small for every request at once (requests are
+preempted and run again) and prompts share prefixes (blocks are shared through the prefix cache).
+After every event the books must balance: each block's reference count is the number of held
+requests whose table holds it, a finished request is held only while a worker still owns it,
+every owner is alive, and a worker writes only into the blocks of requests it owns, never into a
+published block, and only where it was granted blocks. The K/V the scripted workers write are
+modelled (token ids per slot): every prefill chunk and decode step checks that what it attends to
+holds its request's tokens, so a block published or shared before its writer reported it done
+fails the run. At the end of every run every block is free, every handle resolved, and the core
+holds nothing.
 """
 
 from __future__ import annotations
@@ -69,6 +75,11 @@ class ScriptedModel:
         self.filler = filler
         self.scripts: dict[int, list[int]] = {}
         self.prompt_lens: dict[int, int] = {}
+        self.prompts: dict[int, list[int]] = {}
+
+    def sequence(self, rid: int) -> list[int]:
+        """The request's tokens by position: its prompt, then its output (the script)."""
+        return self.prompts[rid] + self.scripts[rid]
 
     def next_token(self, rid: int, num_context: int) -> int:
         i, script = num_context - self.prompt_lens[rid], self.scripts[rid]
@@ -87,6 +98,8 @@ class ScriptedWorker:
         self.model = pipeline.model
         self.eos = pipeline.core.eos_token_ids
         self.writes = pipeline.check_writes  # every write into a request's blocks
+        self.reads = pipeline.check_reads  # every read of a request's cached tokens
+        self.seen = pipeline.seen
         self.inbox: deque = deque()
         self.outbox: deque = deque()
 
@@ -106,8 +119,11 @@ class ScriptedPromptWorker(ScriptedWorker):
     def _next_batch(self) -> m.PrefillMsg:
         msg = self.inbox.popleft()
         assert isinstance(msg, m.PrefillMsg), f"{self.key} was sent {msg}"
-        for spec, block_ids in zip(msg.requests, msg.block_ids):
-            self.writes(self.key, spec.request_id, block_ids)
+        for spec, block_ids, computed, chunk in zip(
+            msg.requests, msg.block_ids, msg.num_computed, msg.token_ids
+        ):
+            self.reads(self.key, spec.request_id, block_ids, computed)
+            self.writes(self.key, spec.request_id, block_ids, computed, chunk)
         return msg
 
     def step(self) -> None:
@@ -141,9 +157,14 @@ class Row:
     """A request in a worker's decode batch."""
 
     spec: m.RequestSpec
-    block_ids: list[int]
+    block_ids: list[int]  # what it was handed, and granted since
     num_cached: int  # tokens whose K/V are in the blocks: the next input sits at this position
     num_generated: int  # as the worker counts, from its spec (a resumed request counts anew)
+    next_token: int  # its next input
+
+    def starved(self, block_size: int) -> bool:
+        """Its next input has no block yet (its grant is late): it sits the step out."""
+        return self.num_cached // block_size >= len(self.block_ids)
 
 
 class DecodingScript(ScriptedWorker):
@@ -161,11 +182,20 @@ class DecodingScript(ScriptedWorker):
         return bool(self.inbox)
 
     def can_step(self) -> bool:
-        return bool(self.rows or self.queued)
+        return any(not r.starved(BLOCK_SIZE) for r in self.rows)
 
     def take(self) -> None:
         msg = self.inbox.popleft()
-        if isinstance(msg, m.AbortMsg):
+        if isinstance(msg, m.GrantMsg):
+            new = dict(zip(msg.request_ids, msg.block_ids))
+            for r in self.rows:
+                r.block_ids.extend(new.pop(r.spec.request_id, ()))
+            for q in self.queued:
+                q_blocks = q.block_ids if isinstance(q, m.HandoffMsg) else q.run.block_ids
+                q_blocks.extend(new.pop(q.request.request_id, ()))
+            if new:  # it let go of them meanwhile: the parent frees them with the request
+                self.seen["grant for a request the worker already let go"] += 1
+        elif isinstance(msg, m.AbortMsg):
             ids = set(msg.request_ids)
             self.queued = deque(q for q in self.queued if q.request.request_id not in ids)
             self.rows = [r for r in self.rows if r.spec.request_id not in ids]
@@ -177,16 +207,22 @@ class DecodingScript(ScriptedWorker):
     def decode(self) -> tuple[list[m.RequestSpec], list[int], list[bool]]:
         """One token for every row; a row whose token ends it leaves the batch."""
         specs, tokens, finished = [], [], []
-        for row in self.rows:
+        ran = [r for r in self.rows if not r.starved(BLOCK_SIZE)]
+        if len(ran) < len(self.rows):
+            self.seen["a decode sat out a step for want of a block"] += 1
+        for row in ran:
             rid = row.spec.request_id
-            self.writes(self.key, rid, row.block_ids)
+            self.reads(self.key, rid, row.block_ids, row.num_cached)
+            self.writes(self.key, rid, row.block_ids, row.num_cached, [row.next_token])
             token = self.model.next_token(rid, row.num_cached + 1)
             row.num_cached += 1
             row.num_generated += 1
+            row.next_token = token
             specs.append(row.spec)
             tokens.append(token)
             finished.append(stops(row.spec, token, row.num_generated, self.eos))
-        self.rows = [r for r, done in zip(self.rows, finished) if not done]
+        ended = {s.request_id for s, done in zip(specs, finished) if done}
+        self.rows = [r for r in self.rows if r.spec.request_id not in ended]
         return specs, tokens, finished
 
     def report(self, specs, tokens, finished, handoff_s=None, num_prefill_tokens=0) -> None:
@@ -216,23 +252,33 @@ class ScriptedTokenWorker(DecodingScript):
     def queue_item(self, msg: m.HandoffMsg) -> m.HandoffMsg:
         return msg
 
+    def can_step(self) -> bool:
+        return super().can_step() or bool(
+            self.queued and len(self.rows) < self.config.max_num_seqs
+        )
+
     def _admit(self) -> dict[int, float]:
         handoff_s = {}
         while self.queued and len(self.rows) < self.config.max_num_seqs:
             h = self.queued.popleft()
-            self.writes(self.key, h.request.request_id, h.block_ids)  # the copy handoff's K/V
-            self.rows.append(Row(h.request, h.block_ids, h.prompt_len, 1))
-            handoff_s[h.request.request_id] = 0.125
+            rid = h.request.request_id
+            if h.kv_copy is not None:  # the copy handoff writes the prompt's K/V
+                prompt = self.model.sequence(rid)[: h.prompt_len]
+                self.writes(self.key, rid, h.block_ids, 0, prompt)
+            self.rows.append(Row(h.request, h.block_ids, h.prompt_len, 1, h.first_token))
+            handoff_s[rid] = 0.125
         return handoff_s
 
     def step(self) -> None:
         handoff_s = self._admit()
-        self.report(*self.decode(), handoff_s)
+        specs, tokens, finished = self.decode()
+        if specs or handoff_s:  # every row sat out: the loop goes on without a report
+            self.report(specs, tokens, finished, handoff_s)
 
     def fail_step(self) -> None:
         self._admit()
         for row in self.rows:
-            self.writes(self.key, row.spec.request_id, row.block_ids)
+            self.writes(self.key, row.spec.request_id, row.block_ids, row.num_cached, [])
         self.outbox.append(m.WorkerErrorMsg([r.spec.request_id for r in self.rows], "scripted"))
         self.rows.clear()
 
@@ -263,7 +309,10 @@ class ScriptedColocatedWorker(DecodingScript):
     accepts = m.RunMsg
 
     def queue_item(self, msg: m.RunMsg) -> Prefilling:
-        return Prefilling(msg)
+        return Prefilling(msg, msg.num_computed)
+
+    def can_step(self) -> bool:
+        return super().can_step() or bool(self._chunks())
 
     def _chunks(self) -> list[tuple[Prefilling, int]]:
         left = self.config.max_num_batched_tokens - len(self.rows)
@@ -280,7 +329,10 @@ class ScriptedColocatedWorker(DecodingScript):
         chunks = self._chunks()
         specs, tokens, finished = self.decode()
         for p, n in chunks:
-            self.writes(self.key, p.request.request_id, p.run.block_ids)
+            rid, start = p.request.request_id, p.num_computed
+            self.reads(self.key, rid, p.run.block_ids, start)
+            chunk = p.run.token_ids[start : start + n]
+            self.writes(self.key, rid, p.run.block_ids, start, chunk)
             p.num_computed += n
         for p, _ in chunks:
             if p.num_left:
@@ -295,12 +347,13 @@ class ScriptedColocatedWorker(DecodingScript):
                 finished.append(stops(spec, first, 1, self.eos))
                 if finished[-1]:
                     continue
-            self.rows.append(Row(spec, run.block_ids, len(run.token_ids), 1))
-        self.report(specs, tokens, finished, num_prefill_tokens=sum(n for _, n in chunks))
+            self.rows.append(Row(spec, run.block_ids, len(run.token_ids), 1, first))
+        if specs or chunks:  # nothing ran (every row sat out): no report
+            self.report(specs, tokens, finished, num_prefill_tokens=sum(n for _, n in chunks))
 
     def fail_step(self) -> None:
         for row in self.rows:
-            self.writes(self.key, row.spec.request_id, row.block_ids)
+            self.writes(self.key, row.spec.request_id, row.block_ids, row.num_cached, [])
         ids = [r.spec.request_id for r in self.rows] + [p.request.request_id for p in self.queued]
         self.outbox.append(m.WorkerErrorMsg(ids, "scripted"))
         self.rows.clear()
@@ -328,6 +381,7 @@ class Pipeline:
             chunked_prefill=select_handoff(self.config).allows_chunked_prefill,
         )  # fmt: skip
         self.model = ScriptedModel(filler=tokenizer(WORDS[0]).input_ids[0])
+        self.seen: Counter[str] = Counter()  # the races this run went through
         self.workers: dict[WorkerKey, ScriptedWorker | None] = {
             (role, i): WORKER_SCRIPTS[role](self, (role, i))
             for role, n in workers_per_role(self.config).items()
@@ -340,7 +394,8 @@ class Pipeline:
         self.expected_counters = dict.fromkeys(PHASE_COUNTERS, 0.0)
         self.stopped = False  # a role stopped: the pipeline takes no new request
         self.trace: list[tuple] = []
-        self.seen: Counter[str] = Counter()  # the races this run went through
+        # the modelled K/V: per block, the token id written at each of its slots
+        self.kv: dict[int, dict[int, int]] = {}
 
     # ------------------------------------------------------------------ the caller
 
@@ -350,6 +405,7 @@ class Pipeline:
         assert len(script) == req.max_new_tokens
         self.model.scripts[req.request_id] = list(script)
         self.model.prompt_lens[req.request_id] = len(prompt)
+        self.model.prompts[req.request_id] = list(prompt)
         self.requests.append(req)
         self.core.add_request(req)
         return self._done(("submit", req.request_id), req)
@@ -393,6 +449,10 @@ class Pipeline:
         for req in self.core.owned_by(key):
             if req.is_finished:
                 self.seen["loss with an abort outstanding"] += 1
+                continue
+            if req.preempting:  # only its release was outstanding: not a retry
+                self.seen["loss with a preemption outstanding"] += 1
+                requeued.append(req)
                 continue
             in_a_row, output_then = self.losses.get(req.request_id, (0, 0))
             if req.num_output_tokens > output_then:
@@ -499,6 +559,8 @@ class Pipeline:
             for rid in msg.request_ids:  # a token: its prefill has ended
                 req = core.requests.get(rid)
                 if req is not None and req.owner == key and not req.is_finished:
+                    if req.preempting:  # its token is dropped: it runs again
+                        continue
                     assert req.status is RequestStatus.DECODING, (
                         f"request {rid} is {req.status} after its token"
                     )
@@ -520,11 +582,45 @@ class Pipeline:
         if isinstance(msg, m.TokensMsg) and msg.num_prefill_tokens and msg.request_ids:
             self.seen["mixed step with tokens"] += 1
 
-    def check_writes(self, key: WorkerKey, rid: int, block_ids: list[int]) -> None:
+    def _check_owned(self, key: WorkerKey, rid: int, block_ids: list[int]) -> None:
         req = self.core.requests.get(rid)
-        assert req is not None and req.owner == key and req.block_ids == block_ids, (
-            f"{key} writes into the blocks {block_ids} of request {rid}, which it does not own"
+        assert req is not None and req.owner == key, (
+            f"{key} touches the blocks {block_ids} of request {rid}, which it does not own"
         )
+        assert req.block_ids[: len(block_ids)] == block_ids, (
+            f"{key} holds blocks {block_ids} for request {rid}, whose table is {req.block_ids}"
+        )
+
+    def check_writes(
+        self, key: WorkerKey, rid: int, block_ids: list[int], start: int, tokens: list[int]
+    ) -> None:
+        """``key`` writes the K/V of ``tokens`` at positions ``start..`` of request ``rid``."""
+        self._check_owned(key, rid, block_ids)
+        pool = self.core.pool
+        for pos, token in enumerate(tokens, start):
+            assert pos // BLOCK_SIZE < len(block_ids), (
+                f"{key} writes position {pos} of request {rid} past its blocks {block_ids}"
+            )
+            block = block_ids[pos // BLOCK_SIZE]
+            assert pool.block_hash[block] is None and pool.ref_counts[block] == 1, (
+                f"{key} writes into block {block}, published or shared"
+            )
+            self.kv.setdefault(block, {})[pos % BLOCK_SIZE] = token
+
+    def check_reads(self, key: WorkerKey, rid: int, block_ids: list[int], upto: int) -> None:
+        """``key`` attends to positions ``0..upto - 1`` of request ``rid``: they must hold its
+        tokens (a cached prefix another request wrote, or its own)."""
+        self._check_owned(key, rid, block_ids)
+        sequence = self.model.sequence(rid)
+        for pos in range(upto):
+            block = block_ids[pos // BLOCK_SIZE]
+            found = self.kv.get(block, {}).get(pos % BLOCK_SIZE)
+            assert found == sequence[pos], (
+                f"{key} reads {found} at position {pos} of request {rid} (block {block}), "
+                f"not its token {sequence[pos]}"
+            )
+        if upto and self.core.requests[rid].num_cached_tokens:
+            self.seen["prefill over a cached prefix"] += 1
 
     def _done(self, event: tuple, result=None):
         self.trace.append(event)
@@ -534,8 +630,10 @@ class Pipeline:
     def check_books(self) -> None:
         core = self.core
         held = core.requests.values()
-        used = sum(len(r.block_ids) for r in held if r.block_ids is not None)
-        assert used == core.allocator.num_blocks - core.allocator.num_free, "blocks leaked"
+        refs = Counter(b for r in held if r.block_ids is not None for b in r.block_ids)
+        assert all(core.pool.ref_counts[b] == n for b, n in refs.items()), "reference counts"
+        assert len(refs) == core.pool.num_blocks - core.pool.num_free, "blocks leaked"
+        assert len(refs) == core.pool.num_used
         for r in held:
             rid, status, owner = r.request_id, r.status, r.owner
             if owner is not None:
@@ -583,7 +681,7 @@ class Pipeline:
     def check_settled(self) -> None:
         core = self.core
         assert core.requests == {}, f"requests still held: {sorted(core.requests)}"
-        assert core.allocator.num_free == core.allocator.num_blocks
+        assert core.pool.num_free == core.pool.num_blocks and not any(core.pool.ref_counts)
         assert not core.scheduler.waiting and core.busy_workers() == set()
         for req in self.requests:
             rid, natural = req.request_id, self.natural_end(req)
@@ -627,8 +725,11 @@ def tokenizer():
     return build_tokenizer()
 
 
-def random_request(rng: random.Random, words: list[int], eos: int) -> dict:
-    """A request's arguments for ``Pipeline.submit``: its script honours ``min_new_tokens``."""
+def random_request(
+    rng: random.Random, words: list[int], eos: int, prefixes: list[list[int]]
+) -> dict:
+    """A request's arguments for ``Pipeline.submit``: its script honours ``min_new_tokens``;
+    its prompt often starts with one of ``prefixes``, or is one of them whole."""
     max_new = rng.randint(1, 6)
     params = dict(
         min_new_tokens=rng.choice((0, 0, 0, 1, 2, 3)),
@@ -645,18 +746,28 @@ def random_request(rng: random.Random, words: list[int], eos: int) -> dict:
             choices = [t for t in choices if t not in stop_ids]
         script.append(rng.choice(choices))
     prompt = [rng.choice(words) for _ in range(rng.randint(1, 12))]
+    if rng.random() < 0.6:
+        prompt = rng.choice(prefixes) + prompt[: rng.choice((0, 1, 3, 4, 5))]
     return dict(script=script, prompt=prompt, **params)
 
 
 def random_pipeline(tokenizer, seed: int, colocated: bool) -> tuple[Pipeline, list[dict]]:
     rng = random.Random(seed)
     words = [tokenizer(w).input_ids[0] for w in WORDS]
+    prefixes = [[rng.choice(words) for _ in range(rng.randint(3, 9))] for _ in range(2)]
     requests = [
-        random_request(rng, words, tokenizer.eos_token_id) for _ in range(rng.randint(1, 5))
+        random_request(rng, words, tokenizer.eos_token_id, prefixes)
+        for _ in range(rng.randint(1, 5))
     ]
     needs = [-(-(len(r["prompt"]) + len(r["script"]) - 1) // BLOCK_SIZE) for r in requests]
-    num_blocks = rng.randint(max(needs), sum(needs) + 1)  # sometimes too few for all at once
-    options = dict(max_request_retries=rng.choice((0, 1, 2, 5)))
+    # often too few for all at once: requests are preempted, or wait for blocks
+    num_blocks = rng.choice(
+        (max(needs), max(needs) + 1, rng.randint(max(needs), sum(needs) + 1))
+    )  # fmt: skip
+    options = dict(
+        max_request_retries=rng.choice((0, 1, 2, 5)),
+        num_lookahead_blocks=rng.choice((0, 1, 2)),
+    )
     if colocated:
         max_num_seqs = rng.choice((1, 2, 3))
         options |= dict(
@@ -669,6 +780,7 @@ def random_pipeline(tokenizer, seed: int, colocated: bool) -> tuple[Pipeline, li
             num_prompt_workers=rng.choice((1, 2)),
             num_token_workers=rng.choice((1, 2)),
             kv_handoff=rng.choice(("shared", "shared", "copy")),
+            enable_prefix_caching=rng.choice((None, None, False)),
             max_prefill_tokens=rng.choice((3, 4, 6, 10, 32)),
             max_num_seqs=rng.choice((1, 2, 4)),
         )
@@ -741,6 +853,11 @@ SPLIT_RACES = (
     "release of a request its step already let go",
     "abort between or during the chunks of a prefill",
     "loss with an abort outstanding",
+    "preemption",
+    "loss with a preemption outstanding",
+    "a decode sat out a step for want of a block",
+    "grant for a request the worker already let go",
+    "prefill over a cached prefix",
     "retries spent",
     "stop string",
 )
@@ -752,6 +869,11 @@ COLOCATED_RACES = (
     "colocated abort in the middle of a chunked prefill",
     "mixed step with tokens",
     "loss with an abort outstanding",
+    "preemption",
+    "loss with a preemption outstanding",
+    "a decode sat out a step for want of a block",
+    "grant for a request the worker already let go",
+    "prefill over a cached prefix",
     "retries spent",
     "stop string",
 )
@@ -772,6 +894,7 @@ def explore(tokenizer, seeds: range, colocated: bool) -> tuple[int, Counter]:
                 f"{sim.describe()}"
             ) from exc
         seen += sim.seen
+        seen["preemption"] += sim.core.num_preemptions
     return num_events, seen
 
 
@@ -785,8 +908,10 @@ def test_random_orders_settle_with_every_block_free(tokenizer, colocated, num_or
     num_events, seen = explore(tokenizer, range(num_orders), colocated)
     print(f"\n{num_orders} orders, {num_events} events in {time.monotonic() - start:.1f} s")
     print("\n".join(f"{n:6d} {race}" for race, n in sorted(seen.items())))
-    # the orders reach every race named, each many times
-    assert {race: seen[race] >= 10 for race in races} == dict.fromkeys(races, True)
+    # the orders reach every race named, each many times (a loss while a preemption is
+    # outstanding needs both at once: a few times)
+    least = {race: 3 if race == "loss with a preemption outstanding" else 10 for race in races}
+    assert {race: seen[race] >= least[race] for race in races} == dict.fromkeys(races, True)
 
 
 # ---------------------------------------------------------------------- races written out
@@ -824,7 +949,7 @@ def test_abort_meets_the_step_that_ended_the_request(tokenizer, words):
     assert sim.workers[T0].inbox[-1] == m.AbortMsg([req.request_id])
     sim.deliver(T0)  # finished, for a request the core already ended: the blocks go now
     assert req.handle.result(timeout=0).token_ids == [a, a]
-    assert sim.core.allocator.num_free == 64 and sim.core.requests == {}
+    assert sim.core.pool.num_free == 64 and sim.core.requests == {}
     sim.take(T0)  # the worker acknowledges the abort of a request it no longer has
     sim.deliver(T0)
     assert req.handle.result(timeout=0).finish_reason == "abort"
@@ -875,7 +1000,7 @@ def test_abort_during_a_chunk_waits_for_the_batch_and_between_chunks_does_not(to
     prefill(sim)
     sim.schedule()  # its second chunk goes out
     sim.abort(during)
-    assert not during.handle.done() and sim.core.allocator.num_free == 5
+    assert not during.handle.done() and sim.core.pool.num_free == 5
     sim.step(P0)
     sim.deliver(P0)  # the chunk is written: the blocks go
     assert during.handle.result(timeout=0).token_ids == []
@@ -883,7 +1008,7 @@ def test_abort_during_a_chunk_waits_for_the_batch_and_between_chunks_does_not(to
     prefill(sim)  # its first chunk; the next waits for a batch
     sim.abort(between)
     assert between.handle.result(timeout=0).finish_reason == "abort"
-    assert sim.core.allocator.num_free == 8
+    assert sim.core.pool.num_free == 8
     sim.check_settled()
 
 
@@ -912,7 +1037,8 @@ def test_retries_count_losses_in_a_row_without_a_new_token(tokenizer, words):
     sim.die(T0)  # lost once: runs again from its output so far
     sim.restart(T0)
     sim.schedule()
-    assert sim.workers[P0].inbox[0].token_ids == [[5, 6, 7, 8, 9, a]]
+    again = sim.workers[P0].inbox[0]  # the prompt's first block is cached: not again
+    assert again.token_ids == [[9, a]] and again.num_computed == [4]
     sim.step(P0)
     sim.deliver(P0)
     decode(sim)  # "at": a new token

@@ -120,15 +120,15 @@ def test_handoff_only_after_the_prefill_published_its_blocks(make_core):
 def test_decode_to_max_tokens_frees_every_block(make_core):
     core = make_core(num_blocks=16)
     req = submit(core, max_new_tokens=3)
-    assert core.allocator.num_free == 16
+    assert core.pool.num_free == 16
     key, _ = run_to_decode(core, req)
-    assert core.allocator.num_free == 16 - 2  # 5 prompt + 3 new - 1 uncached = 7 tokens
+    assert core.pool.num_free == 16 - 2  # 5 prompt + 3 new - 1 uncached = 7 tokens
     assert tokens(core, key, [(req.request_id, 101)]) == []
     # the worker's own stop rule ended it at the third token: no abort needed
     assert tokens(core, key, [(req.request_id, 102)], finished=[True]) == []
     out = req.handle.result(timeout=0)
     assert out.token_ids == [100, 101, 102] and out.finish_reason == "length"
-    assert core.allocator.num_free == 16 and core.requests == {} and core.busy_workers() == set()
+    assert core.pool.num_free == 16 and core.requests == {} and core.busy_workers() == set()
 
 
 def test_eos_ends_a_request_unless_ignore_eos(make_core, tokenizer):
@@ -164,7 +164,7 @@ def test_abort_while_waiting(make_core):
     assert core.abort(req.request_id) == []  # no worker involved
     out = req.handle.result(timeout=0)
     assert out.finish_reason == "abort" and out.token_ids == []
-    assert core.schedule(ALL_READY) == [] and core.allocator.num_free == 64
+    assert core.schedule(ALL_READY) == [] and core.pool.num_free == 64
 
 
 def test_abort_while_prefilling_frees_blocks_when_the_batch_ends(make_core):
@@ -172,11 +172,11 @@ def test_abort_while_prefilling_frees_blocks_when_the_batch_ends(make_core):
     req = submit(core)
     ((key, prefill),) = core.schedule({"prompt": [0]})
     assert core.abort(req.request_id) == []  # a prefill batch cannot be stopped midway
-    assert not req.handle.done() and core.allocator.num_free < 64  # the worker still writes
+    assert not req.handle.done() and core.pool.num_free < 64  # the worker still writes
     assert prefill_done(core, key, prefill, [100]) == []
     out = req.handle.result(timeout=0)
     assert out.finish_reason == "abort" and out.token_ids == []
-    assert core.allocator.num_free == 64
+    assert core.pool.num_free == 64
     assert core.schedule(ALL_READY) == []  # never handed off
 
 
@@ -187,12 +187,12 @@ def test_abort_while_decoding_waits_for_the_release(make_core):
     tokens(core, key, [(req.request_id, 101)])
     ((akey, abort),) = core.abort(req.request_id)
     assert akey == key and isinstance(abort, m.AbortMsg) and abort.request_ids == [req.request_id]
-    assert not req.handle.done() and core.allocator.num_free < 64
+    assert not req.handle.done() and core.pool.num_free < 64
     tokens(core, key, [(req.request_id, 102)])  # a step already in flight: dropped
     core.on_message(key, m.ReleasedMsg([req.request_id]))
     out = req.handle.result(timeout=0)
     assert out.finish_reason == "abort" and out.token_ids == [100, 101]
-    assert core.allocator.num_free == 64 and core.busy_workers() == set()
+    assert core.pool.num_free == 64 and core.busy_workers() == set()
 
 
 def test_stop_string_across_token_boundaries(make_core, tokenizer):
@@ -219,12 +219,15 @@ def test_lost_prompt_worker_runs_its_batch_again(make_core):
     core = make_core()
     req = submit(core)
     ((_, first),) = core.schedule({"prompt": [0]})
-    blocks = list(req.block_ids)
+    num_blocks = len(req.block_ids)
     core.on_worker_lost(P0, "died (exit code -9)")
-    assert req.status is RequestStatus.WAITING and req.block_ids == blocks
+    # its blocks went back (the dead worker writes nothing more); it waits at the head
+    assert req.status is RequestStatus.WAITING and req.block_ids is None
+    assert core.pool.num_free == 64 and core.scheduler.waiting[0] is req
     assert core.num_retried == 1 and core.busy_workers() == set()
     ((key, again),) = core.schedule({"prompt": [1]})
-    assert key == P1 and again.token_ids == first.token_ids and again.block_ids == [blocks]
+    assert key == P1 and again.token_ids == first.token_ids
+    assert [len(b) for b in again.block_ids] == [num_blocks]
     # a message of the dead worker that arrives late changes nothing
     assert prefill_done(core, P0, first, [100]) == [] and req.handle._tokens == []
 
@@ -237,8 +240,9 @@ def test_lost_token_worker_resumes_with_the_output_so_far(make_core):
     tokens(core, T0, [(req.request_id, 102)])
     core.on_worker_lost(T0, "died (exit code -9)")
     ((_, prefill),) = core.schedule({"prompt": [1], "token": [1]})
-    # prefilled again: the prompt and every generated token but the last (the next input)
-    assert prefill.token_ids == [[5, 6, 7, 8, 9, 100, 101]]
+    # prefilled again: the prompt and every generated token but the last (the next input),
+    # but for the prompt's first block, published at its prefill and found in the cache
+    assert prefill.token_ids == [[9, 100, 101]] and prefill.num_computed == [4]
     assert prefill.requests[0].max_new_tokens == 6 - 2
     assert prefill.requests[0].seed == seed_for_offset(7, 2)
     assert prefill.requests[0].params.min_new_tokens == 3 - 2  # EOS masked one token more
@@ -250,7 +254,7 @@ def test_lost_token_worker_resumes_with_the_output_so_far(make_core):
     tokens(core, T1, [(req.request_id, 105)], finished=[True])
     out = req.handle.result(timeout=0)
     assert out.token_ids == [100, 101, 102, 103, 104, 105] and out.finish_reason == "length"
-    assert core.allocator.num_free == 64
+    assert core.pool.num_free == 64
 
 
 def test_lost_worker_with_only_an_abort_outstanding_frees_the_blocks(make_core):
@@ -260,7 +264,7 @@ def test_lost_worker_with_only_an_abort_outstanding_frees_the_blocks(make_core):
     core.abort(req.request_id)
     core.on_worker_lost(key, "died (exit code -9)")  # it never acknowledged
     assert req.handle.result(timeout=0).finish_reason == "abort"
-    assert core.allocator.num_free == 64 and core.num_retried == 0
+    assert core.pool.num_free == 64 and core.num_retried == 0
 
 
 def test_request_lost_again_without_progress_fails(make_core):
@@ -273,7 +277,7 @@ def test_request_lost_again_without_progress_fails(make_core):
     core.on_worker_lost(P0, "died (exit code -9)")
     with pytest.raises(WorkerCrashedError, match="run again 2 times in a row"):
         req.handle.result(timeout=0)
-    assert core.allocator.num_free == 64 and core.requests == {}
+    assert core.pool.num_free == 64 and core.requests == {}
 
 
 def test_worker_error_fails_its_batch(make_core):
@@ -284,7 +288,7 @@ def test_worker_error_fails_its_batch(make_core):
     for req in (a, b):
         with pytest.raises(SplitwiserError, match="splitwiser-prompt-0: CUDA error: boom"):
             req.handle.result(timeout=0)
-    assert core.allocator.num_free == 64 and core.busy_workers() == set()
+    assert core.pool.num_free == 64 and core.busy_workers() == set()
 
 
 def test_full_pool_admission_waits_and_oversized_requests_are_rejected(make_core):
@@ -296,7 +300,7 @@ def test_full_pool_admission_waits_and_oversized_requests_are_rejected(make_core
     sends = core.schedule(ALL_READY)
     assert [msg.requests[0].request_id for _, msg in sends] == [a.request_id]  # b waits
     assert b.status is RequestStatus.WAITING and b.block_ids is None
-    assert core.allocator.num_free == 1
+    assert core.pool.num_free == 1
     core.abort(a.request_id)  # prefilling: b still waits until its blocks are free
     assert core.schedule(ALL_READY) == []
     ((key, prefill),) = sends
@@ -353,7 +357,9 @@ def test_a_lost_prompt_worker_restarts_a_chunked_prefill_from_the_start(make_cor
     assert second.num_computed == [10]
     core.on_worker_lost(key, "died (exit code -9)")  # its chunk may be half written
     ((_, again),) = core.schedule({"prompt": [1]})
-    assert again.num_computed == [0] and again.token_ids == first.token_ids
+    # again from the last block the first chunk filled (published at its report), not from
+    # where the lost chunk began
+    assert again.num_computed == [8] and again.token_ids == [list(range(9, 19))]
     assert req.handle._tokens == []
 
 
@@ -393,7 +399,7 @@ def test_restart_rate_spent_stops_the_role_and_fails_everything(make_core):
     core.fail_all(WorkerCrashedError("every token worker is lost"))
     with pytest.raises(WorkerCrashedError):
         req.handle.result(timeout=0)
-    assert core.allocator.num_free == 64 and core.requests == {}
+    assert core.pool.num_free == 64 and core.requests == {}
 
 
 def test_the_phase_log_keeps_each_batch_and_step_as_the_worker_timed_it(make_core):

@@ -119,7 +119,7 @@ def test_a_role_defined_in_one_place_runs_through_the_core(echo_role):
                 deliver(core.on_message(key, msg))
         if all(r.handle.done() for r in reqs):
             break
-    assert core.allocator.num_free == num_blocks
+    assert core.pool.num_free == num_blocks
     assert not core.requests
     for req, prompt in zip(reqs, prompts):
         out = req.handle.result(timeout=0)

@@ -1,4 +1,4 @@
-"""Pure logic, no processes: allocator, scheduler, sampling, stop rules, metrics, config."""
+"""Pure logic, no processes: scheduler, sampling, stop rules, metrics, config."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from splitwiser import ConfigError, EngineConfig, InvalidRequestError, SamplingP
 from splitwiser.core.prompts import stop_reason
 from splitwiser.core.request import Request, RequestStatus
 from splitwiser.core.scheduler import Scheduler
-from splitwiser.kv.block_allocator import BlockAllocator
+from splitwiser.kv.block_pool import BlockPool
 from splitwiser.kv.pool import slots_for
 from splitwiser.outputs import RequestMetrics
 from splitwiser.sampling import sample_token, token_generator
@@ -18,19 +18,6 @@ from splitwiser.sampling import sample_token, token_generator
 def _req(rid: int, prompt_len: int, max_new: int = 4) -> Request:
     params = SamplingParams(max_new_tokens=max_new)
     return Request(rid, None, [1] * prompt_len, params, 0, max_new, RequestMetrics(0.0))
-
-
-def test_allocator_allocates_and_frees_exactly_once():
-    alloc = BlockAllocator(4)
-    a = alloc.allocate(3)
-    assert len(set(a)) == 3 and alloc.num_free == 1
-    assert not alloc.can_allocate(2)
-    with pytest.raises(RuntimeError):
-        alloc.allocate(2)
-    alloc.free(a)
-    assert alloc.num_free == 4
-    with pytest.raises(RuntimeError, match="freed twice"):
-        alloc.free(a[:1])
 
 
 def test_blocks_needed_excludes_the_last_token():
@@ -51,7 +38,7 @@ def _ids(batch) -> list[tuple[int, int]]:
 
 
 def test_scheduler_batches_fcfs_under_token_budget():
-    sched = Scheduler(BlockAllocator(100), block_size=16, max_prefill_tokens=100, chunked=False)
+    sched = Scheduler(BlockPool(100), block_size=16, max_prefill_tokens=100, chunked=False)
     for i, n in enumerate([60, 30, 30, 200]):
         sched.add(_req(i, n))
     plan = sched.schedule({0: 0, 1: 0})
@@ -62,7 +49,7 @@ def test_scheduler_batches_fcfs_under_token_budget():
 
 
 def test_chunked_scheduler_fills_the_budget_with_a_chunk():
-    sched = Scheduler(BlockAllocator(100), block_size=16, max_prefill_tokens=100)
+    sched = Scheduler(BlockPool(100), block_size=16, max_prefill_tokens=100)
     for i, n in enumerate([60, 30, 250]):
         sched.add(_req(i, n))
     assert _ids(sched.next_prefill_batch()) == [(0, 60), (1, 30), (2, 10)]
@@ -70,7 +57,7 @@ def test_chunked_scheduler_fills_the_budget_with_a_chunk():
 
 
 def test_scheduler_waits_for_blocks_and_keeps_order():
-    alloc = BlockAllocator(3)
+    alloc = BlockPool(3)
     sched = Scheduler(alloc, block_size=16, max_prefill_tokens=1000)
     big, small = _req(0, 40), _req(1, 4)  # 3 blocks, 1 block
     held = alloc.allocate(1)
@@ -84,7 +71,7 @@ def test_scheduler_waits_for_blocks_and_keeps_order():
 
 
 def test_scheduler_respects_batches_in_flight():
-    sched = Scheduler(BlockAllocator(100), 16, 1000, max_batches_per_prompt_worker=2)
+    sched = Scheduler(BlockPool(100), 16, 1000, max_batches_per_prompt_worker=2)
     sched.add(_req(0, 4))
     assert sched.schedule({0: 2}) == []  # worker 0 is full: nothing dispatched
     plan = sched.schedule({0: 2, 1: 1})

@@ -25,7 +25,7 @@ from splitwiser.core.scheduler import Scheduler
 from splitwiser.core.stop import StopStringMatcher, stop_reason
 from splitwiser.errors import KVCacheTooSmallError, SplitwiserError, WorkerCrashedError
 from splitwiser.handle import RequestHandle
-from splitwiser.kv.block_allocator import BlockAllocator
+from splitwiser.kv.block_pool import BlockPool
 from splitwiser.outputs import RequestMetrics
 from splitwiser.sampling import SamplingParams
 
@@ -78,9 +78,9 @@ class EngineCore:
         self.config = config
         self.checker = checker
         self.eos_token_ids = eos_token_ids
-        self.allocator = BlockAllocator(num_blocks)
+        self.pool = BlockPool(num_blocks, enable_caching=config.prefix_caching)
         self.scheduler = Scheduler(
-            self.allocator, config.block_size, config.max_prefill_tokens, chunked=chunked_prefill
+            self.pool, config.block_size, config.max_prefill_tokens, chunked=chunked_prefill
         )
         self.roles = roles
         self.requests: dict[int, Request] = {}  # every unfinished request, and finished ones
@@ -90,6 +90,7 @@ class EngineCore:
         self.phase_counters = dict.fromkeys(PHASE_COUNTERS, 0.0)
         self.phase_log: deque[PhaseRecord] = deque(maxlen=PHASE_LOG_LEN)
         self.num_retried = 0  # requests run again after the worker running them died or hung
+        self.num_preemptions = 0  # requests stopped to free their blocks, run again later
         # the stop strings of each unfinished request with some and a token, by request id
         self.stop_matchers: dict[int, StopStringMatcher] = {}
         self._request_ids = itertools.count()  # next() is atomic: callers on any thread
@@ -113,11 +114,11 @@ class EngineCore:
             metrics=RequestMetrics(arrival_time=time.monotonic()),
         )
         needed = req.num_blocks_needed(self.config.block_size)
-        if needed > self.allocator.num_blocks:
+        if needed > self.pool.num_blocks:
             raise KVCacheTooSmallError(
                 f"request needs {needed} KV blocks ({len(token_ids)} prompt + {max_new} new tokens "
                 f"at block_size {self.config.block_size}) but the pool has only "
-                f"{self.allocator.num_blocks}; raise num_kv_blocks / kv_cache_bytes or lower "
+                f"{self.pool.num_blocks}; raise num_kv_blocks / kv_cache_bytes or lower "
                 f"max_new_tokens"
             )
         req.handle = RequestHandle(req.request_id, cancel=cancel)
@@ -142,7 +143,10 @@ class EngineCore:
                 req = self.requests.get(rid)
                 if req is not None and req.owner == worker:
                     req.let_go()
-                    self.release(req)
+                    if req.is_finished:
+                        self.release(req)
+                    else:  # preempted: its blocks go, it waits to run again
+                        self.scheduler.requeue_front([req])
             return []
         if isinstance(msg, m.WorkerErrorMsg):  # the failed batch's requests: let go, failed
             error = SplitwiserError(f"{worker_name(worker)}: {msg.error}")
@@ -165,6 +169,8 @@ class EngineCore:
             req.let_go()
             if req.is_finished:  # only its abort was outstanding
                 self.release(req)
+            elif req.preempting:  # only its release was outstanding
+                self.scheduler.requeue_front([req])
             else:
                 orphans.append(req)
         self._retry(orphans, f"{worker_name(worker)} {reason}")
@@ -212,9 +218,16 @@ class EngineCore:
         return {r.owner for r in self.requests.values() if r.owner is not None}
 
     def snapshot(self) -> dict:
-        """The core's part of ``stats()``."""
+        """The core's part of ``stats()``: blocks free (cached ones included: they are evicted
+        when needed), cached among them, in use; the prefix cache's queries and hits in prompt
+        tokens since the start; preemptions."""
         return {
-            "num_free_blocks": self.allocator.num_free,
+            "num_free_blocks": self.pool.num_free,
+            "num_cached_blocks": self.pool.num_cached_free,
+            "num_used_blocks": self.pool.num_used,
+            "prefix_cache_queries": self.scheduler.prefix_queries,
+            "prefix_cache_hits": self.scheduler.prefix_hits,
+            "num_preemptions": self.num_preemptions,
             "num_unfinished": sum(not r.is_finished for r in self.requests.values()),
             "num_retried": self.num_retried,
             "phases": dict(self.phase_counters),
@@ -245,13 +258,97 @@ class EngineCore:
 
     def next_prefill_batches(self, loads: dict[int, int]) -> list[tuple[int, list]]:
         """``Scheduler.schedule``: ``[(worker index, [(request, tokens to prefill)])]``."""
-        return self.scheduler.schedule(loads)
+        return self.scheduler.schedule(loads, self.pool.num_used > 0)
 
     def continue_prefill(self, req: Request) -> None:
         self.scheduler.continue_prefill(req)
 
     def admit_next(self) -> Request | None:
-        return self.scheduler.admit_next()
+        return self.scheduler.admit_next(self.pool.num_used > 0)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block; False while a request holds blocks (nothing done)."""
+        return self.pool.reset()
+
+    # ------------------------------------------------------------------ blocks as requests grow
+
+    def publish(self, req: Request, num_written: int) -> None:
+        """``req``'s first ``num_written`` tokens have their K/V in its blocks, as the worker
+        writing them reported (its kernels finished before the report): its full blocks among
+        them become reusable by any worker. Never earlier: another process would read half-
+        written K/V."""
+        full = min(num_written // self.config.block_size, len(req.block_ids or ()))
+        if full <= req.num_published_blocks or not self.pool.enable_caching:
+            return
+        hashes = self.scheduler.hashes(req, full * self.config.block_size)
+        for i in range(req.num_published_blocks, full):
+            self.pool.publish(req.block_ids[i], hashes[i])
+        req.num_published_blocks = full
+
+    def grant_blocks(self, role: str) -> list[Send]:
+        """Each decoding request of ``role``'s workers holds blocks for its next
+        ``num_lookahead_blocks`` blocks' worth of tokens beyond its current one, so that its
+        worker never waits on this process: ``[(worker, GrantMsg)]`` for those that got more.
+        When the pool runs dry the latest-arrived running requests are preempted (vLLM's
+        policy) until the oldest get theirs; one that cannot be served yet is asked again
+        next tick (its worker has its lookahead left, then sits it out)."""
+        block_size = self.config.block_size
+        ahead = self.config.num_lookahead_blocks * block_size
+        grants: dict[WorkerKey, m.GrantMsg] = {}
+        sends: list[Send] = []
+        decoding = sorted(
+            (r for r in self.owned_by_role(role)
+             if r.status is RequestStatus.DECODING and not r.preempting),
+            key=lambda r: r.request_id,
+        )  # fmt: skip
+        for req in decoding:
+            if req.preempting:  # a victim of an older request's grant in this loop
+                continue
+            num_tokens = min(req.num_prompt_tokens + req.num_output_tokens + ahead,
+                             req.max_num_tokens)  # fmt: skip
+            num_new = -(-num_tokens // block_size) - len(req.block_ids)
+            if num_new <= 0:
+                continue
+            while not self.pool.can_allocate(num_new) and self._releasing() < num_new:
+                victim = self._preemption_victim()
+                sends += self.preempt(victim)
+                if victim is req:
+                    break
+            if req.preempting or not self.pool.can_allocate(num_new):
+                continue
+            new = self.pool.allocate(num_new)
+            req.block_ids += new
+            grant = grants.setdefault(req.owner, m.GrantMsg([], []))
+            grant.request_ids.append(req.request_id)
+            grant.block_ids.append(new)
+        return sends + list(grants.items())
+
+    def _releasing(self) -> int:
+        """Blocks of preempted requests whose workers have yet to let go of them."""
+        return sum(len(r.block_ids) for r in self.requests.values() if r.preempting)
+
+    def _preemption_victim(self) -> Request:
+        """The latest-arrived request holding blocks that can be stopped now: any but those in
+        a prompt worker's batch, which runs to its end."""
+        return max(
+            (r for r in self.requests.values()
+             if r.block_ids is not None and not r.is_finished and not r.preempting
+             and (r.owner is None or self.roles[r.owner[0]].stop_msg([]) is not None)),
+            key=lambda r: r.request_id,
+        )  # fmt: skip
+
+    def preempt(self, req: Request) -> list[Send]:
+        """Free ``req``'s blocks and put it back at the head of the queue, to be prefilled
+        again with its output so far (the lost worker's path: exact). A worker decoding it is
+        told to drop it first; its blocks go at its ``ReleasedMsg``, and its tokens until then
+        are dropped (the recompute makes them again)."""
+        self.num_preemptions += 1
+        if req.owner is None:
+            self.scheduler.remove(req)
+            self.scheduler.requeue_front([req])
+            return []
+        req.preempting = True
+        return [(req.owner, self.roles[req.owner[0]].stop_msg([req.request_id]))]
 
     def queue_handoff(self, req: Request) -> None:
         """A prefilled request waits for a token worker (``take_handoffs``)."""

@@ -53,8 +53,9 @@ class PrefillMsg:
 
     requests: list[RequestSpec]
     token_ids: list[list[int]]  # each request's prompt, or its next chunk
-    block_ids: list[list[int]]  # each request's blocks, enough for prompt + all new tokens
-    # tokens of each request already in its blocks (earlier chunks): its chunk starts there
+    block_ids: list[list[int]]  # each request's blocks so far, enough for its whole prefill
+    # tokens of each request already in its blocks (a cached prefix, earlier chunks): its chunk
+    # starts there
     num_computed: list[int] = field(default_factory=list)
 
 
@@ -63,7 +64,7 @@ class HandoffMsg:
     """A prefilled request joins a token worker's batch; its prompt's K/V sit in its blocks."""
 
     request: RequestSpec
-    block_ids: list[int]
+    block_ids: list[int]  # its blocks so far (``GrantMsg`` adds more as it decodes)
     prompt_len: int  # tokens cached in the blocks
     first_token: int  # sampled by the prompt worker, not yet cached
     published_at: float  # time.monotonic() when the prompt worker published the prefill
@@ -77,15 +78,26 @@ class RunMsg:
 
     request: RequestSpec
     token_ids: list[int]  # what to prefill: the prompt (resumed: and its output but the last)
-    block_ids: list[int]  # its blocks, enough for prompt + all new tokens
+    block_ids: list[int]  # its blocks so far (``GrantMsg`` adds more as it decodes)
     # resumed: its last generated token, the first decode input (not reported again); None:
     # sample the first token after the prefill
     next_token: int | None = None
+    num_computed: int = 0  # leading tokens of ``token_ids`` already in its blocks (cached)
+
+
+@dataclass
+class GrantMsg:
+    """More blocks for decoding requests, appended to their block tables: sent ahead of need,
+    so a worker's step loop never waits for memory."""
+
+    request_ids: list[int]
+    block_ids: list[list[int]]  # per request, its new blocks in order
 
 
 @dataclass
 class AbortMsg:
-    """Stop decoding these requests (a stop string matched, or the caller cancelled)."""
+    """Stop decoding these requests (a stop string matched, the caller cancelled, or the pool
+    needs their blocks); the worker answers with a ``ReleasedMsg``."""
 
     request_ids: list[int]
 
@@ -146,7 +158,7 @@ class TokensMsg:
 
 @dataclass
 class ReleasedMsg:
-    """Aborted requests this worker no longer touches: their blocks may go."""
+    """Aborted (or preempted) requests this worker no longer touches: their blocks may go."""
 
     request_ids: list[int]
 

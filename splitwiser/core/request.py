@@ -51,7 +51,14 @@ class Request:
     metrics: RequestMetrics
     handle: RequestHandle | None = None  # the caller's view, filled as tokens come
     status: RequestStatus = RequestStatus.WAITING
-    block_ids: list[int] | None = None
+    block_ids: list[int] | None = None  # its block table while admitted; grown as it decodes
+    # the chained hash of each full block of prompt + output computed so far (prefix caching),
+    # and how many leading blocks of ``block_ids`` are published (or were hits)
+    block_hashes: list[int] = field(default_factory=list)
+    num_published_blocks: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens found cached at its first admission
+    # preempted: its worker was told to drop it; on the release its blocks go and it waits again
+    preempting: bool = False
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list = field(default_factory=list)  # TokenLogprobs, if asked for
     # NOTE: the worker that may still write into the blocks; they are freed only once it is None
@@ -99,10 +106,18 @@ class Request:
     def num_prefill_tokens(self) -> int:
         return self.num_prompt_tokens + max(0, self.num_output_tokens - 1)
 
+    @property
+    def max_num_tokens(self) -> int:
+        """The most tokens its blocks ever hold: the last generated token is never cached."""
+        return self.num_prompt_tokens + self.max_new_tokens - 1
+
     def num_blocks_needed(self, block_size: int) -> int:
-        # the last generated token is never cached
-        num_tokens = self.num_prompt_tokens + self.max_new_tokens - 1
-        return -(-num_tokens // block_size)
+        """Blocks at its longest (a request that alone needs more than the pool never runs)."""
+        return -(-self.max_num_tokens // block_size)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
 
     def spec(self) -> RequestSpec:
         """What the workers are told. A resumed request looks to them like a fresh one whose
@@ -171,10 +186,12 @@ class Request:
         self.owner, self.batch_id = None, None
 
     def requeue(self) -> None:
-        """Back to WAITING (its worker was lost): prefilled again with its output so far; it
-        keeps its blocks."""
-        self.status, self.owner = RequestStatus.WAITING, None
+        """Back to WAITING (its worker was lost, or it was preempted; its blocks already went):
+        prefilled again with its output so far, from what the prefix cache still holds."""
+        assert self.block_ids is None
+        self.status, self.owner, self.preempting = RequestStatus.WAITING, None, False
         self.batch_id, self.handoff = None, None
+        self.num_published_blocks = 0
         # NOTE: from the start: the chunk its lost worker was writing may be half written
         self.num_computed_tokens = self.num_scheduled_tokens = 0
 
@@ -194,4 +211,5 @@ class Request:
             finish_reason=self.finish_reason,
             metrics=self.metrics,
             logprobs=list(self.output_logprobs) if self.params.logprobs is not None else None,
+            num_cached_tokens=self.num_cached_tokens or 0,
         )

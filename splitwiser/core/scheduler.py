@@ -1,8 +1,10 @@
-"""Parent-side scheduling: FCFS prefill batches under a token budget.
+"""Parent-side scheduling: FCFS prefill batches under a token budget, and admission.
 
 Pure logic, no processes: the engine feeds it requests and worker loads and sends what it returns.
-Blocks for a request's whole lifetime (prompt + all new tokens) are reserved at admission, so a
-running request never waits for memory and nothing is ever preempted.
+A request is admitted with blocks for what its prefill writes plus its first decode's token,
+minus the longest prefix already cached (those blocks are shared, not prefilled again); its
+decode gets further blocks as it goes (``EngineCore.grant_blocks``). A small watermark of free
+blocks keeps admissions from taking what running requests are about to need.
 """
 
 from __future__ import annotations
@@ -10,19 +12,24 @@ from __future__ import annotations
 from collections import deque
 
 from splitwiser.core.request import Request
-from splitwiser.kv.block_allocator import BlockAllocator
+from splitwiser.kv.block_pool import BlockPool, block_hashes
+
+WATERMARK = 0.01  # of the pool, kept free at admission while other requests run (vLLM's)
 
 
 class Scheduler:
     def __init__(
         self,
-        allocator: BlockAllocator,
+        pool: BlockPool,
         block_size: int,
         max_prefill_tokens: int,
         max_batches_per_prompt_worker: int = 2,
         chunked: bool = True,
     ):
-        self.allocator = allocator
+        self.pool = pool
+        self.watermark_blocks = int(WATERMARK * pool.num_blocks)
+        # prompt tokens looked up in the prefix cache at admission, and found there
+        self.prefix_queries = self.prefix_hits = 0
         self.block_size = block_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_batches_per_prompt_worker = max_batches_per_prompt_worker
@@ -33,29 +40,61 @@ class Scheduler:
         self.waiting.append(req)
 
     def requeue_front(self, reqs: list[Request]) -> None:
-        """Put requests back at the head (the worker running them died); they keep their
-        blocks. A request that was decoding is prefilled again with what it generated so far."""
+        """Put requests back at the head (their worker died, or they were preempted), their
+        blocks freed: each is prefilled again with what it generated so far, from the longest
+        prefix the cache still holds (its own published blocks, usually)."""
+        # NOTE: behind the requests at the head that hold blocks (a prefill between its
+        # chunks): they go first, or the head could wait forever for the blocks they hold
+        admitted = 0
+        while admitted < len(self.waiting) and self.waiting[admitted].block_ids is not None:
+            admitted += 1
         for req in reversed(reqs):
+            self.free(req)
             req.requeue()
-            self.waiting.appendleft(req)
+            self.waiting.insert(admitted, req)
 
     def remove(self, req: Request) -> None:
         """Take a waiting request out of the queue (aborted or failed before its prefill)."""
         if req in self.waiting:
             self.waiting.remove(req)
 
-    def _admit(self, req: Request) -> bool:
+    def hashes(self, req: Request, num_tokens: int) -> list[int]:
+        """The chained hashes of the full blocks of ``req``'s first ``num_tokens`` tokens."""
+        n = num_tokens // self.block_size
+        if len(req.block_hashes) < n:
+            tokens = req.all_token_ids[: n * self.block_size]
+            block_hashes(tokens, self.block_size, req.params.cache_salt, req.block_hashes)
+        return req.block_hashes[:n]
+
+    def _admit(self, req: Request, others_running: bool = True) -> bool:
+        """Blocks for ``req``'s prefill and its first decode token, its cached prefix shared:
+        False (nothing taken) when the pool cannot give them with the watermark kept free."""
         if req.block_ids is not None:
             return True
-        num_blocks = req.num_blocks_needed(self.block_size)
-        if not self.allocator.can_allocate(num_blocks):
+        num_prefill = req.num_prefill_tokens
+        # the last prefill token is always computed: its logits give the next token
+        hit = self.pool.lookup(self.hashes(req, num_prefill - 1))
+        num_tokens = min(num_prefill + 1, req.max_num_tokens)
+        num_new = -(-num_tokens // self.block_size) - len(hit)
+        num_taken = num_new + sum(self.pool.ref_counts[b] == 0 for b in hit)
+        reserve = self.watermark_blocks if others_running else 0
+        if not self.pool.can_allocate(num_taken + reserve):
             return False
-        req.block_ids = self.allocator.allocate(num_blocks)
+        self.pool.touch(hit)
+        req.block_ids = hit + self.pool.allocate(num_new)
+        req.num_published_blocks = len(hit)
+        req.num_computed_tokens = len(hit) * self.block_size
+        self.prefix_queries += num_prefill
+        self.prefix_hits += req.num_computed_tokens
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = req.num_computed_tokens
         return True
 
-    def admit_next(self) -> Request | None:
-        """The head of the queue with its blocks reserved, or None (empty, or the pool full)."""
-        if not self.waiting or not self._admit(self.waiting[0]):
+    def admit_next(self, others_running: bool = True) -> Request | None:
+        """The head of the queue with its blocks taken, or None (empty, or the pool full).
+        ``others_running``: False when nothing else holds blocks (no watermark then: a request
+        that fits the pool alone always runs)."""
+        if not self.waiting or not self._admit(self.waiting[0], others_running):
             return None
         return self.waiting.popleft()
 
@@ -63,7 +102,7 @@ class Scheduler:
         """A chunked prefill goes on: its next chunk first, before anything newer."""
         self.waiting.appendleft(req)
 
-    def next_prefill_batch(self) -> list[tuple[Request, int]]:
+    def next_prefill_batch(self, others_running: bool = True) -> list[tuple[Request, int]]:
         """FCFS: the head of the queue, then as many followers as the budget and the pool
         allow: ``[(request, tokens to prefill)]``. With ``chunked`` the last one takes what is
         left of the budget (its next chunk follows in a later batch); without, a prompt over
@@ -71,20 +110,21 @@ class Scheduler:
         batch: list[tuple[Request, int]] = []
         num_tokens = 0
         while self.waiting:
-            req = self.waiting[0]
-            left, room = req.num_prefill_left, self.max_prefill_tokens - num_tokens
-            if room <= 0 or (left > room and batch and not self.chunked):
+            req, room = self.waiting[0], self.max_prefill_tokens - num_tokens
+            # admitted first: a cached prefix shortens what is left to prefill
+            if room <= 0 or not self._admit(req, others_running or bool(batch)):
                 break
+            left = req.num_prefill_left
+            if left > room and batch and not self.chunked:
+                break  # it waits at the head, its blocks taken
             n = min(left, room) if self.chunked else left
-            if not self._admit(req):
-                break
             self.waiting.popleft()
             batch.append((req, n))
             num_tokens += n
         return batch
 
     def schedule(
-        self, prompt_worker_loads: dict[int, int]
+        self, prompt_worker_loads: dict[int, int], others_running: bool = True
     ) -> list[tuple[int, list[tuple[Request, int]]]]:
         """Batches for the prompt workers with room, least loaded first: ``[(worker, batch)]``.
         ``prompt_worker_loads``: each ready prompt worker's batches in flight."""
@@ -92,13 +132,15 @@ class Scheduler:
         for worker in sorted(prompt_worker_loads, key=prompt_worker_loads.get):
             if prompt_worker_loads[worker] >= self.max_batches_per_prompt_worker:
                 continue
-            batch = self.next_prefill_batch()
+            batch = self.next_prefill_batch(others_running or bool(out))
             if not batch:
                 break
             out.append((worker, batch))
         return out
 
     def free(self, req: Request) -> None:
+        """Its blocks go back, tail first (the least likely to be shared are evicted first);
+        published ones stay cached."""
         if req.block_ids is not None:
-            self.allocator.free(req.block_ids)
+            self.pool.free(req.block_ids[::-1])
             req.block_ids = None

@@ -74,8 +74,8 @@ def append_step(core: EngineCore, worker: WorkerKey, msg: m.TokensMsg, now: floa
     logprobs = msg.logprobs if msg.logprobs is not None else [None] * len(msg.tokens)
     for rid, token, done, lp in zip(msg.request_ids, msg.tokens, msg.finished, logprobs):
         req = core.owned_request(worker, rid)
-        if req is None:
-            continue
+        if req is None or req.preempting:  # preempted: its release is on its way, the
+            continue  # recompute makes this token again
         if done:  # the worker applied the same stop rule: it let go of the request
             req.let_go()
         if req.is_finished:  # a stop string or an abort ended it; its release is on its way
@@ -84,5 +84,8 @@ def append_step(core: EngineCore, worker: WorkerKey, msg: m.TokensMsg, now: floa
             continue
         if req.status is RequestStatus.PREFILLING:  # colocated: its prefill ended in this step
             req.decoding_in_place()
+        # the step wrote its input's K/V: the prompt and every output token so far but the
+        # newest; published before the token can end the request and free its blocks
+        core.publish(req, req.num_prompt_tokens + req.num_output_tokens)
         sends += core.append_token(req, token, now, lp)
     return sends

@@ -36,8 +36,8 @@ class ColocatedRole:
         self.max_outstanding = max_outstanding  # requests a worker holds: running and queued
 
     def schedule(self, core: EngineCore, ready: list[int]) -> list[Send]:
+        sends = core.grant_blocks(NAME)  # the running requests' blocks before new ones
         loads = self.loads(core)
-        sends: list[Send] = []
         now = time.monotonic()
         while True:
             index = min(ready, key=lambda i: loads[i])
@@ -50,7 +50,10 @@ class ColocatedRole:
             req.start_prefill(key, None, now)
             loads[index] += 1
             next_token = req.output_token_ids[-1] if req.is_resumed else None
-            msg = m.RunMsg(req.spec(), req.prefill_token_ids, req.block_ids, next_token)
+            msg = m.RunMsg(
+                req.spec(), req.prefill_token_ids, list(req.block_ids), next_token,
+                req.num_computed_tokens,
+            )  # fmt: skip
             sends.append((key, msg))
         return sends
 
@@ -82,6 +85,10 @@ class _Prefilling:
         return self.run.request
 
     @property
+    def block_ids(self) -> list[int]:
+        return self.run.block_ids
+
+    @property
     def num_left(self) -> int:
         return len(self.run.token_ids) - self.num_computed
 
@@ -101,15 +108,17 @@ class ColocatedWorker(DecodingWorker):
     accepts = m.RunMsg
 
     def queue(self, msg: m.RunMsg) -> None:
-        self.queued.append(_Prefilling(msg))
+        self.queued.append(_Prefilling(msg, msg.num_computed))
 
     def run(self) -> None:
         self.budget = self.cfg.max_num_batched_tokens
         while True:
             # 1) receive: block while idle, otherwise take what arrived since the last step
-            if self.receive(block=not self.rows and not self.queued):
+            if self.receive(block=self.idle):
                 return
-            # 2) schedule: the decodes, then prefill chunks up to the token budget
+            # 2) schedule: the decodes (a request whose next token has no block yet sits this
+            # step out), then prefill chunks up to the token budget
+            self.park_starved()
             chunks = self._schedule()
             if not self.rows and not chunks:
                 continue
@@ -131,7 +140,7 @@ class ColocatedWorker(DecodingWorker):
         left = self.budget - len(self.rows)
         chunks = []
         for p in self.queued:
-            if left <= 0 or len(self.rows) + len(chunks) >= self.cfg.max_num_seqs:
+            if left <= 0 or self.num_running + len(chunks) >= self.cfg.max_num_seqs:
                 break
             n = min(p.num_left, left)
             chunks.append((p, n))

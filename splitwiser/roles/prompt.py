@@ -44,7 +44,7 @@ class PromptRole:
                     r.prefill_token_ids[r.num_computed_tokens : r.num_computed_tokens + n]
                     for r, n in batch
                 ],
-                block_ids=[r.block_ids for r, _ in batch],
+                block_ids=[list(r.block_ids) for r, _ in batch],
                 num_computed=[r.num_computed_tokens for r, _ in batch],
             )
             sends.append(((NAME, index), msg))
@@ -64,7 +64,9 @@ class PromptRole:
                 req.let_go()
                 core.release(req)
                 continue
-            if not req.chunk_prefilled():  # its next chunk goes in a later batch
+            done = req.chunk_prefilled()
+            core.publish(req, req.num_computed_tokens)
+            if not done:  # its next chunk goes in a later batch
                 core.continue_prefill(req)
                 continue
             if not req.is_resumed:
@@ -78,7 +80,7 @@ class PromptRole:
             if kv is not None:
                 req.metrics.kv_bytes_copied += kv.nbytes
             req.handoff = m.HandoffMsg(
-                req.spec(), req.block_ids, req.num_prefill_tokens, req.output_token_ids[-1],
+                req.spec(), list(req.block_ids), req.num_prefill_tokens, req.output_token_ids[-1],
                 msg.published_at, kv,
             )  # fmt: skip
             core.queue_handoff(req)

@@ -25,8 +25,8 @@ class TokenRole:
     """The parent side: handoffs to the ready token workers; their steps' tokens."""
 
     def schedule(self, core: EngineCore, ready: list[int]) -> list[Send]:
+        sends = core.grant_blocks(NAME)  # first: their K/V already occupy blocks
         loads = self.loads(core)
-        sends: list[Send] = []
         for req in core.take_handoffs():
             index = min(ready, key=lambda i: loads[i])
             loads[index] += 1  # this tick's picture: the request is owned from here on
@@ -56,6 +56,8 @@ class TokenRole:
 class _RunningSeq:
     spec: m.RequestSpec
     num_generated: int
+    block_ids: list[int]
+    next_token: int  # its next input (host copy of the batch row's)
 
 
 class TokenWorker(DecodingWorker):
@@ -67,10 +69,12 @@ class TokenWorker(DecodingWorker):
     def run(self) -> None:
         while True:
             # 1) receive: block while idle, otherwise take what arrived since the last step
-            if self.receive(block=not self.rows and not self.queued):
+            if self.receive(block=self.idle):
                 return
-            # 2) admit handed-off requests at the step boundary
+            # 2) admit handed-off requests at the step boundary (a request whose next token has
+            # no block yet sits this step out)
             handoff_s = self._admit()
+            self.park_starved()
             if not self.rows:
                 continue
             # 3) run one decode step, 4) publish its tokens
@@ -85,11 +89,11 @@ class TokenWorker(DecodingWorker):
 
     def _admit(self) -> dict[int, float]:
         handoff_s = {}
-        while self.queued and len(self.rows) < self.cfg.max_num_seqs:
+        while self.queued and self.num_running < self.cfg.max_num_seqs:
             h = self.queued.popleft()
             self.handoff.receive(h, self.kv_pool, self.cfg.block_size, self.device)
             self.batch.add(h.block_ids, h.prompt_len, h.first_token)
-            self.rows.append(_RunningSeq(h.request, 1))
+            self.rows.append(_RunningSeq(h.request, 1, h.block_ids, h.first_token))
             handoff_s[h.request.request_id] = time.monotonic() - h.published_at
         return handoff_s
 
@@ -106,6 +110,7 @@ class TokenWorker(DecodingWorker):
         finished = []
         for s, tok in zip(seqs, tokens):
             s.num_generated += 1
+            s.next_token = tok
             spec = s.spec
             reason = stop_reason(tok, s.num_generated, spec.max_new_tokens, spec.params, self.eos)
             finished.append(reason is not None)  # the parent applies the same rule to the token

@@ -182,6 +182,12 @@ class Engine:
                 "workers": workers,
             }
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block, from any thread; False (nothing done) while a request
+        holds blocks."""
+        with self._lock:
+            return not self._closed and self.core.reset_prefix_cache()
+
     def phase_log(self, since_s: float = 0.0) -> list:
         """The prefill batches and decode steps that began at or after ``since_s``
         (``time.monotonic()``), as ``PhaseRecord``s, oldest first (at most the latest 65,536)."""

@@ -44,6 +44,11 @@ class DecodeBatch:
         self.host_positions.append(num_cached)
         return row
 
+    def extend(self, row: int, start: int, block_ids: list[int]) -> None:
+        """``row``'s request was granted more blocks: entries ``start..`` of its table."""
+        blocks = torch.tensor(block_ids, dtype=torch.int32).to(self.device)
+        self.block_table[row, start : start + len(block_ids)] = blocks
+
     def remove(self, row: int) -> int | None:
         """Drop ``row``; the last row moves into it. Returns the row that moved there, if any."""
         last = self.num_rows - 1
