@@ -253,9 +253,7 @@ class ScriptedTokenWorker(DecodingScript):
         return msg
 
     def can_step(self) -> bool:
-        return super().can_step() or bool(
-            self.queued and len(self.rows) < self.config.max_num_seqs
-        )
+        return super().can_step() or bool(self.queued and len(self.rows) < self.config.max_num_seqs)
 
     def _admit(self) -> dict[int, float]:
         handoff_s = {}

@@ -112,9 +112,7 @@ def test_prefix_of_prompt_worker_0_is_reused_by_prompt_worker_1(model_dirs, refe
     ]
 
 
-def test_a_pool_too_small_for_all_preempts_and_every_output_is_exact(
-    model_dirs, reference_models
-):
+def test_a_pool_too_small_for_all_preempts_and_every_output_is_exact(model_dirs, reference_models):
     """16 requests of 100 + 44 tokens: 9 blocks each when done; the pool has 40, so at most
     four finish together: requests are preempted, run again, and still equal generate()."""
     rng = random.Random(7)

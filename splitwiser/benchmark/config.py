@@ -51,6 +51,14 @@ class BenchConfig:
     trace_speedup: float | None = None  # trace arrivals, time divided by this
     max_context: int | None = None  # cap on prompt + output tokens; None: the model's context
     length_scale: float = 1.0  # trace lengths multiplied by this before capping
+    # every request asks for this many times its output length (max_tokens, capped to the
+    # context) and the client cancels it once it has its output length, as a chat client
+    max_tokens_factor: int = 1
+    # prefix-repetition (vLLM's --prefix-repetition-*; the output length is output_len)
+    prefix_repetition_prefix_len: int = 256
+    prefix_repetition_suffix_len: int = 256
+    prefix_repetition_num_prefixes: int = 10
+    think_time_s: float = 1.0  # multi-turn: from an answer to the next turn
     baselines: tuple[str, ...] = BASELINES
     batch_size: int = 20  # the batched baseline's static batch
     slo: dict[str, float] = field(default_factory=dict)  # e.g. {"ttft_ms": 500, "tpot_ms": 50}
@@ -69,10 +77,15 @@ class BenchConfig:
             raise ConfigError(
                 f"unknown workload {self.workload!r}; choose one of: {', '.join(WORKLOADS)}"
             )
-        for name in ("num_requests", "input_len", "output_len", "batch_size"):
+        for name in ("num_requests", "input_len", "output_len", "batch_size",
+                     "max_tokens_factor", "prefix_repetition_suffix_len",
+                     "prefix_repetition_num_prefixes"):  # fmt: skip
             _positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
         if self.num_requests > MAX_REQUESTS:
             raise ConfigError(f"--num-requests must be at most {MAX_REQUESTS:,}")
+        _positive_int("--prefix-repetition-prefix-len", self.prefix_repetition_prefix_len, 0)
+        if not (0 <= self.think_time_s < math.inf):
+            raise ConfigError(f"--think-time must be >= 0 seconds, got {self.think_time_s}")
         if self.num_warmup is not None:
             _positive_int("--num-warmup", self.num_warmup, 0)
         if self.max_context is not None:
@@ -88,6 +101,18 @@ class BenchConfig:
         systems = {spec: get_system(spec) for spec in sorted(self.baselines)}
         for spec, system in systems.items():
             system.check(spec, self)
+
+    def workload_options(self) -> dict:
+        """``build_workload``'s keywords for this run's workload, but arrivals and context."""
+        return {
+            "num_requests": self.num_requests, "input_len": self.input_len,
+            "output_len": self.output_len, "length_scale": self.length_scale,
+            "seed": self.seed, "max_tokens_factor": self.max_tokens_factor,
+            "prefix_len": self.prefix_repetition_prefix_len,
+            "suffix_len": self.prefix_repetition_suffix_len,
+            "num_prefixes": self.prefix_repetition_num_prefixes,
+            "think_time_s": self.think_time_s,
+        }  # fmt: skip
 
     @property
     def procs(self) -> int:

@@ -132,14 +132,10 @@ def run_bench(config: BenchConfig, *, command: str | None = None, show: bool = T
     max_context = ModelShape.from_hf(model_config).max_model_len(config.max_context)
     workload = build_workload(
         config.workload,
-        num_requests=config.num_requests,
-        input_len=config.input_len,
-        output_len=config.output_len,
         rate=config.rate,
         trace_speedup=config.trace_speedup,
         max_context=max_context,
-        length_scale=config.length_scale,
-        seed=config.seed,
+        **config.workload_options(),
     )
     requests: list[BenchRequest] = list(workload.requests)
     prompts = build_prompts(workload, load_tokenizer(engine.model), seed=config.seed)

@@ -189,3 +189,22 @@ def ratios(systems: dict[str, dict], subject: str = "splitwiser") -> dict[str, d
             if mine.get(key) is not None and theirs.get(key)
         }
     return out
+
+
+def kv_cache_summary(before: dict, after: dict) -> dict:
+    """The KV cache over a measured run from two snapshots of a system's cumulative counters
+    (``prefix_cache_queries``, ``prefix_cache_hits``: prompt tokens looked up in the prefix
+    cache and found; ``num_preemptions``): their differences, and the hit rate (hits / queries,
+    tokens). A counter the system does not report is None."""
+
+    def diff(key: str) -> float | None:
+        a, b = before.get(key), after.get(key)
+        return None if a is None or b is None else b - a
+
+    queries, hits = diff("prefix_cache_queries"), diff("prefix_cache_hits")
+    return {
+        "prefix_cache_queries": queries,
+        "prefix_cache_hits": hits,
+        "prefix_cache_hit_rate": hits / queries if queries and hits is not None else None,
+        "num_preemptions": diff("num_preemptions"),
+    }

@@ -127,6 +127,10 @@ def format_value(value) -> str:
     return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
 
 
+def _count(value) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
 def comparison_table(summary: dict) -> str:
     """Metrics per system, then Splitwiser's ratio to each baseline (its value / theirs)."""
     systems = summary["systems"]
@@ -147,6 +151,18 @@ def comparison_table(summary: dict) -> str:
         gpu = [(systems[n].get("telemetry") or {}).get("gpu") or {} for n in names]
         if any(g.get(key) is not None for g in gpu):
             rows.append([label, *(format_value(g.get(key)) for g in gpu), *[""] * len(ratio_cols)])
+    kv = [systems[n].get("kv_cache") or {} for n in names]
+    if any(k.get("prefix_cache_queries") is not None for k in kv):  # tokens found / looked up
+        rows.append(["prefix cache hit %", *(
+            "-" if k.get("prefix_cache_hit_rate") is None
+            else f"{100 * k['prefix_cache_hit_rate']:.1f}" for k in kv
+        ), *[""] * len(ratio_cols)])  # fmt: skip
+    if any(k.get("num_preemptions") is not None for k in kv):
+        rows.append(["preemptions", *(_count(k.get("num_preemptions")) for k in kv),
+                     *[""] * len(ratio_cols)])  # fmt: skip
+    if any(k.get("kv_pool_tokens") is not None for k in kv):
+        rows.append(["KV pool tokens", *(_count(k.get("kv_pool_tokens")) for k in kv),
+                     *[""] * len(ratio_cols)])  # fmt: skip
     same = summary.get("token_agreement_with_splitwiser") or {}
     if same:  # greedy: the same prompt ids should give the same tokens everywhere
         rows.append(["tokens = splitwiser %", *(

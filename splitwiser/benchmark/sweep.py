@@ -37,7 +37,13 @@ from splitwiser.benchmark.metrics import (
 )
 from splitwiser.benchmark.sweep_config import SweepConfig
 from splitwiser.benchmark.telemetry import TelemetryLog, TelemetrySampler
-from splitwiser.benchmark.workloads import BenchRequest, Workload, build_prompts, build_workload
+from splitwiser.benchmark.workloads import (
+    TRACE_WORKLOADS,
+    BenchRequest,
+    Workload,
+    build_prompts,
+    build_workload,
+)
 from splitwiser.config import resolve_device, resolve_dtype
 from splitwiser.errors import ConfigError, SplitwiserError
 from splitwiser.models.loader import load_model_config, load_tokenizer
@@ -47,7 +53,9 @@ from splitwiser.systems.process import (
     SystemJob,
     build_system,
     device_info,
+    kv_cache_facts,
     run_in_child,
+    start_measuring,
     start_system,
     warm_up,
 )
@@ -73,6 +81,7 @@ class PointRun:
     telemetry: TelemetryLog
     phase_log: list | None  # PhaseRecords, seconds after the point began; None: not an engine
     phases: dict | None  # phase_summary of the point's counters
+    kv_cache: dict  # prefix cache hits and preemptions over the point (kv_cache_facts)
 
 
 @dataclass
@@ -99,10 +108,12 @@ def _median_ms(values: list[float | None]) -> float | None:
 
 def _time_alone(job: SweepJob, system: BenchSystem) -> dict:
     """The unloaded latency: one request alone, ``NUM_UNLOADED`` times, after the warm-up."""
-    req = replace(job.system.requests[job.unloaded_index], arrival_s=0.0)
+    req = replace(job.system.requests[job.unloaded_index], arrival_s=0.0, conversation=None)
     prompt = job.system.prompts[job.unloaded_index]
-    runs = [system.replay([req], [prompt], lambda n: None)[0][0]
-            for _ in range(NUM_UNLOADED)]  # fmt: skip
+    runs = []
+    for _ in range(NUM_UNLOADED):
+        system.reset_prefix_cache()  # each time uncached: the latency of a new prompt
+        runs.append(system.replay([req], [prompt], lambda n: None)[0][0])
     ok = [r for r in runs if r.ok]
     return {"prompt_len": req.prompt_len, "output_len": req.output_len, "num_runs": len(ok),
             "ttft_ms": _median_ms([r.ttft_s for r in ok]),
@@ -126,6 +137,7 @@ def run_points(job: SweepJob) -> SweepRun:
             for rate, requests in job.points:
                 bar.set_postfix_str(f"{rate:g} req/s")
                 before = system.phase_counters()
+                start = start_measuring(system)
                 # NOTE: the replay's clock starts right after this: the log's times and the
                 # requests' differ by the microseconds between the two calls
                 since = time.monotonic()
@@ -137,7 +149,8 @@ def run_points(job: SweepJob) -> SweepRun:
                            for s in system.phase_log(since)]  # fmt: skip
                     now = system.phase_counters()
                     phases = phase_summary({k: v - before[k] for k, v in now.items()})
-                points.append(PointRun(rate, records, duration_s, telemetry, log, phases))
+                points.append(PointRun(rate, records, duration_s, telemetry, log, phases,
+                                       kv_cache_facts(system, start)))  # fmt: skip
         records = [r for p in points for r in p.records]
         extra = system.facts(spec.config, records, first)
     return SweepRun(job.name, points, unloaded, extra, os.getpid(), device_info(device))
@@ -162,7 +175,9 @@ def _schedules(config: SweepConfig, workload: Workload) -> tuple:
 
 
 def _unloaded_index(workload: Workload) -> int:
-    by_length = sorted(workload.requests, key=lambda r: (r.prompt_len, r.request_id))
+    """The request of median prompt length (among those that need no earlier answer)."""
+    firsts = [r for r in workload.requests if not r.is_follow_up]
+    by_length = sorted(firsts, key=lambda r: (r.prompt_len, r.request_id))
     return by_length[len(by_length) // 2].request_id
 
 
@@ -191,6 +206,7 @@ def point_summary(
     out = {"rate": point.rate, "slo_attainment": slo_attainment(point.records, slo), **metrics}
     out["telemetry"] = point.telemetry.summary(metrics["total_output_tokens"])
     out["joules_per_output_token"] = (out["telemetry"]["gpu"] or {}).get("joules_per_output_token")
+    out["kv_cache"] = point.kv_cache
     if point.phase_log is not None:
         out |= decode_step_stats(point.phase_log, mixed_steps)
         out["interference"] = interference(point.phase_log, mixed_steps)
@@ -239,13 +255,11 @@ def run_sweep(config: SweepConfig, *, command: str | None = None, show: bool = T
         raise ConfigError(f"--mps-split needs MPS on a CUDA GPU; this run is on {device.type}")
     dtype = resolve_dtype(engine.dtype, device)
     model_config = load_model_config(engine.model)
-    trace = bench.workload != "fixed"
+    trace = bench.workload in TRACE_WORKLOADS
     workload = build_workload(
-        bench.workload, num_requests=bench.num_requests, input_len=bench.input_len,
-        output_len=bench.output_len, rate=None if trace else 1.0,
-        trace_speedup=1.0 if trace else None,
+        bench.workload, rate=None if trace else 1.0, trace_speedup=1.0 if trace else None,
         max_context=ModelShape.from_hf(model_config).max_model_len(bench.max_context),
-        length_scale=bench.length_scale, seed=bench.seed,
+        **bench.workload_options(),
     )  # fmt: skip
     schedules = _schedules(config, workload)
     prompts = build_prompts(workload, load_tokenizer(engine.model), seed=bench.seed)

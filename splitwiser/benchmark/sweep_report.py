@@ -25,7 +25,10 @@ POINT_COLUMNS = (
     "mean_step_ms_during_prefill", "decode_steps_without_prefill",
     "median_step_ms_without_prefill", "mean_step_ms_without_prefill", "interference_mean_ratio",
     "token_agreement_with_splitwiser", "token_agreement_with_sequential",
+    "prefix_cache_hit_rate", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
 )  # fmt: skip
+KV_CACHE_COLUMNS = ("prefix_cache_hit_rate", "prefix_cache_queries", "prefix_cache_hits",
+                    "num_preemptions")  # fmt: skip
 
 
 def point_rows(summary: dict) -> list[dict]:
@@ -33,6 +36,7 @@ def point_rows(summary: dict) -> list[dict]:
     for name, system in summary["systems"].items():
         for point in system["points"]:
             row = {"system": name} | {k: point.get(k) for k in POINT_COLUMNS if k != "system"}
+            row |= {k: (point.get("kv_cache") or {}).get(k) for k in KV_CACHE_COLUMNS}
             inter = point.get("interference")
             if inter is not None:
                 for side in ("during_prefill", "without_prefill"):
@@ -86,20 +90,26 @@ def _pct(share: float | None) -> str:
     return "-" if share is None else f"{100 * share:.0f}%"
 
 
+def _kv_cells(kv: dict) -> list[str]:
+    """The prefix cache's hit rate (tokens) and the preemptions; "-" where not reported."""
+    preempted = kv.get("num_preemptions")
+    return [_pct(kv.get("prefix_cache_hit_rate")), "-" if preempted is None else f"{preempted:g}"]
+
+
 def sweep_table(summary: dict) -> str:
     """Each point (attainment, throughput, p90 latencies, decode steps, token agreement), then
     each system's goodput and its ratio to the colocated baseline's."""
     # each system's tokens against splitwiser's and, where it ran, the sequential baseline's
     refs = [r for r in (SPLITWISER, SEQUENTIAL) if r in summary["systems"]]
     header = ["system", "rate", "attained", "out tok/s", "p90 TTFT ms", "p90 TPOT ms",
-              "step p50 ms", "step p99 ms", "failed"]  # fmt: skip
+              "step p50 ms", "step p99 ms", "failed", "prefix hit", "preempted"]  # fmt: skip
     points = [header + [f"tokens = {r}" for r in refs]]
     for name, system in summary["systems"].items():
         for p in system["points"]:
             points.append([name, f"{p['rate']:g}", _pct(p["slo_attainment"])] + [
                 format_value(p.get(k)) for k in ("output_throughput", "p90_ttft_ms", "p90_tpot_ms",
                                          "median_decode_step_ms", "p99_decode_step_ms")
-            ] + [str(p["failed"])] + [
+            ] + [str(p["failed"])] + _kv_cells(p.get("kv_cache") or {}) + [
                 "-" if r == name else _pct(p.get(f"token_agreement_with_{r}")) for r in refs
             ])  # fmt: skip
     slo = ", ".join(f"{k}={v:.4g}" for k, v in summary["slo"].items())

@@ -1,5 +1,6 @@
-"""Benchmark workloads: fixed lengths or the Azure 2023 traces, with all-at-once, Poisson or
-trace-timed arrivals, and prompts of the exact token count built with the model's tokenizer.
+"""Benchmark workloads: fixed lengths, the Azure 2023 traces, prompts sharing a few long
+prefixes (``prefix_repetition``) and conversations (``multi_turn``), with all-at-once, Poisson
+or trace-timed arrivals, and prompts of the exact token count built with the model's tokenizer.
 
 The trace CSVs ship under ``bench/traces/`` (CC-BY 4.0, attribution in ``TRACE_ATTRIBUTION``).
 """
@@ -10,31 +11,28 @@ import csv
 import os
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
 
+from splitwiser.benchmark import multi_turn, prefix_repetition
+from splitwiser.benchmark.bench_request import BenchRequest, cap_lengths, scale_lengths, window
 from splitwiser.errors import ConfigError
 
 TRACE_FILES = {
     "azure-code": "AzureLLMInferenceTrace_code.csv",
     "azure-conv": "AzureLLMInferenceTrace_conv.csv",
 }
-WORKLOADS = ("fixed", *TRACE_FILES)
+PREFIX_REPETITION = "prefix-repetition"  # vllm bench serve --dataset-name prefix_repetition
+MULTI_TURN = "multi-turn"  # conversations of the azure-conv trace, each turn the whole history
+WORKLOADS = ("fixed", *TRACE_FILES, PREFIX_REPETITION, MULTI_TURN)
+TRACE_WORKLOADS = (*TRACE_FILES, MULTI_TURN)  # arrivals may follow the trace's own times
 TRACE_ATTRIBUTION = (
     "Azure LLM inference traces 2023 (github.com/Azure/AzurePublicDataset), CC-BY 4.0: "
     "Patel, Choukse, Zhang, Shah, Goiri, Maleki, Bianchini. 'Splitwise: Efficient generative "
     "LLM inference using phase splitting', ISCA 2024."
 )
-
-
-@dataclass(frozen=True)
-class BenchRequest:
-    request_id: int
-    arrival_s: float  # seconds after the measured run starts
-    prompt_len: int  # tokens
-    output_len: int  # tokens, forced with ignore_eos
 
 
 @dataclass(frozen=True)
@@ -101,28 +99,6 @@ def read_trace(path: str | Path, limit: int | None = None) -> list[TraceRow]:
     return rows
 
 
-def scale_lengths(
-    context_tokens: int, generated_tokens: int, length_scale: float
-) -> tuple[int, int]:
-    """A trace request's (prompt, output) lengths multiplied by ``length_scale``, both >= 1."""
-    return max(1, round(context_tokens * length_scale)), max(
-        1, round(generated_tokens * length_scale)
-    )
-
-
-def cap_lengths(
-    context_tokens: int, generated_tokens: int, max_context: int, length_scale: float = 1.0
-) -> tuple[int, int]:
-    """Scale a trace request's lengths, then fit prompt + output into ``max_context`` tokens.
-
-    The output keeps at most half of the context; the prompt takes what is left. Both stay >= 1.
-    """
-    prompt, output = scale_lengths(context_tokens, generated_tokens, length_scale)
-    output = min(output, max(1, max_context // 2))
-    prompt = min(prompt, max_context - output)
-    return prompt, output
-
-
 def poisson_arrivals(num_requests: int, rate: float, rng: random.Random) -> list[float]:
     """Arrival times of a Poisson process at ``rate`` requests per second, the first at 0."""
     times, t = [], 0.0
@@ -143,22 +119,43 @@ def build_workload(
     max_context: int,
     length_scale: float = 1.0,
     seed: int = 0,
+    max_tokens_factor: int = 1,
+    prefix_len: int = 256,
+    suffix_len: int = 256,
+    num_prefixes: int = 10,
+    think_time_s: float = 1.0,
 ) -> Workload:
-    """The requests of a benchmark run; every system replays exactly these."""
+    """The requests of a benchmark run; every system replays exactly these.
+
+    ``max_tokens_factor``: every request asks for that many times its output length (capped
+    to the context), as chat clients do; the client still takes only ``output_len`` tokens.
+    ``prefix_len``, ``suffix_len``, ``num_prefixes``: the prefix-repetition workload's (vLLM's
+    ``--prefix-repetition-*``); ``think_time_s``: multi-turn, between an answer and the next
+    turn."""
     if name not in WORKLOADS:
         raise ConfigError(f"unknown workload {name!r}; choose one of: {', '.join(WORKLOADS)}")
+    if trace_speedup is not None and name not in TRACE_WORKLOADS:
+        raise ConfigError(f"--trace-speedup needs a trace workload ({', '.join(TRACE_WORKLOADS)})")
     rng = random.Random(seed)
     info: dict = {}
+    trace_times = None
     if name == "fixed":
-        if trace_speedup is not None:
-            raise ConfigError("--trace-speedup needs a trace workload (azure-code or azure-conv)")
         if input_len + output_len > max_context:
             raise ConfigError(
                 f"input_len + output_len = {input_len + output_len} exceeds the context of "
                 f"{max_context} tokens; shorten them or raise --max-context"
             )
-        lengths = [(input_len, output_len)] * num_requests
-        trace_times = None
+        requests = [BenchRequest(i, 0.0, input_len, output_len) for i in range(num_requests)]
+    elif name == PREFIX_REPETITION:
+        requests, info = prefix_repetition.build_requests(
+            num_requests, prefix_len, suffix_len, num_prefixes, output_len, max_context, rng
+        )
+    elif name == MULTI_TURN:
+        path = trace_path("azure-conv")
+        rows = read_trace(path, limit=num_requests)
+        requests, info = multi_turn.build_requests(rows, max_context, length_scale, think_time_s)
+        trace_times = [r.arrival_s for r in requests]
+        info = {"source": path.name, "attribution": TRACE_ATTRIBUTION, **info}
     else:
         path = trace_path(name)
         rows = read_trace(path, limit=num_requests)
@@ -171,6 +168,7 @@ def build_workload(
             for r, capped in zip(rows, lengths)
         )
         trace_times = [r.time_s for r in rows]
+        requests = [BenchRequest(i, 0.0, p, o) for i, (p, o) in enumerate(lengths)]
         info = {
             "source": path.name,
             "attribution": TRACE_ATTRIBUTION,
@@ -181,17 +179,50 @@ def build_workload(
         }
         if len(rows) < num_requests:
             info["note"] = f"the trace has only {len(rows)} rows"
-    n = len(lengths)
+    requests = _arrivals(requests, rate, trace_speedup, trace_times, rng, info)
+    requests = ask_for_more(requests, max_tokens_factor, max_context)
+    info["max_tokens_factor"] = max_tokens_factor
+    return Workload(name, tuple(requests), _arrival_name(rate, trace_speedup), info)
+
+
+def _arrival_name(rate: float | None, trace_speedup: float | None) -> str:
     if rate is not None:
-        arrival, times = "poisson", poisson_arrivals(n, rate, rng)
+        return "poisson"
+    return "trace" if trace_speedup is not None else "all-at-once"
+
+
+def _arrivals(requests, rate, trace_speedup, trace_times, rng, info) -> list[BenchRequest]:
+    """Each request's arrival: Poisson at ``rate``, the trace's times divided by
+    ``trace_speedup``, or all at once. A conversation's later turns are sent after the answer
+    before them (their arrival is nominal); Poisson draws one arrival per conversation."""
+    if rate is not None:
         info["rate"] = rate
-    elif trace_speedup is not None:
-        arrival, times = "trace", [t / trace_speedup for t in trace_times]
+        starts = [r for r in requests if not r.is_follow_up]
+        times = dict(zip((r.request_id for r in starts),
+                         poisson_arrivals(len(starts), rate, rng)))  # fmt: skip
+        out, last = [], 0.0
+        for r in requests:  # a later turn: nominally at its conversation's start
+            last = times.get(r.request_id, last)
+            out.append(replace(r, arrival_s=last))
+        return out
+    if trace_speedup is not None:
         info["trace_speedup"] = trace_speedup
-    else:
-        arrival, times = "all-at-once", [0.0] * n
-    requests = tuple(BenchRequest(i, t, p, o) for i, (t, (p, o)) in enumerate(zip(times, lengths)))
-    return Workload(name, requests, arrival, info)
+        return [replace(r, arrival_s=t / trace_speedup) for r, t in zip(requests, trace_times)]
+    return [replace(r, arrival_s=0.0) for r in requests]
+
+
+def ask_for_more(requests: list[BenchRequest], factor: int, max_context: int) -> list[BenchRequest]:
+    """Each request asking for ``factor`` times its output length, capped so prompt + max_tokens
+    fit ``max_context`` (as a server requires), never below the output length."""
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+        raise ConfigError(f"--max-tokens-factor must be an integer >= 1, got {factor!r}")
+    if factor == 1:
+        return list(requests)
+    return [
+        replace(r, max_tokens=max(r.output_len, min(factor * r.output_len,
+                                                    max_context - r.prompt_len)))
+        for r in requests
+    ]  # fmt: skip
 
 
 def corpus_token_ids(tokenizer) -> list[int]:
@@ -205,12 +236,15 @@ def corpus_token_ids(tokenizer) -> list[int]:
 
 def build_prompts(workload: Workload, tokenizer, seed: int = 0) -> list[list[int]]:
     """One prompt per request of exactly ``prompt_len`` tokens: a window of real text in the
-    model's own tokens, starting at a seeded random offset (wrapping around the corpus)."""
+    model's own tokens, starting at a seeded random offset (wrapping around the corpus).
+
+    prefix-repetition: the request's shared prefix, then its own suffix window. multi-turn: a
+    later turn's entry is its new message only; the client puts the history before it."""
     corpus = corpus_token_ids(tokenizer)
     rng = random.Random(seed)
-    prompts = []
-    for req in workload.requests:
-        start = rng.randrange(len(corpus))
-        reps = (start + req.prompt_len) // len(corpus) + 1
-        prompts.append((corpus * reps)[start : start + req.prompt_len])
-    return prompts
+    if workload.name == PREFIX_REPETITION:
+        return prefix_repetition.build_prompts(workload, corpus, rng)
+    if workload.name == MULTI_TURN:
+        lens = multi_turn.message_lens(workload.requests)
+        return [window(corpus, rng.randrange(len(corpus)), n) for n in lens]
+    return [window(corpus, rng.randrange(len(corpus)), r.prompt_len) for r in workload.requests]

@@ -16,6 +16,7 @@ from splitwiser.cli.common import (
     dtype_option,
     enforce_eager_option,
     kv_handoff_option,
+    kv_memory_options,
     max_num_batched_tokens_option,
     model_impl_option,
     model_option,
@@ -26,6 +27,7 @@ from splitwiser.cli.common import (
     resolve_mps,
 )
 from splitwiser.config import EngineConfig
+from splitwiser.errors import ConfigError
 from splitwiser.systems import KNOWN_BASELINES
 
 
@@ -48,6 +50,7 @@ _SHARED = (
                   "How many of them are prompt workers. [default: procs // 2; the rest decode]"),
     mps_options(_BENCH["mps"], "CUDA MPS: --mps requires it, --mps auto uses it where available."),
     kv_handoff_option(),
+    kv_memory_options,
     model_impl_option(),
     phase_priority_option(),
     enforce_eager_option(
@@ -59,13 +62,42 @@ _SHARED = (
     ),
     click.option("--workload", type=click.Choice(list(WORKLOADS)), default=_BENCH["workload"],
                  show_default=True,
-                 help="Fixed lengths, or the Azure 2023 code / conversation traces."),
+                 help="Fixed lengths; the Azure 2023 code / conversation traces; "
+                 "prefix-repetition: a few long prefixes, each followed by many short suffixes "
+                 "of its own (vLLM's prefix_repetition); multi-turn: conversations of the "
+                 "azure-conv trace, each turn sending the whole history (previous prompts and "
+                 "answers) plus a new message once the previous answer arrived."),
     click.option("--num-requests", default=_BENCH["num_requests"], show_default=True, type=int,
                  help="Requests per system (trace workloads: the trace's first N)."),
     click.option("--input-len", default=_BENCH["input_len"], show_default=True, type=int,
                  help="Prompt tokens (fixed workload)."),
     click.option("--output-len", default=_BENCH["output_len"], show_default=True, type=int,
-                 help="Output tokens (fixed workload)."),
+                 help="Output tokens (fixed and prefix-repetition workloads)."),
+    click.option("--prefix-repetition-prefix-len", default=_BENCH["prefix_repetition_prefix_len"],
+                 show_default=True, type=int,
+                 help="prefix-repetition: tokens of each shared prefix."),
+    click.option("--prefix-repetition-suffix-len", default=_BENCH["prefix_repetition_suffix_len"],
+                 show_default=True, type=int,
+                 help="prefix-repetition: each request's own tokens after its prefix."),
+    click.option("--prefix-repetition-num-prefixes",
+                 default=_BENCH["prefix_repetition_num_prefixes"], show_default=True, type=int,
+                 help="prefix-repetition: prefixes; num-requests // this requests share each."),
+    click.option("--think-time", "think_time_s", default=_BENCH["think_time_s"],
+                 show_default=True, type=float,
+                 help="multi-turn: seconds from an answer's last token to the next turn."),
+    click.option("--max-tokens-factor", default=_BENCH["max_tokens_factor"], show_default=True,
+                 type=int,
+                 help="Every request asks for this many times its output length (max_tokens, "
+                 "capped to the context), as chat clients ask for more than they will get; the "
+                 "client cancels it once it received the workload's output length (a user "
+                 "closing the stream), so every system still produces and is timed on exactly "
+                 "that length. Shows what reserving KV for max_tokens costs. The generate() "
+                 "baselines (sequential, batched) reserve nothing and ask for the length."),
+    click.option("--kv-cache-tokens", default=None, type=int,
+                 help="The KV pool in tokens, for every system alike: Splitwiser's and "
+                 "colocated's num_kv_blocks = this / block size; the vLLM systems' KV cache "
+                 "the bytes of as many tokens (on CPU vLLM's blocks are 128 tokens: give a "
+                 "multiple of 128). [default: 1 GiB each on CPU; on CUDA by memory fraction]"),
     click.option("--max-context", default=None, type=int,
                  help="Cap prompt + output tokens per request. [default: the model's context]"),
     click.option("--length-scale", default=_BENCH["length_scale"], show_default=True,
@@ -102,6 +134,13 @@ def bench_config(ctx, *, no_mps, mps_mode, procs, prompt_procs, no_plots, **opti
 
     # the Splitwiser system's options: the options of this command that are EngineConfig fields
     engine = {name: options.pop(name) for name in list(options) if name in ENGINE_DEFAULTS}
+    kv_cache_tokens = options.pop("kv_cache_tokens", None)
+    if kv_cache_tokens is not None:
+        block_size = engine.get("block_size", ENGINE_DEFAULTS["block_size"])
+        if kv_cache_tokens < block_size or kv_cache_tokens % block_size:
+            raise ConfigError(f"--kv-cache-tokens must be a positive multiple of the block size "
+                              f"({block_size}), got {kv_cache_tokens}")  # fmt: skip
+        engine["num_kv_blocks"] = kv_cache_tokens // block_size
     return BenchConfig(
         engine=EngineConfig(**split_procs(procs, prompt_procs), **engine),
         mps=resolve_mps(ctx, mps_mode, no_mps),

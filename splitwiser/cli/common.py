@@ -80,6 +80,32 @@ def max_num_batched_tokens_option(help: str):
     )  # fmt: skip
 
 
+def _fraction(ctx, param, value: float) -> float:
+    if not 0 < value <= 1:
+        raise click.BadParameter(f"{value:g} is not in (0, 1]")
+    return value
+
+
+def kv_memory_options(fn):
+    """``--enable-prefix-caching/--no-enable-prefix-caching`` (vLLM's spelling; default: on
+    wherever the handoff allows it) and ``--gpu-memory-utilization`` (vLLM's meaning): the
+    command receives ``enable_prefix_caching`` and ``gpu_memory_utilization``, as
+    ``EngineConfig`` names them."""
+    fn = click.option(
+        "--gpu-memory-utilization", type=float, callback=_fraction,
+        default=ENGINE_DEFAULTS["gpu_memory_utilization"], show_default=True,
+        help="CUDA: the fraction of the device's memory all of Splitwiser's processes may use "
+        "together (weights, workers, KV pool); the rest of it after the weights and the "
+        "workers goes to the KV pool. --num-kv-blocks wins.",
+    )(fn)  # fmt: skip
+    return click.option(
+        "--enable-prefix-caching/--no-enable-prefix-caching",
+        default=ENGINE_DEFAULTS["enable_prefix_caching"],
+        help="Automatic prefix caching: a prompt's cached prefix is not prefilled again. "
+        "[default: on, except with --kv-handoff copy]",
+    )(fn)  # fmt: skip
+
+
 def mps_split_option(help: str):
     return click.option("--mps-split", default=None, metavar="P,T", help=help)
 

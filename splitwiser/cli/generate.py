@@ -11,6 +11,7 @@ from splitwiser.cli.common import (
     device_option,
     dtype_option,
     kv_handoff_option,
+    kv_memory_options,
     model_option,
 )
 
@@ -27,6 +28,7 @@ from splitwiser.cli.common import (
 @device_option()
 @dtype_option()
 @kv_handoff_option()
+@kv_memory_options
 @click.option("--max-new-tokens", default=32, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float)
 @click.option("--seed", default=None, type=int, help="Sampling seed.")
@@ -39,6 +41,8 @@ def generate(
     device,
     dtype,
     kv_handoff,
+    enable_prefix_caching,
+    gpu_memory_utilization,
     max_new_tokens,
     temperature,
     seed,
@@ -55,6 +59,8 @@ def generate(
         device=device,
         dtype=dtype,
         kv_handoff=kv_handoff,
+        enable_prefix_caching=enable_prefix_caching,
+        gpu_memory_utilization=gpu_memory_utilization,
     ) as pipe:
         outputs = pipe.generate(list(prompts), params)
     for out in outputs:
@@ -71,6 +77,7 @@ def generate(
                         "tpot_s": m.tpot_s,
                         "e2e_s": m.e2e_s,
                         "handoff_s": m.handoff_s,
+                        "num_cached_tokens": out.num_cached_tokens,
                     }
                 )
             )

@@ -13,6 +13,7 @@ from splitwiser.cli.common import (
     dtype_option,
     enforce_eager_option,
     kv_handoff_option,
+    kv_memory_options,
     max_num_batched_tokens_option,
     model_impl_option,
     model_option,
@@ -112,6 +113,7 @@ def _mps_pipe_dir(mode: str, device: str) -> str | None:
     help="Tokens per KV block.",
 )
 @kv_handoff_option()
+@kv_memory_options
 @model_impl_option()
 @phase_priority_option()
 @enforce_eager_option()
@@ -142,7 +144,8 @@ def serve(ctx, model, host, port, api_key, served_model_name, chat_template, pro
           prompt_procs, colocated, mps_mode, no_mps, mps_split, shutdown_timeout, max_body_bytes,
           log_level, no_access_log, **engine) -> int:  # fmt: skip
     """Serve the model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions,
-    /v1/models), plus /health, /version, /metrics, /tokenize and /detokenize.
+    /v1/models), plus /health, /version, /metrics, /tokenize, /detokenize and
+    /reset_prefix_cache.
 
     SIGTERM or Ctrl-C: stop accepting, let requests in flight finish (--shutdown-timeout),
     cancel the rest, close the workers; exit 0 (143 on SIGTERM).

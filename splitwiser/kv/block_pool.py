@@ -16,7 +16,10 @@ from collections.abc import Sequence
 
 
 def block_hashes(
-    token_ids: Sequence[int], block_size: int, salt: str | None = None, known: list[int] | None = None
+    token_ids: Sequence[int],
+    block_size: int,
+    salt: str | None = None,
+    known: list[int] | None = None,
 ) -> list[int]:
     """The chained hash of every full block of ``token_ids``; ``known``: hashes already computed
     for its leading blocks (extended in place and returned). ``salt`` enters the first block's

@@ -10,17 +10,23 @@ writes its padding rows' K/V (see ``DecodeBatch``).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 
-from splitwiser.config import DEFAULT_CPU_KV_BYTES, DEFAULT_GPU_KV_FRACTION
+from splitwiser.config import DEFAULT_CPU_KV_BYTES
 from splitwiser.errors import ConfigError
 from splitwiser.models.shape import ModelShape
 
 SHM_DIR = "/dev/shm"  # where the CPU pool's shared storage lives
 _SEGMENT = 2 << 20  # the CUDA caching allocator rounds large segments to 2 MiB
+# CUDA, per worker process, estimated from above (none is running when the pool is sized): its
+# context with lazily loaded modules, and what cuBLAS and Triton take beside the allocator's
+WORKER_CONTEXT_BYTES = 512 << 20
+LIBRARY_BYTES = 256 << 20
+_GiB = float(1 << 30)
 
 
 @dataclass(frozen=True)
@@ -56,16 +62,22 @@ def decode_workspace_bytes(
     itemsize = torch.empty((), dtype=layout.dtype).element_size()
     per_seq = model_config.vocab_size * (4 + itemsize) + _activation_bytes(model_config, itemsize)
     table = -(-max_model_len // layout.block_size) * 4
-    return max_num_seqs * (per_seq + table) + (256 << 20)
+    return max_num_seqs * (per_seq + table) + LIBRARY_BYTES
 
 
-def prefill_workspace_bytes(model_config, layout: KVLayout, num_tokens: int) -> int:
-    """About twice one prefill batch's temporaries on the CPU (each token's activations, its
-    Q/K/V and their padded copies), at most 512 MiB: what a prompt worker reserves at start-up."""
+def prefill_activation_bytes(model_config, layout: KVLayout, num_tokens: int) -> int:
+    """About twice one prefill batch's temporaries (each token's activations, its Q/K/V and
+    their padded copies; logits only for each sequence's last token)."""
     itemsize = torch.empty((), dtype=layout.dtype).element_size()
     kv = layout.num_kv_heads * layout.head_dim * itemsize
     per_token = _activation_bytes(model_config, itemsize) + 4 * kv
-    return min(2 * num_tokens * per_token, 1 << 29)
+    return 2 * num_tokens * per_token
+
+
+def prefill_workspace_bytes(model_config, layout: KVLayout, num_tokens: int) -> int:
+    """What a prompt worker reserves at start-up on the CPU: ``prefill_activation_bytes``, at
+    most 512 MiB."""
+    return min(prefill_activation_bytes(model_config, layout, num_tokens), 1 << 29)
 
 
 def _activation_bytes(model_config, itemsize: int) -> int:
@@ -79,21 +91,85 @@ def _activation_bytes(model_config, itemsize: int) -> int:
     return (3 * inner + 8 * hidden) * itemsize
 
 
+def workers_device_bytes(
+    config, layout: KVLayout, max_model_len: int, model_config=None, step_tokens: int = 0
+) -> int:
+    """An upper estimate of the device memory every worker process of ``config`` takes beyond
+    the weights and the pool it maps: each one's context and libraries, each decoding worker's
+    decode workspace and CUDA graphs, each prefilling worker's largest prefill (the colocated
+    worker's: ``step_tokens``, its step budget). Without ``model_config``: contexts only."""
+    per_worker = WORKER_CONTEXT_BYTES + LIBRARY_BYTES
+    if model_config is None:
+        return config.num_workers * per_worker
+    decode = WORKER_CONTEXT_BYTES + decode_workspace_bytes(
+        model_config, layout, config.max_num_seqs, max_model_len
+    )  # its LIBRARY_BYTES included
+    if config.colocated:
+        return decode + prefill_activation_bytes(model_config, layout, step_tokens)
+    prefill = per_worker + prefill_activation_bytes(model_config, layout, config.max_prefill_tokens)
+    return config.num_prompt_workers * prefill + config.num_token_workers * decode
+
+
+def gpu_kv_cache_bytes(
+    *,
+    total_bytes: int,
+    used_bytes: int,
+    utilization: float,
+    workers_bytes: int,
+    min_kv_bytes: int,
+    max_model_len: int,
+    num_workers: int,
+) -> int:
+    """The KV pool's bytes under ``gpu_memory_utilization`` (vLLM's arithmetic, for all of the
+    pipeline's processes together): ``total_bytes * utilization`` is what they may use; the
+    device memory in use now (``used_bytes``: this process's weights and context, measured)
+    and what the workers will take (``workers_bytes``, estimated) come first; the pool gets the
+    rest. Memory another process holds is in ``used_bytes`` too: the pool never counts on what
+    is not free (vLLM refuses to start instead). Raises ``ConfigError`` when the rest is less
+    than ``min_kv_bytes`` (one request of ``max_model_len`` tokens), saying what is needed."""
+    requested = int(total_bytes * utilization)
+    kv_bytes = requested - used_bytes - workers_bytes
+    if kv_bytes >= min_kv_bytes:
+        return kv_bytes
+    needed = (used_bytes + workers_bytes + min_kv_bytes) / total_bytes
+    advice = (
+        f"raise gpu_memory_utilization to at least {math.ceil(needed * 100) / 100:.2f}, "
+        if needed <= 1
+        else "free device memory (other processes), "
+    )
+    raise ConfigError(
+        f"gpu_memory_utilization {utilization:g} allows {requested / _GiB:.2f} GiB of the "
+        f"device's {total_bytes / _GiB:.2f} GiB; {used_bytes / _GiB:.2f} GiB are in use (the "
+        f"weights, this process's context, any other process's memory) and the {num_workers} "
+        f"worker(s) need about {workers_bytes / _GiB:.2f} GiB, which leaves "
+        f"{max(kv_bytes, 0) / _GiB:.2f} GiB for the KV pool, but it needs "
+        f"{min_kv_bytes / _GiB:.2f} GiB to hold one request of max_model_len ({max_model_len}) "
+        f"tokens: {advice}lower max_model_len, or set kv_cache_bytes or num_kv_blocks"
+    )
+
+
 def default_num_blocks(
     layout: KVLayout, device: torch.device, config, max_model_len: int, model_config=None
 ) -> int:
-    """Blocks for ``config.kv_cache_bytes``; by default a fraction of the GPU memory left free
-    once the token workers' decode workspace is set aside, or on CPU enough for every token
-    worker's full batch at full context, capped at 1 GiB."""
+    """Blocks for ``config.kv_cache_bytes``; by default on CUDA what ``gpu_memory_utilization``
+    leaves once the memory in use and the workers' are set aside (``gpu_kv_cache_bytes``), or on
+    CPU enough for every token worker's full batch at full context, capped at 1 GiB."""
     budget = config.kv_cache_bytes
     if budget is None and device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        # what each token worker's decode CUDA graphs and their buffers will take comes first
-        workspace = 0
-        if model_config is not None:
-            one = decode_workspace_bytes(model_config, layout, config.max_num_seqs, max_model_len)
-            workspace = config.num_token_workers * one
-        budget = int(max(0, free - workspace) * DEFAULT_GPU_KV_FRACTION)
+        torch.cuda.empty_cache()  # what loading the weights left cached is not in use
+        free, total = torch.cuda.mem_get_info(device)
+        step_tokens = config.step_token_budget(device) if config.colocated else 0
+        budget = gpu_kv_cache_bytes(
+            total_bytes=total,
+            used_bytes=total - free,
+            utilization=config.gpu_memory_utilization,
+            workers_bytes=workers_device_bytes(
+                config, layout, max_model_len, model_config, step_tokens
+            ),
+            min_kv_bytes=layout.num_blocks_for(max_model_len) * layout.bytes_per_block,
+            max_model_len=max_model_len,
+            num_workers=config.num_workers,
+        )
     elif budget is None:
         per_seq = layout.num_blocks_for(max_model_len) * layout.bytes_per_block
         budget = min(DEFAULT_CPU_KV_BYTES, per_seq * config.max_num_seqs * config.num_token_workers)

@@ -74,12 +74,18 @@ class Engine:
         # which front-end the workers run: own model code or the Hugging Face modules
         self.model_impl = resolve_model_impl(self.model.config, config.model_impl)
         eos = eos_token_ids(self.model)
-        checker = PromptChecker(self.tokenizer, self.shape.vocab_size, self.max_model_len)
 
         self.layout = KVLayout.from_shape(self.shape, config.block_size, self.dtype)
         self.num_kv_blocks = config.num_kv_blocks or default_num_blocks(
             self.layout, self.device, config, self.max_model_len, self.model.config
         )
+        sized_by_default = config.num_kv_blocks is None and config.kv_cache_bytes is None
+        if sized_by_default and config.max_model_len is None:
+            # NOTE: a default pool smaller than the model's context (a CPU pool is capped) bounds
+            # the context, so that a request asking for the rest of it (a chat client without
+            # max_tokens) still fits the pool alone; explicit sizes keep KVCacheTooSmallError
+            self.max_model_len = min(self.max_model_len, self.num_kv_blocks * config.block_size)
+        checker = PromptChecker(self.tokenizer, self.shape.vocab_size, self.max_model_len)
         self.kv_pool = allocate_pool(self.layout, self.num_kv_blocks, self.device)
         handoff = select_handoff(config)  # the workers select the same one
         self.core = EngineCore(

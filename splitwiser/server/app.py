@@ -1,14 +1,17 @@
 """The FastAPI app of ``splitwiser serve``: routes, the API key, body checks, error answers.
 
-Only ``/v1/*`` needs the API key; ``/health``, ``/version``, ``/metrics``, ``/tokenize`` and
-``/detokenize`` stay open, as in vLLM. Every error is OpenAI's JSON shape, and a bad body is a
+``/v1/*`` and ``/reset_prefix_cache`` (it changes what every tenant's requests cost) need the
+API key; ``/health``, ``/version``, ``/metrics``, ``/tokenize`` and ``/detokenize`` stay open,
+as in vLLM. Every error is OpenAI's JSON shape, and a bad body is a
 400, never FastAPI's 422: handlers read and validate their bodies themselves.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -38,6 +41,7 @@ from splitwiser.server.protocol import (
 from splitwiser.server.serving import Serving
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20
+log = logging.getLogger("splitwiser.serve")
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,14 @@ def build_app(
     @app.get("/metrics")
     async def metrics():
         return Response(generate_latest(serving.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/reset_prefix_cache", dependencies=[Depends(check_key)])
+    async def reset_prefix_cache():
+        # vLLM's (dev) endpoint, for benchmarks: 200 with no body, also where blocks still in
+        # use kept the cache from resetting (logged, as vLLM does)
+        if not await asyncio.to_thread(bridge.reset_prefix_cache):
+            log.warning("the prefix cache was not reset: blocks of running requests are in use")
+        return Response(status_code=200)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):

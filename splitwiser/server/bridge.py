@@ -168,6 +168,7 @@ class PipelineBridge:
     def __init__(self, factory: Callable[[], object]):
         self._factory = factory
         self.pipe = None
+        self.max_model_len: int | None = None  # the engine's, once it started
         self.error: BaseException | None = None  # the pipeline failed to start
         self.stopping = False
         self._waker: Waker | None = None  # for the serving loop, made on its first request
@@ -180,6 +181,8 @@ class PipelineBridge:
     def _start(self) -> None:
         try:
             pipe = self._factory()
+            # the context the engine serves (its default pool may bound the model's)
+            self.max_model_len = pipe.stats()["max_model_len"]
             self.pipe = pipe
             # what exists now (the tokenizer, the model's modules, imports) lives as long as the
             # server: out of the collector's sight, a full collection no longer walks it at
@@ -217,6 +220,12 @@ class PipelineBridge:
 
     def stats(self) -> dict | None:
         return None if self.pipe is None else self.pipe.stats()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (``pipe.reset_prefix_cache()``): False where blocks
+        still in use kept it from resetting. Blocks until the engine did it: call it off the
+        loop."""
+        return self._ready_pipe().reset_prefix_cache()
 
     def generate(self, prompts: list[tuple[list[int], object]], observer=None) -> Generation:
         """Submit every (token ids, SamplingParams) now; a rejected one cancels the others."""

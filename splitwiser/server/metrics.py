@@ -2,9 +2,10 @@
 the label ``model_name`` (and ``engine="0"``), plus Splitwiser's own (``splitwiser:*``).
 
 Request histograms are observed when a request ends, from the runtime's own timestamps
-(``RequestMetrics``); the pool and worker gauges are read from ``pipe.stats()`` at each
-scrape. Waiting and running are counted here: a request waits until its first token, then runs
-(vLLM counts a request in prefill as running).
+(``RequestMetrics``); the pool and worker gauges, and the engine's cumulative counters (prefix
+cache queries and hits in tokens, preemptions), are read from ``pipe.stats()`` at each scrape.
+Waiting and running are counted here: a request waits until its first token, then runs (vLLM
+counts a request in prefill as running).
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ class ServerMetrics:
 
 
 class _PipelineCollector:
-    """The series read at scrape time from ``pipe.stats()``: KV usage, workers."""
+    """The series read at scrape time from ``pipe.stats()``: KV usage, the prefix cache,
+    preemptions, workers."""
 
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
@@ -161,10 +163,29 @@ class _PipelineCollector:
         stats = m._stats()
         if stats is None:
             return
-        used = 1.0 - stats["num_free_blocks"] / stats["num_kv_blocks"]
-        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage (1 = full).", used)
-        yield gauge("splitwiser:kv_blocks_free", "Free KV blocks of the pool.",
+
+        def counter(name, doc, value):
+            family = CounterMetricFamily(name, doc, labels=names)  # exposed as <name>_total
+            family.add_metric(values, value)
+            return family
+
+        # NOTE: a block that is free but still holds a cached prefix counts as free, as vLLM's
+        # usage counts it: the next request that needs it evicts it
+        used = stats["num_used_blocks"] / stats["num_kv_blocks"]
+        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", used)
+        yield counter("vllm:prefix_cache_queries",
+                      "Prefix cache queries, in terms of number of queried tokens.",
+                      stats["prefix_cache_queries"])  # fmt: skip
+        yield counter("vllm:prefix_cache_hits",
+                      "Prefix cache hits, in terms of number of cached tokens.",
+                      stats["prefix_cache_hits"])  # fmt: skip
+        yield counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+                      stats["num_preemptions"])  # fmt: skip
+        yield gauge("splitwiser:kv_blocks_free", "Free KV blocks of the pool (cached ones too).",
                     stats["num_free_blocks"])  # fmt: skip
+        yield gauge("splitwiser:kv_blocks_cached",
+                    "Free KV blocks still holding a cached prefix (evicted when needed).",
+                    stats["num_cached_blocks"])  # fmt: skip
         ready = GaugeMetricFamily("splitwiser:workers_ready", "Workers ready, per role.",
                                   labels=[*names, "role"])  # fmt: skip
         configured = GaugeMetricFamily("splitwiser:workers_configured", "Workers per role.",

@@ -42,6 +42,9 @@ class _SamplingFields(WireMsg):
     stream_options: StreamOptionsMsg | None = None
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # the prompt's and each choice's token ids in the answer
+    # vLLM's: prefix-cache entries are shared only between requests with the same salt (tenants
+    # that must not learn what others sent)
+    cache_salt: str | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     repetition_penalty: float | None = 1.0
@@ -58,6 +61,8 @@ class _SamplingFields(WireMsg):
             raise ValueError("presence_penalty and frequency_penalty are not supported (use 0)")
         if (self.repetition_penalty or 1.0) != 1.0:
             raise ValueError("repetition_penalty is not supported (use 1.0)")
+        if self.cache_salt is not None and not self.cache_salt:
+            raise ValueError("Parameter 'cache_salt' must be a non-empty string if provided.")
         return self
 
     @property
@@ -88,6 +93,7 @@ class _SamplingFields(WireMsg):
                 stop_token_ids=tuple(self.stop_token_ids or ()),
                 min_new_tokens=self.min_tokens,
                 logprobs=self.num_logprobs,
+                cache_salt=self.cache_salt,
             )
         except ValueError as exc:  # InvalidRequestError: a value out of range
             raise BadRequest(str(exc)) from None

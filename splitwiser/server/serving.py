@@ -101,10 +101,15 @@ def stop_reason(output: RequestOutput, text: ChoiceText, params) -> int | str | 
     return text.stop_string(output)
 
 
-def usage(prompt_lens: list[int], num_generated: int) -> dict:
+def usage(prompt_lens: list[int], num_generated: int, num_cached: int | None = None) -> dict:
+    """OpenAI's ``usage``; with ``num_cached`` (prompt tokens found in the prefix cache, known
+    once every choice ended) its ``prompt_tokens_details.cached_tokens`` as well."""
     prompt = sum(prompt_lens)
-    return {"prompt_tokens": prompt, "completion_tokens": num_generated,
+    body = {"prompt_tokens": prompt, "completion_tokens": num_generated,
             "total_tokens": prompt + num_generated}  # fmt: skip
+    if num_cached is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": num_cached}
+    return body
 
 
 @dataclass
@@ -118,6 +123,7 @@ class Choice:
     stop_reason: int | str | None = None
     logprobs_format: LogprobsFormat | None = None  # asked for log-probabilities
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # so far
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache, once ended
 
     def step_text(self, step: Step) -> str:
         if step.logprobs is not None:
@@ -128,6 +134,7 @@ class Choice:
             delta += self.text.finish(step.output)
             self.finish_reason = step.output.finish_reason
             self.stop_reason = stop_reason(step.output, self.text, self.params)
+            self.num_cached_tokens = step.output.num_cached_tokens
         return delta
 
 
@@ -140,10 +147,16 @@ class Serving:
         self.bridge = bridge
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self.max_model_len = max_model_len
+        self._model_max_len = max_model_len
         self.model_name = model_name
         self.chat_template = chat_template
         self.metrics = metrics
+
+    @property
+    def max_model_len(self) -> int:
+        """The context served: the engine's once it started (a default pool may bound the
+        model's), else the model's."""
+        return self.bridge.max_model_len or self._model_max_len
 
     # ------------------------------------------------------------------ checks
 
@@ -247,7 +260,19 @@ class _Answer:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def usage(self) -> dict:
-        return usage([len(p) for p in self.prompts], self.num_generated)
+        return usage([len(p) for p in self.prompts], self.num_generated, self._num_cached())
+
+    def _num_cached(self) -> int | None:
+        """Prompt tokens the prefix cache served, each prompt counted once as in
+        ``prompt_tokens`` (with ``n`` > 1: the fewest of its choices); None until every choice
+        ended."""
+        cached = [c.num_cached_tokens for c in self.choices]
+        if None in cached:
+            return None
+        per_prompt = [len(p) for p in self.prompts]
+        for c in self.choices:
+            per_prompt[c.prompt_index] = min(per_prompt[c.prompt_index], c.num_cached_tokens)
+        return sum(per_prompt)
 
     def _advance(self, step: Step) -> tuple[Choice, str]:
         """The step's choice and its new text; a failed request raises its error."""

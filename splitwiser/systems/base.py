@@ -7,6 +7,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from splitwiser.systems.replay import Progress, replay_submit
 
+# the KV cache's cumulative counters a system reports (stats() keys and vLLM's metric names):
+# prompt tokens looked up in the prefix cache and found there, and requests preempted
+CACHE_COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
+
 if TYPE_CHECKING:
     import torch
 
@@ -57,6 +61,20 @@ class BenchSystem:
 
     def phase_log(self, since: float) -> list | None:
         """The engine's steps since ``since`` (``time.monotonic()``); None: not an engine."""
+        return None
+
+    def cache_counters(self) -> dict[str, float | None]:
+        """``CACHE_COUNTERS`` now, cumulative ({} or None values: not reported)."""
+        return {}
+
+    def reset_prefix_cache(self) -> bool | None:
+        """Empty the prefix cache, before a measured run (the warm-up's prompts cached in one
+        system and not another would skew the comparison); True if it was emptied, None for a
+        system without one."""
+        return None
+
+    def kv_pool_tokens(self) -> int | None:
+        """Tokens the KV pool holds (all engines together); None: not known."""
         return None
 
     def facts(self, config: BenchConfig, records: list[RequestRecord], before: dict) -> dict:

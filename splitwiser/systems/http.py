@@ -23,7 +23,7 @@ import time
 
 from splitwiser.errors import SplitwiserError
 from splitwiser.outputs import RequestMetrics, RequestOutput
-from splitwiser.systems.base import BenchSystem
+from splitwiser.systems.base import CACHE_COUNTERS, BenchSystem
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -44,13 +44,19 @@ def _event_data(event: bytes) -> bytes | None:
 
 
 class _Handle:
-    """What ``replay_submit`` waits on: ``done()`` and ``result()``."""
+    """What ``replay_submit`` follows: ``subscribe``, ``result()`` and ``cancel()`` (the
+    client closes the stream: the server cancels the request, as ``splitwiser serve`` and
+    vLLM do when their client goes away)."""
 
     def __init__(self, request_id: int):
         self.request_id = request_id
         self._finished = threading.Event()
+        self._lock = threading.Lock()
+        self._tokens: list[int | None] = []  # None: a chunk without token ids
+        self._listener = None
         self._output: RequestOutput | None = None
         self._error: BaseException | None = None
+        self._future = None  # the stream's task (concurrent.futures.Future)
 
     def done(self) -> bool:
         return self._finished.is_set()
@@ -61,6 +67,34 @@ class _Handle:
         if self._error is not None:
             raise self._error
         return self._output
+
+    def subscribe(self, listener) -> None:
+        """``listener(token, None, output, error)`` as ``RequestHandle.subscribe``: every token,
+        then the end; what happened before is told at once."""
+        with self._lock:
+            self._listener = listener
+            for token in self._tokens:
+                listener(token, None, None, None)
+            if self._finished.is_set():
+                listener(None, None, self._output, self._error)
+
+    def cancel(self) -> None:
+        if self._future is not None:
+            self._future.cancel()  # the task ends at its next await: the connection closes
+
+    # ---- the event loop's side
+    def _push(self, token: int | None) -> None:
+        with self._lock:
+            self._tokens.append(token)
+            if self._listener is not None:
+                self._listener(token, None, None, None)
+
+    def _end(self, output: RequestOutput | None, error: BaseException | None) -> None:
+        with self._lock:
+            self._output, self._error = output, error
+            self._finished.set()
+            if self._listener is not None:
+                self._listener(None, None, output, error)
 
 
 class OpenAIEndpoint:
@@ -117,13 +151,14 @@ class OpenAIEndpoint:
             "return_token_ids": True,
         }  # fmt: skip
         metrics = RequestMetrics(arrival_time=time.monotonic())
-        asyncio.run_coroutine_threadsafe(
+        handle._future = asyncio.run_coroutine_threadsafe(
             self._run(handle, metrics, list(prompt_ids), body), self._loop
         )
         return handle
 
     async def _run(self, handle: _Handle, metrics, prompt_ids: list[int], body: dict) -> None:
         token_ids, text = [], []
+        output, error, reason = None, None, "length"
         try:
             async with self._session.post(f"{self.base_url}/completions", json=body) as r:
                 if r.status != 200:
@@ -146,18 +181,50 @@ class OpenAIEndpoint:
                             choice = chunk["choices"][0]
                             metrics.token_times.append(now)
                             text.append(choice.get("text") or "")
-                            token_ids.extend(choice.get("token_ids") or ())
+                            new = choice.get("token_ids") or ()
+                            token_ids.extend(new)
+                            for token in new or (None,):
+                                handle._push(token)
                     if metrics.finish_time is not None:
                         break
             if metrics.finish_time is None:
                 raise SplitwiserError("the stream ended without [DONE]")
-            handle._output = RequestOutput(
-                handle.request_id, None, prompt_ids, token_ids, "".join(text), "length", metrics
-            )
+        except asyncio.CancelledError:  # the client closed the stream (cancel())
+            metrics.finish_time, reason = time.monotonic(), "abort"
         except Exception as exc:  # an HTTP or protocol failure: this request failed
-            handle._error = exc if isinstance(exc, SplitwiserError) else SplitwiserError(repr(exc))
-        finally:
-            handle._finished.set()
+            error = exc if isinstance(exc, SplitwiserError) else SplitwiserError(repr(exc))
+        if error is None:
+            output = RequestOutput(
+                handle.request_id, None, prompt_ids, token_ids, "".join(text), reason, metrics
+            )
+        handle._end(output, error)
+
+    def metrics_text(self) -> str | None:
+        """The server's Prometheus metrics (``GET /metrics``); None where it has none."""
+        return self._call(self._get_text("/metrics"))
+
+    def reset_prefix_cache(self) -> bool:
+        """``POST /reset_prefix_cache`` (``splitwiser serve``; vLLM's server in dev mode)."""
+        return self._call(self._post_ok("/reset_prefix_cache"))
+
+    async def _get_text(self, path: str) -> str | None:
+        try:
+            async with self._session.get(f"{self.root_url}{path}") as r:
+                return await r.text() if r.status == 200 else None
+        except (self._aiohttp.ClientError, asyncio.TimeoutError):
+            return None
+
+    async def _post_ok(self, path: str) -> bool:
+        try:
+            async with self._session.post(f"{self.root_url}{path}") as r:
+                return r.status == 200
+        except (self._aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+
+    @property
+    def root_url(self) -> str:
+        """The server's root: the base URL without its ``/v1``."""
+        return self.base_url.removesuffix("/v1")
 
     def close(self) -> None:
         if self._loop.is_closed():
@@ -175,12 +242,35 @@ class OpenAIEndpoint:
         self.close()
 
 
+def prometheus_counters(text: str | None) -> dict[str, float | None]:
+    """``CACHE_COUNTERS`` from a server's Prometheus text, by vLLM's names
+    (``vllm:prefix_cache_queries``, ``vllm:prefix_cache_hits``, ``vllm:num_preemptions``; the
+    ``_total`` samples), each summed over its labels; None where the server has no such one."""
+    totals: dict[str, float | None] = dict.fromkeys(CACHE_COUNTERS)
+    for line in (text or "").splitlines():
+        if line.startswith("#"):
+            continue
+        name, _, rest = line.partition("{") if "{" in line else line.partition(" ")
+        key = name.strip().removeprefix("vllm:").removesuffix("_total")
+        if key in totals and name.strip().endswith("_total"):
+            value = rest.rpartition("}")[2] if "}" in rest else rest
+            totals[key] = (totals[key] or 0) + float(value.split()[0])
+    return totals
+
+
 class HTTPSystem(BenchSystem):
-    """The endpoint ``spec`` names, with ``$OPENAI_API_KEY`` if set."""
+    """The endpoint ``spec`` names, with ``$OPENAI_API_KEY`` if set. Its KV counters come from
+    the server's ``/metrics`` (vLLM's names, which ``splitwiser serve`` shares)."""
 
     @classmethod
     def build(cls, spec, config, device, dtype, mps_pipe_dir) -> HTTPSystem:
         return cls(spec, OpenAIEndpoint(spec, api_key=os.environ.get("OPENAI_API_KEY")))
+
+    def cache_counters(self) -> dict:
+        return prometheus_counters(self.pipe.metrics_text())
+
+    def reset_prefix_cache(self) -> bool | None:
+        return self.pipe.reset_prefix_cache()
 
     def facts(self, config, records, before) -> dict:
         return {"endpoint": self.pipe.base_url, "served_model": self.pipe.model}

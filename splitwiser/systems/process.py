@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from splitwiser.benchmark.metrics import RequestRecord
+from splitwiser.benchmark.metrics import RequestRecord, kv_cache_summary
 from splitwiser.benchmark.telemetry import TelemetryLog, TelemetrySampler
 from splitwiser.benchmark.workloads import BenchRequest
 from splitwiser.errors import SplitwiserError
@@ -87,13 +87,33 @@ def start_system(job: SystemJob):
 
 
 def warm_up(job: SystemJob, system: BenchSystem) -> None:
-    """The first requests, all at once with short outputs, excluded from every figure."""
+    """The first requests, all at once with short outputs, excluded from every figure (a
+    conversation's first turns only: a later turn needs the answers before it)."""
+    firsts = [(r, p) for r, p in zip(job.requests, job.prompts) if not r.is_follow_up]
     warm = [
-        replace(r, arrival_s=0.0, output_len=min(r.output_len, WARMUP_OUTPUT_LEN))
-        for r in job.requests[: job.config.warmup_requests]
-    ]
+        (replace(r, arrival_s=0.0, output_len=min(r.output_len, WARMUP_OUTPUT_LEN),
+                 max_tokens=None, conversation=None, turn=0), p)
+        for r, p in firsts[: job.config.warmup_requests]
+    ]  # fmt: skip
     if warm:
-        system.replay(warm, job.prompts[: len(warm)], lambda n: None)
+        system.replay([r for r, _ in warm], [p for _, p in warm], lambda n: None)
+
+
+def start_measuring(system: BenchSystem) -> dict:
+    """Right before a measured run: empty the prefix cache (what the warm-up or an earlier
+    point cached would serve this run's prompts in one system and not in another) and take
+    the KV counters; ``kv_cache_facts`` turns them into the run's figures."""
+    return {"reset": system.reset_prefix_cache(), "counters": system.cache_counters()}
+
+
+def kv_cache_facts(system: BenchSystem, start: dict) -> dict:
+    """The prefix cache's hits and queries and the preemptions of the run since
+    ``start_measuring``, whether the cache was emptied first, and the pool's size in tokens."""
+    return {
+        **kv_cache_summary(start["counters"] or {}, system.cache_counters() or {}),
+        "prefix_cache_reset": start["reset"],
+        "kv_pool_tokens": system.kv_pool_tokens(),
+    }
 
 
 def run_system(job: SystemJob) -> SystemRun:
@@ -103,10 +123,12 @@ def run_system(job: SystemJob) -> SystemRun:
     with build_system(job, device, dtype) as system:
         warm_up(job, system)
         before = system.phase_counters()
+        start = start_measuring(system)
         bar = tqdm(total=len(requests), desc=f"{job.name:>10}", unit="req", disable=not job.show)
         with bar, TelemetrySampler(device) as telemetry:
             records, duration_s = system.replay(requests, prompts, bar.update)
         extra = system.facts(job.config, records, before)
+        extra["kv_cache"] = kv_cache_facts(system, start)
     return SystemRun(
         job.name, records, duration_s, telemetry, extra, os.getpid(), device_info(device)
     )

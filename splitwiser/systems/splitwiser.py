@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from splitwiser.benchmark.metrics import phase_summary
-from splitwiser.systems.base import BenchSystem
+from splitwiser.systems.base import CACHE_COUNTERS, BenchSystem
 
 
 class EngineSystem(BenchSystem):
@@ -19,6 +19,17 @@ class EngineSystem(BenchSystem):
 
     def phase_log(self, since: float) -> list:
         return self.pipe.phase_log(since)
+
+    def cache_counters(self) -> dict:
+        stats = self.pipe.stats()
+        return {key: stats.get(key) for key in CACHE_COUNTERS}
+
+    def reset_prefix_cache(self) -> bool | None:
+        reset = getattr(self.pipe, "reset_prefix_cache", None)
+        return None if reset is None else reset()
+
+    def kv_pool_tokens(self) -> int | None:
+        return self.pipe.num_kv_blocks * self.pipe.config.block_size
 
     def facts(self, config, records, before) -> dict:
         stats = self.pipe.stats()

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from splitwiser.core.messages import ShutdownMsg
 from splitwiser.vllm.messages import (
     EngineAbortMsg,
+    EngineControlMsg,
+    EngineControlReplyMsg,
     EngineErrorMsg,
     EngineReadyMsg,
     EngineTokensMsg,
@@ -130,6 +132,25 @@ def _receive(engine, in_conn) -> list:
     return messages
 
 
+_COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:num_preemptions")
+
+
+def _control(engine, op: str):
+    """What an ``EngineControlMsg`` asks for."""
+    if op == "reset_prefix_cache":
+        return bool(engine.reset_prefix_cache())
+    if op == "counters":  # vLLM's own metrics: they exist only with stats logging on
+        if not engine.log_stats:
+            return {}
+        counters: dict[str, float] = {}
+        for metric in engine.get_metrics():
+            if metric.name in _COUNTERS:  # summed over labels (engines)
+                key = metric.name.removeprefix("vllm:")
+                counters[key] = counters.get(key, 0) + metric.value
+        return counters
+    raise ValueError(f"unknown engine control {op!r}")
+
+
 def _serve(engine, parent_pid: int, in_conn, out_conn) -> None:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -144,6 +165,9 @@ def _serve(engine, parent_pid: int, in_conn, out_conn) -> None:
                 return
             if isinstance(msg, EngineAbortMsg):
                 engine.abort_request([str(msg.request_id)])
+                continue
+            if isinstance(msg, EngineControlMsg):
+                out_conn.send(EngineControlReplyMsg(msg.op, _control(engine, msg.op)))
                 continue
             extra = dict(msg.params.pop("extra_args", None) or {})
             if msg.kv_transfer_params is not None:

@@ -2,9 +2,10 @@
 from the Splitwiser workers' messages (``splitwiser.core.messages``), whose ``ShutdownMsg``
 the engines share.
 
-Parent -> engine: ``EngineAddMsg``, ``EngineAbortMsg``, ``ShutdownMsg``. Engine -> parent:
-``EngineReadyMsg`` once, then ``EngineTokensMsg`` per request and step; ``EngineErrorMsg`` if
-it fails. Each engine has two plain pipes of its own (``splitwiser.runtime.spawn.Channel``).
+Parent -> engine: ``EngineAddMsg``, ``EngineAbortMsg``, ``EngineControlMsg``, ``ShutdownMsg``.
+Engine -> parent: ``EngineReadyMsg`` once, then ``EngineTokensMsg`` per request and step, an
+``EngineControlReplyMsg`` per ``EngineControlMsg``; ``EngineErrorMsg`` if it fails. Each engine
+has two plain pipes of its own (``splitwiser.runtime.spawn.Channel``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ class EngineAbortMsg:
     """Drop a request (cancelled by the caller); no further tokens are sent for it."""
 
     request_id: int
+
+
+@dataclass(frozen=True)
+class EngineControlMsg:
+    """Between two steps: ``"counters"``, vLLM's cumulative KV counters from its own metrics
+    (``vllm:prefix_cache_queries``, ``vllm:prefix_cache_hits``, ``vllm:num_preemptions``; only
+    with stats logging on); ``"reset_prefix_cache"``, empty the prefix cache. Answered by one
+    ``EngineControlReplyMsg``."""
+
+    op: str
 
 
 # ---------------------------------------------------------------- engine -> parent
@@ -59,3 +70,11 @@ class EngineErrorMsg:
     """Why the engine failed to start or died: one line."""
 
     message: str
+
+
+@dataclass(frozen=True)
+class EngineControlReplyMsg:
+    """The answer to an ``EngineControlMsg``."""
+
+    op: str
+    value: object  # "counters": {name without "vllm:": value}; "reset_prefix_cache": bool

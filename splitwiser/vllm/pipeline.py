@@ -259,6 +259,27 @@ class _EnginePool:
             for e in self.engines
         }
 
+    def kv_counters(self) -> dict[str, float]:
+        """vLLM's cumulative ``prefix_cache_queries``, ``prefix_cache_hits`` (prompt tokens) and
+        ``num_preemptions`` from its own metrics, summed over the engines; {} without stats
+        logging (``disable_log_stats=False`` turns it on)."""
+        total: dict[str, float] = {}
+        for engine in self.engines:
+            for key, value in engine.control("counters").items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    def reset_prefix_cache(self) -> bool:
+        """Empty every engine's prefix cache (vLLM refuses while requests hold blocks)."""
+        return all([engine.control("reset_prefix_cache") for engine in self.engines])
+
+    @property
+    def num_kv_tokens(self) -> int | None:
+        """Tokens the engines' KV caches hold together, as vLLM sized them."""
+        sizes = [e.ready and e.ready.num_kv_blocks and e.ready.num_kv_blocks * e.ready.block_size
+                 for e in self.engines]  # fmt: skip
+        return sum(sizes) if sizes and all(sizes) else None
+
     def stats(self) -> dict:
         with self._lock:
             per_engine = [0] * len(self.engines)

@@ -4,6 +4,7 @@ The plumbing (spawn, the two-pipe channel, the stop ladder) is ``splitwiser.runt
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +14,13 @@ from splitwiser.core.messages import ShutdownMsg
 from splitwiser.errors import WorkerStartupError
 from splitwiser.runtime import spawn
 from splitwiser.vllm.engine_proc import EngineSpec, engine_main
-from splitwiser.vllm.messages import EngineErrorMsg, EngineReadyMsg, EngineTokensMsg
+from splitwiser.vllm.messages import (
+    EngineControlMsg,
+    EngineControlReplyMsg,
+    EngineErrorMsg,
+    EngineReadyMsg,
+    EngineTokensMsg,
+)
 
 
 class EngineProcess:
@@ -39,6 +46,8 @@ class EngineProcess:
         self._closing = False
         self._reader: threading.Thread | None = None
         self.ready: EngineReadyMsg | None = None
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()  # EngineControlReplyMsg
+        self._control_lock = threading.Lock()  # one control call at a time
         try:
             spawn.start(self._proc)  # a child re-running an unguarded script ends here
         except BaseException:
@@ -82,6 +91,17 @@ class EngineProcess:
     def send(self, msg) -> None:
         self._channel.send(msg)
 
+    def control(self, op: str, timeout_s: float = 60.0):
+        """Send an ``EngineControlMsg`` and wait for its answer's value (the engine answers
+        between two steps)."""
+        with self._control_lock:
+            self.send(EngineControlMsg(op))
+            try:
+                reply = self._replies.get(timeout=timeout_s)
+            except queue.Empty:
+                raise TimeoutError(f"{self.spec.name} did not answer {op!r}") from None
+        return reply.value
+
     def _read(self) -> None:
         """Until the process ends: its pipe gives EOF once it is gone (the parent holds no copy
         of the other end), so no polling."""
@@ -93,6 +113,8 @@ class EngineProcess:
                 break
             if isinstance(msg, EngineTokensMsg):
                 self._on_tokens(msg)
+            elif isinstance(msg, EngineControlReplyMsg):
+                self._replies.put(msg)
             elif isinstance(msg, EngineErrorMsg):
                 error = msg.message
         if not self._closing:
