@@ -976,7 +976,7 @@ def test_stop_string_meets_the_step_that_ended_the_request(tokenizer, words):
 def test_abort_then_a_failed_step_keeps_the_abort_and_fails_the_rest(tokenizer, words):
     a = words["a"]
     sim = Pipeline(tokenizer)
-    aborted, other = sim.submit([a] * 4), sim.submit([a] * 4)
+    aborted, other = sim.submit([a] * 4), sim.submit([a] * 4, prompt=(1, 2, 3, 4, 5))
     prefill(sim)
     decode(sim)
     sim.abort(aborted)
@@ -1114,4 +1114,28 @@ def test_colocated_loss_runs_again_from_the_start_then_resumes_decoding(tokenize
     assert run.token_ids == [*range(1, 11), a] and run.next_token == b
     sim.settle()
     assert req.handle.result(timeout=0).token_ids == [a, b, at, c]
+    sim.check_settled()
+
+
+def test_a_prefix_being_prefilled_is_waited_for_not_computed_twice(tokenizer, words):
+    a, b = words["a"], words["b"]
+    sim = Pipeline(tokenizer, num_prompt_workers=2)
+    first = sim.submit([a, a], prompt=range(1, 11))  # 10 tokens: 2 full blocks
+    second = sim.submit([b, b], prompt=[*range(1, 11), 3])  # the same 2 blocks, then its own
+    other = sim.submit([a], prompt=[7, 7, 7])
+    sim.schedule()
+    # the second is passed over while the first prefills its blocks; the third goes ahead
+    (batch,) = sim.workers[P0].inbox
+    assert [r.request_id for r in batch.requests] == [first.request_id, other.request_id]
+    assert not sim.workers[("prompt", 1)].inbox
+    assert second.block_ids is None and sim.core.scheduler.waiting[0] is second
+    sim.step(P0)
+    sim.deliver(P0)  # the first's blocks are published
+    sim.schedule()
+    (again,) = sim.workers[P0].inbox
+    assert again.requests[0].request_id == second.request_id
+    assert again.num_computed == [8] and again.token_ids == [[9, 10, 3]]
+    sim.settle()
+    assert second.handle.result(timeout=0).token_ids == [b, b]
+    assert second.num_cached_tokens == 8
     sim.check_settled()

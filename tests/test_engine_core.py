@@ -45,9 +45,11 @@ def tokenizer():
 @pytest.fixture
 def make_core(tokenizer):
     def make(num_blocks: int = 64, **options) -> EngineCore:
-        config = EngineConfig(
-            **{"block_size": 4, "num_prompt_workers": 2, "num_token_workers": 2} | options
-        )
+        # the same prompt in many requests here: no prefix caching unless a test asks for it
+        # (test_core_orders.py and test_block_pool.py have it in every order)
+        defaults = {"block_size": 4, "num_prompt_workers": 2, "num_token_workers": 2,
+                    "enable_prefix_caching": False}  # fmt: skip
+        config = EngineConfig(**defaults | options)
         checker = PromptChecker(tokenizer, len(tokenizer), max_model_len=128)
         handoff = select_handoff(config)
         return EngineCore(
@@ -233,7 +235,7 @@ def test_lost_prompt_worker_runs_its_batch_again(make_core):
 
 
 def test_lost_token_worker_resumes_with_the_output_so_far(make_core):
-    core = make_core()
+    core = make_core(enable_prefix_caching=True)
     req = submit(core, max_new_tokens=6, temperature=1.0, seed=7, min_new_tokens=3)
     run_to_decode(core, req)
     tokens(core, T0, [(req.request_id, 101)])
@@ -349,7 +351,7 @@ def test_the_budget_left_by_a_prompt_goes_to_a_chunk_of_the_next(make_core):
 
 
 def test_a_lost_prompt_worker_restarts_a_chunked_prefill_from_the_start(make_core):
-    core = make_core(max_prefill_tokens=10)
+    core = make_core(max_prefill_tokens=10, enable_prefix_caching=True)
     req = submit(core, prompt=range(1, 26))
     ((key, first),) = core.schedule({"prompt": [0]})
     prefill_done(core, key, first, [100])

@@ -283,6 +283,7 @@ class EngineCore:
         hashes = self.scheduler.hashes(req, full * self.config.block_size)
         for i in range(req.num_published_blocks, full):
             self.pool.publish(req.block_ids[i], hashes[i])
+            self.scheduler.published(hashes[i])
         req.num_published_blocks = full
 
     def grant_blocks(self, role: str) -> list[Send]:

@@ -30,6 +30,11 @@ class Scheduler:
         self.watermark_blocks = int(WATERMARK * pool.num_blocks)
         # prompt tokens looked up in the prefix cache at admission, and found there
         self.prefix_queries = self.prefix_hits = 0
+        # full blocks being prefilled, not published yet: hash -> the request computing it. A
+        # request whose prefix continues with one of them waits for it instead of computing
+        # it again (vLLM shares such blocks within a step; across processes, publication waits
+        # for the writer's report)
+        self.pending: dict[int, Request] = {}
         self.block_size = block_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_batches_per_prompt_worker = max_batches_per_prompt_worker
@@ -45,12 +50,18 @@ class Scheduler:
         prefix the cache still holds (its own published blocks, usually)."""
         # NOTE: behind the requests at the head that hold blocks (a prefill between its
         # chunks): they go first, or the head could wait forever for the blocks they hold
+        for req in reqs:
+            self.free(req)
+            req.requeue()
+        self._put_back(reqs)
+
+    def _put_back(self, reqs: list[Request]) -> None:
+        """``reqs``, in order, at the head of the queue but behind the requests there that
+        hold blocks (a prefill between its chunks, or one admitted before a budget ran out)."""
         admitted = 0
         while admitted < len(self.waiting) and self.waiting[admitted].block_ids is not None:
             admitted += 1
         for req in reversed(reqs):
-            self.free(req)
-            req.requeue()
             self.waiting.insert(admitted, req)
 
     def remove(self, req: Request) -> None:
@@ -82,6 +93,9 @@ class Scheduler:
             return False
         self.pool.touch(hit)
         req.block_ids = hit + self.pool.allocate(num_new)
+        if self.pool.enable_caching:
+            for h in self.hashes(req, num_prefill)[len(hit) :]:
+                self.pending.setdefault(h, req)
         req.num_published_blocks = len(hit)
         req.num_computed_tokens = len(hit) * self.block_size
         self.prefix_queries += num_prefill
@@ -94,9 +108,37 @@ class Scheduler:
         """The head of the queue with its blocks taken, or None (empty, or the pool full).
         ``others_running``: False when nothing else holds blocks (no watermark then: a request
         that fits the pool alone always runs)."""
-        if not self.waiting or not self._admit(self.waiting[0], others_running):
-            return None
-        return self.waiting.popleft()
+        passed, admitted = [], None
+        while self.waiting and admitted is None:
+            req = self.waiting[0]
+            if self.waits_for_prefix(req):
+                passed.append(self.waiting.popleft())
+            elif self._admit(req, others_running):
+                admitted = self.waiting.popleft()
+            else:
+                break
+        self._put_back(passed)
+        return admitted
+
+    def waits_for_prefix(self, req: Request) -> bool:
+        """Its prefix goes on with a block another request is prefilling now: better to wait
+        for that block's publication than to compute it again."""
+        if req.block_ids is not None or not self.pool.enable_caching:
+            return False
+        hashes = self.hashes(req, req.num_prefill_tokens - 1)
+        num_hit = len(self.pool.lookup(hashes))
+        if num_hit == len(hashes):
+            return False
+        writer = self.pending.get(hashes[num_hit])
+        if writer is None:
+            return False
+        if writer.block_ids is None or writer.is_finished:  # it will not publish it
+            del self.pending[hashes[num_hit]]
+            return False
+        return writer is not req
+
+    def published(self, block_hash: int) -> None:
+        self.pending.pop(block_hash, None)
 
     def continue_prefill(self, req: Request) -> None:
         """A chunked prefill goes on: its next chunk first, before anything newer."""
@@ -108,11 +150,16 @@ class Scheduler:
         left of the budget (its next chunk follows in a later batch); without, a prompt over
         the budget runs whole, alone."""
         batch: list[tuple[Request, int]] = []
-        num_tokens = 0
+        num_tokens, passed = 0, []
         while self.waiting:
             req, room = self.waiting[0], self.max_prefill_tokens - num_tokens
+            if room <= 0:
+                break
+            if self.waits_for_prefix(req):  # passed over until its prefix is published
+                passed.append(self.waiting.popleft())
+                continue
             # admitted first: a cached prefix shortens what is left to prefill
-            if room <= 0 or not self._admit(req, others_running or bool(batch)):
+            if not self._admit(req, others_running or bool(batch)):
                 break
             left = req.num_prefill_left
             if left > room and batch and not self.chunked:
@@ -121,6 +168,7 @@ class Scheduler:
             self.waiting.popleft()
             batch.append((req, n))
             num_tokens += n
+        self._put_back(passed)
         return batch
 
     def schedule(
@@ -144,3 +192,6 @@ class Scheduler:
         if req.block_ids is not None:
             self.pool.free(req.block_ids[::-1])
             req.block_ids = None
+            for h in req.block_hashes:  # what it was to publish and will not
+                if self.pending.get(h) is req:
+                    del self.pending[h]
