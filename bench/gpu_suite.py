@@ -180,8 +180,11 @@ def stage_env(suite: Suite) -> int:
     return 0 if ok or no_mps else 1  # a daemon that started but served nobody is a failure
 
 
-NUM_TEST_SHARDS = 6  # parallel pytest processes; each test's pipeline takes 30% of free memory
-ALONE = "tests/test_gpu.py"  # checks that share of free memory: runs with the device to itself
+NUM_TEST_SHARDS = 6  # parallel pytest processes
+# each sharded test's pipeline takes a KV pool of this size (tests/conftest.py) instead of
+# gpu_memory_utilization of the device, which one pipeline alone may take
+SHARD_KV_CACHE_BYTES = 4 << 30
+ALONE = "tests/test_gpu.py"  # checks the default sizing: runs with the device to itself
 
 
 def _collect(selection: list[str]) -> list[str]:
@@ -219,7 +222,11 @@ def stage_tests(suite: Suite) -> int:
               "no:cacheprovider"]  # fmt: skip
     runs = [([*pytest, *shard], out / f"pytest-gpu-{k}.log") for k, shard in enumerate(shards)]
     limit_s = suite.child_limit_s
-    codes = _children(runs, limit_s) if runs else []
+    os.environ["SPLITWISER_TEST_KV_CACHE_BYTES"] = str(SHARD_KV_CACHE_BYTES)
+    try:
+        codes = _children(runs, limit_s) if runs else []
+    finally:
+        del os.environ["SPLITWISER_TEST_KV_CACHE_BYTES"]
     if alone:
         left_s = max(10.0, limit_s - (time.monotonic() - t0))
         runs.append(([*pytest, *alone], out / "pytest-gpu-alone.log"))

@@ -22,11 +22,10 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-# CPU pools are capped at this size unless num_kv_blocks or kv_cache_bytes says otherwise
 # the split's options that a colocated pipeline has no use for (one worker, no handoff)
 SPLIT_ONLY_OPTIONS = ("num_prompt_workers", "num_token_workers", "kv_handoff")
+# CPU pools are capped at this size unless num_kv_blocks or kv_cache_bytes says otherwise
 DEFAULT_CPU_KV_BYTES = 1 << 30
-DEFAULT_GPU_KV_FRACTION = 0.3
 
 
 def _gpu_usable(init_cuda: bool) -> bool:

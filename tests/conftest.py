@@ -131,6 +131,26 @@ def eos_model_dir(tmp_path_factory):
     return path, free_run, eos
 
 
+@pytest.fixture(autouse=True)
+def _sharded_gpu_kv_pool(monkeypatch):
+    """bench/gpu_suite.py runs the CUDA tests in parallel processes: there each pipeline sized
+    by default takes ``SPLITWISER_TEST_KV_CACHE_BYTES`` of KV pool on CUDA, not
+    ``gpu_memory_utilization`` of the device, which only one pipeline at a time may take."""
+    share = os.environ.get("SPLITWISER_TEST_KV_CACHE_BYTES")
+    if not share:
+        return
+    from splitwiser.runtime import engine
+
+    sized = engine.default_num_blocks
+
+    def shared(layout, device, *args, **kwargs):
+        if device.type != "cuda":
+            return sized(layout, device, *args, **kwargs)
+        return max(1, int(share) // layout.bytes_per_block)
+
+    monkeypatch.setattr(engine, "default_num_blocks", shared)
+
+
 class Leftovers:
     """What exists now, to compare with what exists after a pipeline is gone."""
 
