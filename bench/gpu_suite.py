@@ -488,6 +488,25 @@ def stage_sweep(suite: Suite) -> int:
     return rc or rc2
 
 
+def stage_prefix(suite: Suite) -> int:
+    """Prefix caching on a prefix-repetition workload (4 prefixes of 1,536 tokens, 96 requests
+    of 32 own tokens each, 16 out, all at once): Splitwiser with the cache, then without, each
+    summary with its hit rate and TTFT (``prefix-on-*/``, ``prefix-off-*/``)."""
+    stamp = time.strftime("%H%M%S")
+    args = ["--workload", "prefix-repetition", "--baseline", "none", "--num-requests", "96",
+            "--prefix-repetition-prefix-len", "1536", "--prefix-repetition-suffix-len", "32",
+            "--prefix-repetition-num-prefixes", "4", "--output-len", "16"]  # fmt: skip
+    if suite.small:
+        args = [*args[:4], "--num-requests", "4", "--prefix-repetition-prefix-len", "32",
+                "--prefix-repetition-suffix-len", "8", "--prefix-repetition-num-prefixes", "1",
+                "--output-len", "4"]  # fmt: skip
+    t0 = time.monotonic()
+    rc = _splitwiser(suite, "bench", f"prefix-on-{stamp}", args, suite.child_limit_s / 2)
+    left_s = max(10.0, suite.child_limit_s - (time.monotonic() - t0))
+    off = [*args, "--no-enable-prefix-caching"]
+    return rc or _splitwiser(suite, "bench", f"prefix-off-{stamp}", off, left_s)
+
+
 def stage_profile(suite: Suite, use_mps: bool) -> int:
     """Both phases under Nsight Compute; the summaries go to results/profile/. Under MPS ncu may
     refuse (its release notes list MPS as unsupported): the log then says so."""
@@ -513,13 +532,16 @@ STAGES = {
     "bench-nomps": lambda suite: stage_bench(suite, False),
     "bench-mps": lambda suite: stage_bench(suite, True),
     "sweep": stage_sweep,
+    "prefix": stage_prefix,
     "profile-nomps": lambda suite: stage_profile(suite, False),
     "profile-mps": lambda suite: stage_profile(suite, True),
 }
 
 
 # the stages that also run on the CPU (--device cpu; --small: small sizes, for the tests)
-CPU_STAGES = ("tests", "handoff", "bandwidth", "prefill", "bench-nomps", "bench-mps", "sweep")
+CPU_STAGES = (
+    "tests", "handoff", "bandwidth", "prefill", "bench-nomps", "bench-mps", "sweep", "prefix",
+)  # fmt: skip
 
 
 def default_out() -> Path:

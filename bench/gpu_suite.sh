@@ -8,7 +8,7 @@
 #   timeout -k 15 480 bash bench/gpu_suite.sh plan2 --budget-s 465 --archive DIR
 #
 # plan1: env tests prefill bandwidth; plan2: bench-nomps bench-mps sweep. Other stages:
-# handoff memory spike profile-nomps profile-mps (see bench/gpu_suite.py); all: the plans.
+# handoff memory spike prefix profile-nomps profile-mps (see bench/gpu_suite.py); all: the plans.
 # --archive DIR: everything this command wrote, logs included, as one
 # DIR/<run>-<time>-<stages>.tar.gz, written again after every stage (a command stopped at its
 # limit still leaves its finished stages). --budget-s S: the command's own time; each stage's
@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 declare -A limit_s=(
     [env]=60 [tests]=270 [prefill]=130 [bandwidth]=110
     [bench-nomps]=130 [bench-mps]=90 [sweep]=300
-    [handoff]=180 [memory]=240 [spike]=120 [profile-nomps]=540 [profile-mps]=540
+    [handoff]=180 [memory]=240 [spike]=120 [prefix]=150 [profile-nomps]=540 [profile-mps]=540
 )
 plan1=(env tests prefill bandwidth)
 plan2=(bench-nomps bench-mps sweep)
