@@ -77,23 +77,37 @@ def test_failed_start_is_one_clear_error_and_cleans_up(fake_mps, monkeypatch):
     assert not list(fake_mps.glob("splitwiser-mps-*"))
 
 
-def test_cli_start_status_stop_stops_only_its_own(fake_mps):
+def test_cli_start_status_stop_stops_only_its_own(fake_mps, capsys):
+    """``start`` and ``stop`` as real commands (the daemon outlives the command that started it;
+    another command finds it through the record); status and the repeats in this process,
+    through the command's own ``main`` (each reads the record again, as a new process would)."""
+    from splitwiser.cli import main
+
     env = dict(os.environ)
 
-    def cli(*args):
+    def command(*args):
         proc = subprocess.run([sys.executable, "-m", "splitwiser", "mps", *args],
                               capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
-    assert "started the MPS control daemon" in cli("start")
+    def cli(*args):
+        with pytest.raises(SystemExit) as exit_:
+            main.main(["mps", *args])
+        out, err = capsys.readouterr()
+        assert exit_.value.code == 0, err
+        return out
+
+    assert "started the MPS control daemon" in command("start")
     recorded = mps.load_recorded()
     assert recorded is not None and recorded.owned
+    assert psutil.pid_exists(recorded.pid) and mps.daemon_responds(recorded.pipe_dir)
     status = json.loads(cli("status", "--json"))
     assert status["started_by_splitwiser"]["running"] is True
     assert status["running"]["pipe_dir"] == recorded.pipe_dir
     assert "already runs" in cli("start")  # a second start reuses it
-    assert "stopped" in cli("stop")
+    assert mps.load_recorded().pipe_dir == recorded.pipe_dir
+    assert "stopped" in command("stop")
     assert not mps.daemon_responds(recorded.pipe_dir) and mps.load_recorded() is None
     assert "nothing stopped" in cli("stop")
     assert not psutil.pid_exists(recorded.pid) or psutil.Process(recorded.pid).status() == "zombie"

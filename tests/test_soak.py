@@ -3,7 +3,10 @@ private memory may grow after the warm-up (bench/soak.py, run as users run it).
 
 Shapes vary on purpose (prompt lengths, wave sizes, output lengths): every new batch shape is a
 new oneDNN primitive, and with oneDNN's default cache bounds a prompt worker's private memory
-grew by about a third within these 3,000 requests (and a token worker's by 7-9%).
+grew by about a third within 3,000 requests (and a token worker's by 7-9%). The runs here are
+as short as still shows that: with the default bounds (PRIMITIVE_CACHE_CAPACITY = 1024 in
+splitwiser/layers/linear.py) the split run's workers grew by 5-11% after its warm-up, the
+colocated worker by 27%, and both soaks failed.
 
 The verdict (what grew, what else fails a soak, the exit status) is checked on samples made up
 here: no run needed to see it fail."""
@@ -38,12 +41,14 @@ def soak(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "system, requests", [("splitwiser", 3000), ("colocated", 2000)], ids=["split", "colocated"]
+    "system, requests, warmup",
+    [("splitwiser", 1500, 300), ("colocated", 1000, 250)],
+    ids=["split", "colocated"],
 )
-def test_worker_memory_stays_flat_over_a_short_soak(tmp_path, leftovers, system, requests):
+def test_worker_memory_stays_flat_over_a_short_soak(tmp_path, leftovers, system, requests, warmup):
     proc, result = soak(
-        tmp_path, "--system", system, "--requests", str(requests), "--warmup", "500",
-        "--sample-every", "250", "--max-growth", "0.05", *VARIED,
+        tmp_path, "--system", system, "--requests", str(requests), "--warmup", str(warmup),
+        "--sample-every", str(warmup // 2), "--max-growth", "0.05", *VARIED,
     )  # fmt: skip
     assert result["failures"] == [], proc.stdout
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

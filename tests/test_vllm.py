@@ -1,7 +1,8 @@
 """The vLLM systems, run for real on CPU: greedy float32 output of one engine, parallel engines
 and the NIXL phase split equals ``generate()``; the KV really moves in the split; engine
 processes never outlive their pipeline; ``splitwiser bench --baseline vllm`` writes a valid
-summary. Engines start once per module, eager. Skipped only where vLLM is not installed."""
+summary. Engines start once per module (the parallel and split ones once per class), eager.
+Skipped only where vLLM is not installed."""
 
 from __future__ import annotations
 
@@ -54,14 +55,17 @@ def vllm_one():
     yield from _owned(VLLMPipeline)
 
 
-@pytest.fixture(scope="module")
+# The parallel and split pipelines live for their class alone: a failed parallel pipeline's
+# surviving engine goes on decoding its requests, and the split's idle engines (NIXL) each keep
+# a core busy; alive to the module's end they slowed its other tests by half.
+@pytest.fixture(scope="class")
 def vllm_parallel():
     from splitwiser.vllm import VLLMParallelPipeline
 
     yield from _owned(VLLMParallelPipeline)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def vllm_split():
     from splitwiser.vllm import VLLMSplitPipeline
 
@@ -115,21 +119,24 @@ def test_prompts_are_checked_against_the_models_context_as_splitwiser_does(vllm_
 
 
 @needs_vllm
-def test_parallel_engines_equal_generate_and_share_the_load(vllm_parallel, expected):
-    assert len(vllm_parallel.workers()) == 2
-    outs = vllm_parallel.generate(_prompts() * 2, GREEDY)
-    assert [o.token_ids for o in outs] == expected * 2
+class TestParallelEngines:
+    def test_they_equal_generate_and_share_the_load(self, vllm_parallel, expected):
+        assert len(vllm_parallel.workers()) == 2
+        outs = vllm_parallel.generate(_prompts() * 2, GREEDY)
+        assert [o.token_ids for o in outs] == expected * 2
 
-
-@needs_vllm
-def test_split_equals_generate_with_the_kv_moved(vllm_split, expected):
-    outs = vllm_split.generate(_prompts(), GREEDY)
-    assert [o.token_ids for o in outs] == expected
-    assert vllm_split.stats()["num_local_prefills"] == 0
-    bytes_per_token = vllm_split.kv_bytes_per_token
-    for out, n in zip(outs, PROMPT_LENS):
-        assert out.metrics.handoff_s > 0
-        assert out.metrics.kv_bytes_copied == n * bytes_per_token
+    def test_a_dead_engine_fails_its_requests_and_nothing_hangs(self, vllm_parallel):
+        # ignore_eos: no request can end by itself before the kill, however late it comes
+        long = SamplingParams(max_new_tokens=2000, ignore_eos=True)
+        handles = [vllm_parallel.submit(p, long) for p in _prompts()]
+        victim = next(iter(vllm_parallel.workers().values()))["pid"]
+        psutil.Process(victim).kill()
+        for h in handles:
+            with pytest.raises(WorkerCrashedError):
+                h.result(timeout=60)
+        assert vllm_parallel.stats()["health"] == "failed"
+        with pytest.raises(WorkerCrashedError):
+            vllm_parallel.submit([1, 2, 3], GREEDY)
 
 
 def _engine_run(pipe, engine: int, request_id: int, ids, params: dict, kv) -> tuple[list, dict]:
@@ -157,36 +164,31 @@ def _engine_run(pipe, engine: int, request_id: int, ids, params: dict, kv) -> tu
 
 
 @needs_vllm
-def test_split_decode_engine_reads_the_prefill_engines_kv(vllm_split, expected):
-    """Engine B given other prompt tokens with A's transfer parameters continues A's prompt,
-    not its own: the K/V it attends over came from A."""
-    from splitwiser.vllm.pipeline import vllm_params
+class TestSplit:
+    def test_it_equals_generate_with_the_kv_moved(self, vllm_split, expected):
+        outs = vllm_split.generate(_prompts(), GREEDY)
+        assert [o.token_ids for o in outs] == expected
+        assert vllm_split.stats()["num_local_prefills"] == 0
+        bytes_per_token = vllm_split.kv_bytes_per_token
+        for out, n in zip(outs, PROMPT_LENS):
+            assert out.metrics.handoff_s > 0
+            assert out.metrics.kv_bytes_copied == n * bytes_per_token
 
-    prompt = _prompts()[4]  # 300 tokens: three blocks
-    other = [(t * 13 + 5) % 1100 + 20 for t in prompt[:-1]] + [prompt[-1]]
-    prefill = vllm_params(GREEDY, 1) | {"detokenize": False}
-    _, kv = _engine_run(vllm_split, 0, 10_001, prompt, prefill, {"do_remote_decode": True})
-    assert kv and kv.get("remote_block_ids")
-    decode = vllm_params(GREEDY, 12)
-    moved, _ = _engine_run(vllm_split, 1, 10_002, other, decode, kv)
-    own = vllm_split.generate(other, GREEDY)[0].token_ids
-    assert moved != own
-    assert moved == expected[4]  # only the last token (equal in both) was computed by B
+    def test_the_decode_engine_reads_the_prefill_engines_kv(self, vllm_split, expected):
+        """Engine B given other prompt tokens with A's transfer parameters continues A's
+        prompt, not its own: the K/V it attends over came from A."""
+        from splitwiser.vllm.pipeline import vllm_params
 
-
-@needs_vllm
-def test_a_dead_engine_fails_its_requests_and_nothing_hangs(vllm_parallel):
-    # ignore_eos: no request can end by itself before the kill, however late it comes
-    long = SamplingParams(max_new_tokens=2000, ignore_eos=True)
-    handles = [vllm_parallel.submit(p, long) for p in _prompts()]
-    victim = next(iter(vllm_parallel.workers().values()))["pid"]
-    psutil.Process(victim).kill()
-    for h in handles:
-        with pytest.raises(WorkerCrashedError):
-            h.result(timeout=60)
-    assert vllm_parallel.stats()["health"] == "failed"
-    with pytest.raises(WorkerCrashedError):
-        vllm_parallel.submit([1, 2, 3], GREEDY)
+        prompt = _prompts()[4]  # 300 tokens: three blocks
+        other = [(t * 13 + 5) % 1100 + 20 for t in prompt[:-1]] + [prompt[-1]]
+        prefill = vllm_params(GREEDY, 1) | {"detokenize": False}
+        _, kv = _engine_run(vllm_split, 0, 10_001, prompt, prefill, {"do_remote_decode": True})
+        assert kv and kv.get("remote_block_ids")
+        decode = vllm_params(GREEDY, 12)
+        moved, _ = _engine_run(vllm_split, 1, 10_002, other, decode, kv)
+        own = vllm_split.generate(other, GREEDY)[0].token_ids
+        assert moved != own
+        assert moved == expected[4]  # only the last token (equal in both) was computed by B
 
 
 @needs_vllm
