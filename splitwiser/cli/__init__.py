@@ -19,16 +19,24 @@ _starting = threading.current_thread() is threading.main_thread()
 if _starting:
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
+import importlib  # noqa: E402
+
 import click  # noqa: E402
 
 from splitwiser import __version__  # noqa: E402
-from splitwiser.cli.bench import bench  # noqa: E402
-from splitwiser.cli.generate import generate, model  # noqa: E402
-from splitwiser.cli.mps import mps_group  # noqa: E402
-from splitwiser.cli.profile import profile  # noqa: E402
-from splitwiser.cli.serve import serve  # noqa: E402
-from splitwiser.cli.sweep import sweep  # noqa: E402
 from splitwiser.errors import SplitwiserError  # noqa: E402
+
+# each command's module, imported when that command runs (or --help lists it): `splitwiser mps
+# status` and an error in the arguments do not wait for torch, transformers and the engine
+COMMANDS = {
+    "bench": ("splitwiser.cli.bench", "bench"),
+    "sweep": ("splitwiser.cli.sweep", "sweep"),
+    "serve": ("splitwiser.cli.serve", "serve"),
+    "generate": ("splitwiser.cli.generate", "generate"),
+    "profile": ("splitwiser.cli.profile", "profile"),
+    "mps": ("splitwiser.cli.mps", "mps_group"),
+    "model": ("splitwiser.cli.generate", "model"),
+}
 
 if _starting:
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -77,12 +85,18 @@ class _Group(click.Group):
         except SplitwiserError as exc:
             _fail(str(exc))
 
+    def list_commands(self, ctx) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name: str):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
 
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="splitwiser")
 def main() -> None:
     """Splitwiser: prompt and token phases in separate worker processes on one device."""
 
-
-for _command in (bench, sweep, serve, generate, profile, mps_group, model):
-    main.add_command(_command)
