@@ -99,4 +99,3 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="splitwiser")
 def main() -> None:
     """Splitwiser: prompt and token phases in separate worker processes on one device."""
-
