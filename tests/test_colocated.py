@@ -88,6 +88,7 @@ def test_cancel_while_chunked_and_while_decoding_frees_the_blocks(
 def test_each_step_fills_the_token_budget_exactly(model_dirs, reference_models, leftovers):
     """The decodes take one token of the budget each, prefill chunks the rest, to the last."""
     prompt = [(11 * i) % 900 + 1 for i in range(48)]
+    other = [(13 * i) % 900 + 2 for i in range(45)]  # no prefix of it is cached
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)
     model = reference_models["llama"]
     with ColocatedPipeline(
@@ -100,13 +101,13 @@ def test_each_step_fills_the_token_budget_exactly(model_dirs, reference_models, 
         decoding = pipe.submit([4, 5, 6], SamplingParams(max_new_tokens=200, ignore_eos=True))
         next(iter(decoding.stream(timeout=60)))
         since = time.monotonic()
-        beside = pipe.generate([prompt[:45]], params)[0]
+        beside = pipe.generate([other], params)[0]
         chunks = [s.num_tokens for s in pipe.phase_log(since) if s.kind == "mixed"]
         assert chunks == [15, 15, 15]  # one token of each step went to the running decode
         decoding.cancel()
         decoding.result(timeout=60)
     assert alone.token_ids == hf_greedy(model, prompt, 4)
-    assert beside.token_ids == hf_greedy(model, prompt[:45], 4)
+    assert beside.token_ids == hf_greedy(model, other, 4)
     leftovers.assert_clean()
 
 

@@ -17,7 +17,8 @@ from splitwiser.sampling import sample_token, token_generator
 
 def _req(rid: int, prompt_len: int, max_new: int = 4) -> Request:
     params = SamplingParams(max_new_tokens=max_new)
-    return Request(rid, None, [1] * prompt_len, params, 0, max_new, RequestMetrics(0.0))
+    # a prompt of its own: no request waits for another's prefix
+    return Request(rid, None, [rid + 1] * prompt_len, params, 0, max_new, RequestMetrics(0.0))
 
 
 def test_blocks_needed_excludes_the_last_token():
