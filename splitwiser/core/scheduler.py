@@ -144,16 +144,19 @@ class Scheduler:
         """A chunked prefill goes on: its next chunk first, before anything newer."""
         self.waiting.appendleft(req)
 
-    def next_prefill_batch(self, others_running: bool = True) -> list[tuple[Request, int]]:
+    def next_prefill_batch(
+        self, others_running: bool = True, share: int | None = None
+    ) -> list[tuple[Request, int]]:
         """FCFS: the head of the queue, then as many followers as the budget and the pool
         allow: ``[(request, tokens to prefill)]``. With ``chunked`` the last one takes what is
         left of the budget (its next chunk follows in a later batch); without, a prompt over
-        the budget runs whole, alone."""
+        the budget runs whole, alone. ``share``: no follower is added once the batch holds
+        that many tokens (the budget still bounds it; no prompt is cut for the share)."""
         batch: list[tuple[Request, int]] = []
         num_tokens, passed = 0, []
         while self.waiting:
             req, room = self.waiting[0], self.max_prefill_tokens - num_tokens
-            if room <= 0:
+            if room <= 0 or (share is not None and num_tokens >= share):
                 break
             if self.waits_for_prefix(req):  # passed over until its prefix is published
                 passed.append(self.waiting.popleft())
@@ -177,14 +180,32 @@ class Scheduler:
         """Batches for the prompt workers with room, least loaded first: ``[(worker, batch)]``.
         ``prompt_worker_loads``: each ready prompt worker's batches in flight."""
         out = []
-        for worker in sorted(prompt_worker_loads, key=prompt_worker_loads.get):
-            if prompt_worker_loads[worker] >= self.max_batches_per_prompt_worker:
-                continue
-            batch = self.next_prefill_batch(others_running or bool(out))
+        workers = [w for w in sorted(prompt_worker_loads, key=prompt_worker_loads.get)
+                   if prompt_worker_loads[w] < self.max_batches_per_prompt_worker]  # fmt: skip
+        # NOTE: what waits is dealt out among the idle workers, not one batch filled to the
+        # budget while another worker has nothing (a few prompts after a shared prefix)
+        idle = sum(prompt_worker_loads[w] == 0 for w in workers)
+        share = -(-self._tokens_waiting() // idle) if idle > 1 else None
+        for worker in workers:
+            batch = self.next_prefill_batch(others_running or bool(out), share)
             if not batch:
                 break
             out.append((worker, batch))
         return out
+
+    def _tokens_waiting(self) -> int:
+        """Prefill tokens the queue holds, less what the prefix cache holds of them (bounded:
+        the budgets of a few batches is all a share needs to know)."""
+        total, bound = 0, 2 * self.max_prefill_tokens * self.max_batches_per_prompt_worker
+        for req in self.waiting:
+            if req.block_ids is not None:
+                total += req.num_prefill_left
+            else:
+                cached = len(self.pool.lookup(self.hashes(req, req.num_prefill_tokens - 1)))
+                total += req.num_prefill_tokens - cached * self.block_size
+            if total >= bound:
+                break
+        return total
 
     def free(self, req: Request) -> None:
         """Its blocks go back, tail first (the least likely to be shared are evicted first);
