@@ -77,14 +77,20 @@ class Scheduler:
             block_hashes(tokens, self.block_size, req.params.cache_salt, req.block_hashes)
         return req.block_hashes[:n]
 
+    def cached_prefix(self, req: Request) -> tuple[list[int], list[int]]:
+        """``req``'s prefill's full-block hashes that may hit (the last prefill token is always
+        computed: its logits give the next token), and the cached blocks of the longest run of
+        them."""
+        hashes = self.hashes(req, req.num_prefill_tokens - 1)
+        return hashes, self.pool.lookup(hashes)
+
     def _admit(self, req: Request, others_running: bool = True) -> bool:
         """Blocks for ``req``'s prefill and its first decode token, its cached prefix shared:
         False (nothing taken) when the pool cannot give them with the watermark kept free."""
         if req.block_ids is not None:
             return True
         num_prefill = req.num_prefill_tokens
-        # the last prefill token is always computed: its logits give the next token
-        hit = self.pool.lookup(self.hashes(req, num_prefill - 1))
+        _, hit = self.cached_prefix(req)
         num_tokens = min(num_prefill + 1, req.max_num_tokens)
         num_new = -(-num_tokens // self.block_size) - len(hit)
         num_taken = num_new + sum(self.pool.ref_counts[b] == 0 for b in hit)
@@ -125,8 +131,8 @@ class Scheduler:
         for that block's publication than to compute it again."""
         if req.block_ids is not None or not self.pool.enable_caching:
             return False
-        hashes = self.hashes(req, req.num_prefill_tokens - 1)
-        num_hit = len(self.pool.lookup(hashes))
+        hashes, hit = self.cached_prefix(req)
+        num_hit = len(hit)
         if num_hit == len(hashes):
             return False
         writer = self.pending.get(hashes[num_hit])
@@ -201,8 +207,8 @@ class Scheduler:
             if req.block_ids is not None:
                 total += req.num_prefill_left
             else:
-                cached = len(self.pool.lookup(self.hashes(req, req.num_prefill_tokens - 1)))
-                total += req.num_prefill_tokens - cached * self.block_size
+                _, hit = self.cached_prefix(req)
+                total += req.num_prefill_tokens - len(hit) * self.block_size
             if total >= bound:
                 break
         return total
