@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from splitwiser.models.default import build_tokenizer
+from splitwiser.runtime import spawn
 
 ARCHS = ("llama", "qwen2", "mistral", "opt")
 
@@ -161,10 +162,12 @@ class Leftovers:
     @staticmethod
     def _children() -> set[int]:
         out = set()
+        # multiprocessing's resource tracker and fork server are per-interpreter singletons,
+        # not workers (the fork server's children are)
+        server = spawn.forkserver_pid()
         for p in psutil.Process().children(recursive=True):
             try:
-                # multiprocessing's resource tracker is a per-interpreter singleton, not a worker
-                if "resource_tracker" not in " ".join(p.cmdline()):
+                if p.pid != server and "resource_tracker" not in " ".join(p.cmdline()):
                     out.add(p.pid)
             except psutil.NoSuchProcess:
                 pass

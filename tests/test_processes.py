@@ -20,6 +20,7 @@ import torch
 
 from splitwiser import ConfigError, EngineConfig, SamplingParams, SplitwiserPipeline
 from splitwiser.roles import ROLES
+from splitwiser.runtime import spawn
 from splitwiser.runtime.supervisor import Supervisor
 from tests.conftest import build_model_dir, hf_greedy
 
@@ -50,6 +51,51 @@ def test_workers_map_the_weights_instead_of_copying(tmp_path, leftovers):
             assert (ready["heap_reserved"] > 0) == name.startswith("splitwiser-prompt")
             assert psutil.Process(ready["pid"]).name().startswith("sw-")
         pipe.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))
+    leftovers.assert_clean()
+
+
+def test_cpu_workers_fork_from_a_preloaded_server_as_if_spawned(
+    model_dirs, reference_models, leftovers, monkeypatch, tmp_path
+):
+    """CPU workers fork from the fork server (torch and the worker's code imported once), yet
+    run as a spawned child would: with the environment and stderr the pipeline has when it
+    starts them, not those of when the server started. The spawn method is one variable away;
+    both give generate()'s tokens."""
+    prompt = [5, 9, 200, 31, 7]
+    expected = hf_greedy(reference_models["llama"], prompt, 6)
+    params = SamplingParams(max_new_tokens=6)
+
+    def run() -> list[dict]:
+        """Each worker as it runs: its parent, its CUDA_MPS_* variables, its stderr."""
+        with SplitwiserPipeline(model_dirs["llama"], num_prompt_workers=1, num_token_workers=1,
+                                device="cpu") as pipe:  # fmt: skip
+            assert pipe.generate([prompt], params)[0].token_ids == expected
+            seen = []
+            for ready in pipe.workers().values():
+                stderr = os.stat(f"/proc/{ready['pid']}/fd/2")
+                seen.append(dict(ppid=psutil.Process(ready["pid"]).ppid(), mps_env=ready["mps_env"],
+                                 stderr=(stderr.st_dev, stderr.st_ino)))  # fmt: skip
+            return seen
+
+    mine = (os.fstat(2).st_dev, os.fstat(2).st_ino)  # pytest's capture of this test
+    saved = os.dup(2)
+    try:  # the server runs from here on, if it did not already, with another stderr
+        with open(tmp_path / "stderr", "w") as other:
+            os.dup2(other.fileno(), 2)
+        run()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    server = spawn.forkserver_pid()
+    assert server is not None and psutil.pid_exists(server)
+    monkeypatch.setenv("CUDA_MPS_LOG_DIRECTORY", "/set/after/the/server/started")
+    late = {"CUDA_MPS_LOG_DIRECTORY": "/set/after/the/server/started"}
+    assert run() == [dict(ppid=server, mps_env=late, stderr=mine)] * 2
+    monkeypatch.setenv("SPLITWISER_WORKER_MULTIPROC_METHOD", "spawn")
+    assert run() == [dict(ppid=os.getpid(), mps_env=late, stderr=mine)] * 2
+    monkeypatch.setenv("SPLITWISER_WORKER_MULTIPROC_METHOD", "fork")
+    with pytest.raises(ConfigError, match="SPLITWISER_WORKER_MULTIPROC_METHOD"):
+        run()
     leftovers.assert_clean()
 
 
@@ -171,11 +217,11 @@ def _exit_0_if_sigint_blocked() -> None:  # runs in a spawned child
 
 
 SPAWN_HELD = """
-from splitwiser.runtime.procs import _CTX, _sigint_held
+from splitwiser.runtime import spawn
 from tests.test_processes import _exit_0_if_sigint_blocked
 if __name__ == "__main__":
-    with _sigint_held():  # the first spawn of a fresh interpreter
-        p = _CTX.Process(target=_exit_0_if_sigint_blocked)
+    with spawn.sigint_held():  # the first start of a fresh interpreter
+        p = spawn.worker_context("cpu").Process(target=_exit_0_if_sigint_blocked)
         p.start()
     p.join()
     raise SystemExit(p.exitcode)

@@ -265,7 +265,7 @@ def test_a_script_that_exits_without_close_stops_its_workers_quietly(model_dirs)
 
 def _wait_for_workers(parent: psutil.Process, n: int) -> list[psutil.Process]:
     def ours():
-        return [c for c in parent.children() if c.name().startswith("sw-")]
+        return [c for c in parent.children(recursive=True) if c.name().startswith("sw-")]
 
     _wait_for(lambda: len(ours()) == n, 120, "workers to start")
     return ours()

@@ -87,11 +87,12 @@ def assert_error(r: httpx.Response, status: int, kind: str, words: str) -> None:
 
 
 def worker_procs(server) -> list[psutil.Process]:
-    """The server's live worker processes (not multiprocessing's resource tracker)."""
+    """The server's live worker processes (not multiprocessing's resource tracker or fork
+    server): each names itself ``sw-<role>-<index>`` once started."""
     workers = []
-    for p in psutil.Process(server.proc.pid).children():
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess):  # gone meanwhile, or a zombie
-            if "spawn_main" in " ".join(p.cmdline()):
+            if p.name().startswith("sw-") and p.status() != psutil.STATUS_ZOMBIE:
                 workers.append(p)
     return workers
 

@@ -12,13 +12,12 @@ from multiprocessing import resource_sharer
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
 
+import torch
+
 from splitwiser.core import messages as m
 from splitwiser.errors import WorkerStartupError
 from splitwiser.runtime import spawn
 from splitwiser.worker.main import WorkerConfig, worker_main
-
-# the names tests/test_processes.py spawns with
-_CTX, _sigint_held = spawn.CTX, spawn.sigint_held
 
 _PICKLE_LOCK = threading.Lock()
 
@@ -54,16 +53,24 @@ def _close_lent(keys: set[int]) -> None:
             entry[1]()  # closes the duplicate fd
 
 
-def _worker_entry(cfg: WorkerConfig, in_conn, out_conn, parent_pid: int) -> None:
-    """The child's entry point: the payload (the first message), then ``worker_main``; silent
-    when the parent is gone. A parent that died leaves its worker a broken pipe, a refused
-    connection (the fds it lent) or an EOF: nothing a traceback would explain, and the parent
-    is not there to read it."""
+def _worker_entry(cfg: WorkerConfig, in_conn, out_conn, parent_pid: int, stdio) -> None:
+    """The child's entry point: the parent's environment and stdout/stderr (a worker forked from
+    the fork server has the server's, from when it started), the payload (the second message),
+    then ``worker_main``; silent when the parent is gone. A parent that died leaves its worker a
+    broken pipe, a refused connection (the fds it lent) or an EOF: nothing a traceback would
+    explain, and the parent is not there to read it."""
     try:
+        for target, fd in zip((1, 2), stdio):
+            if fd != target:
+                os.dup2(fd, target)
+                os.close(fd)
+        env = in_conn.recv()
+        os.environ.clear()
+        os.environ.update(env)
         payload = in_conn.recv_bytes()
         worker_main(cfg, payload, in_conn, out_conn)
     except (OSError, EOFError, SystemExit) as exc:
-        parent_gone = os.getppid() != parent_pid
+        parent_gone = not spawn.process_alive(parent_pid)
         if isinstance(exc, SystemExit) and not parent_gone:
             raise
         if parent_gone or isinstance(exc, (BrokenPipeError, ConnectionError, EOFError)):
@@ -76,19 +83,22 @@ class WorkerProc:
 
     def __init__(self, cfg: WorkerConfig, model, kv_pool):
         self.cfg = cfg
+        context = spawn.worker_context(torch.device(cfg.device).type)
         self._channel = spawn.Channel(cfg.name)
         self._feeder = self._channel.feeder  # a parent thread writes to the worker's pipe
         self.conn = self._channel.conn
-        self.process = spawn.CTX.Process(
+        stdio = (spawn.InheritedFd(1), spawn.InheritedFd(2))
+        self.process = context.Process(
             target=_worker_entry,
             name=cfg.name,
-            args=(cfg, self._channel.child_in, self._channel.child_out, os.getpid()),
+            args=(cfg, self._channel.child_in, self._channel.child_out, os.getpid(), stdio),
             daemon=True,  # never outlives the parent
         )
         self._lent: set[int] = set()
         try:
             spawn.start(self.process)  # a child re-running an unguarded script ends here
             self._channel.close_child_ends()
+            self._channel.send(dict(os.environ))  # as a spawned child would inherit it
             # the weights and the pool travel as shared handles (shm fds on CPU, CUDA IPC on
             # GPU), as the first message: spawn arguments must stay small (see spawn.start)
             payload, self._lent = _pickle_shared((model, kv_pool))

@@ -17,13 +17,27 @@ from multiprocessing import process as mp_process
 from multiprocessing import resource_tracker
 from multiprocessing.reduction import ForkingPickler
 
+import psutil
 import torch.multiprocessing as mp  # registers the tensor reductions (shm / CUDA IPC)
 
 from splitwiser.errors import ConfigError, WorkerStartupError
 
-# NOTE: spawn, never fork: CUDA cannot survive fork, and a forked child running multi-threaded
-# torch on CPU can deadlock in MKL.
+# NOTE: spawn, never a plain fork: CUDA cannot survive fork, and a forked child of a process that
+# ran multi-threaded torch on CPU can deadlock in MKL / OpenMP.
 CTX = mp.get_context("spawn")
+
+# CPU workers start from a fork server instead: one process, started with the first worker, that
+# has imported torch, transformers and the worker's code and run nothing. A spawned worker spends
+# about 5 s of CPU importing them, one forked from there next to none, so a pipeline starts and a
+# lost worker is replaced in a fraction of the time. The fork server never touches CUDA; CUDA
+# workers are still spawned (as vLLM's default), and SPLITWISER_WORKER_MULTIPROC_METHOD chooses
+# (vLLM's VLLM_WORKER_MULTIPROC_METHOD).
+# NOTE: a forked worker's parent is the fork server, which lives while any worker does: a worker
+# notices its pipeline's death by the EOF on its pipe, not by a new parent pid.
+FORKSERVER = mp.get_context("forkserver")
+FORKSERVER_PRELOAD = ["splitwiser.runtime.forkserver_preload"]
+START_METHODS = ("spawn", "forkserver")
+START_METHOD_ENV = "SPLITWISER_WORKER_MULTIPROC_METHOD"
 
 # a spawned child that re-ran an unguarded main script exits with this (sysexits' EX_CONFIG)
 MAIN_GUARD_EXIT_CODE = 78
@@ -33,6 +47,52 @@ MAIN_GUARD_HINT = (
     "Build the pipeline, and run everything that uses it, under that guard"
 )
 TERMINATE_WAIT_S = 2.0  # after SIGTERM, before SIGKILL
+
+
+def worker_context(device_type: str):
+    """The multiprocessing context a worker on ``device_type`` is started with (see FORKSERVER)."""
+    method = os.environ.get(START_METHOD_ENV) or ("forkserver" if device_type == "cpu" else "spawn")
+    if method not in START_METHODS:
+        raise ConfigError(
+            f"{START_METHOD_ENV} must be one of {', '.join(START_METHODS)}, not {method!r}"
+        )
+    if method == "spawn":
+        return CTX
+    # takes effect when the fork server starts (with the first worker); a no-op afterwards
+    FORKSERVER.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return FORKSERVER
+
+
+def forkserver_pid() -> int | None:
+    """The fork server's pid while this process has one (it is a child, not a worker)."""
+    from multiprocessing import forkserver
+
+    return getattr(forkserver._forkserver, "_forkserver_pid", None)  # a CPython detail
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class InheritedFd:
+    """A file descriptor of the parent that a child should get a duplicate of, as a spawned child
+    inherits them: pickled into a ``Process``'s arguments, it arrives as the child's own fd."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing import reduction
+
+        return _rebuild_fd, (reduction.DupFd(self.fd),)
+
+
+def _rebuild_fd(dup) -> int:
+    return dup.detach()
 
 
 def is_bootstrapping() -> bool:
