@@ -64,6 +64,7 @@ class Engine:
         if config.mps_pipe_dir is not None and str(config.device) != "cpu":
             join_mps(config.mps_pipe_dir)
         self.device = resolve_device(config.device)
+        spawn.start_worker_server(self.device.type)  # its imports overlap the model's loading
         self.dtype = resolve_dtype(config.dtype, self.device)
         loaded = load_model(config.model, dtype=self.dtype, device=self.device)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer

@@ -63,6 +63,17 @@ def worker_context(device_type: str):
     return FORKSERVER
 
 
+def start_worker_server(device_type: str) -> None:
+    """Start the fork server now if workers on ``device_type`` fork from it: its imports then
+    run while this process loads the model and allocates the pool. Ctrl-C is held as for a
+    worker, which inherits the server's signal mask."""
+    if worker_context(device_type) is FORKSERVER:
+        from multiprocessing import forkserver
+
+        with sigint_held():
+            forkserver.ensure_running()
+
+
 def forkserver_pid() -> int | None:
     """The fork server's pid while this process has one (it is a child, not a worker)."""
     from multiprocessing import forkserver
