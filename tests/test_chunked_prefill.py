@@ -86,6 +86,46 @@ def test_chunked_attention_sees_each_request_prefix_and_its_chunk_causally(prefi
         torch.testing.assert_close(out[starts[r] : starts[r + 1]].double(), ref, **TOL)
 
 
+def test_chunks_after_one_shared_prefix_take_the_cascade_and_equal_plain_attention(monkeypatch):
+    """Three chunks whose requests share 2 cached blocks (then 0, 3 and 5 cached tokens of their
+    own): the prefix's attention once for all queries, merged with each chunk's own by their
+    log-sum-exps (sdpa._cascade), equals float64 attention over each request's whole context."""
+    from splitwiser.layers.attention import sdpa
+
+    monkeypatch.setattr(sdpa, "CASCADE_MIN_TOKENS", 8)
+    calls = []
+    cascade = sdpa._cascade
+    monkeypatch.setattr(sdpa, "_cascade", lambda *a: calls.append(a[5]) or cascade(*a))
+    g = torch.Generator().manual_seed(1)
+    bs, heads, kv_heads, d = 4, 4, 2, 8
+    query_lens, own_cached = [5, 3, 4], [0, 3, 5]
+    context_lens = [8 + c + n for c, n in zip(own_cached, query_lens)]  # 13, 14, 17
+    pool = torch.randn((1, 2, 40 * bs, kv_heads, d), generator=g)
+    ids = torch.randperm(40, generator=g).tolist()
+    table = torch.tensor(
+        [ids[:2] + ids[2 + 3 * r : 5 + 3 * r] for r in range(3)], dtype=torch.int32
+    )
+    starts = [0, 5, 8, 12]
+    meta = AttentionMetadata(
+        is_prefill=False, kv_cache=pool, block_size=bs, slot_mapping=torch.zeros(0),
+        query_starts=torch.tensor(starts), max_query_len=5,
+        padded_index=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13]), block_table=table,
+        context_lens=torch.tensor(context_lens, dtype=torch.int32), max_context_len=17,
+        num_decodes=0, max_chunk_context_len=17, chunks_start_prompts=False,
+    )  # fmt: skip
+    q = torch.randn((12, heads, d), generator=g)
+    out = decode_attention(q, meta, 0, 0.3)
+    assert calls == [2]  # two shared blocks
+    for r, (n, ctx) in enumerate(zip(query_lens, context_lens)):
+        slots = _slots(table[r].tolist(), ctx, bs)
+        k, v = (pool[0, i, slots].double().repeat_interleave(2, 1) for i in (0, 1))
+        scores = torch.einsum("qhd,khd->hqk", q[starts[r] : starts[r + 1]].double(), k) * 0.3
+        positions = torch.arange(ctx - n, ctx)
+        scores.masked_fill_(torch.arange(ctx)[None, :] > positions[:, None], float("-inf"))
+        ref = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+        torch.testing.assert_close(out[starts[r] : starts[r + 1]].double(), ref, **TOL)
+
+
 # --------------------------------------------------------------------------- one prompt in chunks
 
 PROMPT_LEN = 29
