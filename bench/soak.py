@@ -26,10 +26,11 @@ show the curve). The exit status is 1 when any process's USS or RssAnon grew by 
 ``--max-growth`` (a fraction; USS's growth as a fraction of the larger of its USS and RssAnon at
 the warm-up: a CPU worker forked from the fork server starts with most of its heap shared, and
 the pages it writes become private without being new memory), when its threads or
-descriptors grew by more than ``--max-extra-handles``, when a worker was replaced (a new pid for a name) during the run, or
-when an output was wrong: every request must return exactly its ``max_new_tokens`` (finish
-"length"), and one fixed greedy request, repeated in every wave, the same tokens each time;
-with ``serve`` also when an HTTP request failed or the server did not stop cleanly.
+descriptors grew by more than ``--max-extra-handles``, when a worker was replaced (a new pid
+for a name) during the run, or when an output was wrong: every request must return exactly
+its ``max_new_tokens`` (finish "length"), and one fixed greedy request, repeated in every wave,
+the same tokens each time; with ``serve`` also when an HTTP request failed or the server did not
+stop cleanly.
 
 The workers bound oneDNN's per-shape primitive caches (``splitwiser/layers/linear.py``); to see
 what they hold unbounded, run with ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024 LRU_CACHE_CAPACITY=1024``
