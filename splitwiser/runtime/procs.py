@@ -100,7 +100,7 @@ class WorkerProc:
             self._channel.close_child_ends()
             self._channel.send(dict(os.environ))  # as a spawned child would inherit it
             # the weights and the pool travel as shared handles (shm fds on CPU, CUDA IPC on
-            # GPU), as the first message: spawn arguments must stay small (see spawn.start)
+            # GPU), after the environment: spawn arguments must stay small (see spawn.start)
             payload, self._lent = _pickle_shared((model, kv_pool))
             self._channel.send_bytes(payload)
         except BaseException:

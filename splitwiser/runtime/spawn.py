@@ -26,7 +26,7 @@ from splitwiser.errors import ConfigError, WorkerStartupError
 # ran multi-threaded torch on CPU can deadlock in MKL / OpenMP.
 CTX = mp.get_context("spawn")
 
-# CPU workers start from a fork server instead: one process, started with the first worker, that
+# CPU workers start from a fork server instead: one process, started with the pipeline, that
 # has imported torch, transformers and the worker's code and run nothing. A spawned worker spends
 # about 5 s of CPU importing them, one forked from there next to none, so a pipeline starts and a
 # lost worker is replaced in a fraction of the time. The fork server never touches CUDA; CUDA
@@ -58,7 +58,7 @@ def worker_context(device_type: str):
         )
     if method == "spawn":
         return CTX
-    # takes effect when the fork server starts (with the first worker); a no-op afterwards
+    # takes effect when the fork server starts (start_worker_server); a no-op afterwards
     FORKSERVER.set_forkserver_preload(FORKSERVER_PRELOAD)
     return FORKSERVER
 
