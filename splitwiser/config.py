@@ -103,6 +103,11 @@ class EngineConfig:
     # on the parent for memory (with 0 it may sit out steps while its grant is on the way)
     num_lookahead_blocks: int = 1
     max_num_seqs: int = 64  # requests decoded together by one token worker
+    # a prefilled request joins the fullest token worker with fewer than this many requests, so
+    # at low load they decode in one batch as one engine's would (each step reads the weights
+    # once for all of them); once every token worker has this many, the least loaded. 0: always
+    # the least loaded
+    decode_fill_seqs: int = 16
     max_prefill_tokens: int = 4096  # token budget of one prefill batch (longer prompts: chunks)
     # ONE colocated worker runs both phases (vLLM v1's policy) instead of prompt and token
     # workers; the baseline the split is measured against
@@ -217,7 +222,7 @@ class EngineConfig:
             raise ConfigError(
                 f"model_impl must be one of {', '.join(MODEL_IMPLS)}, got {self.model_impl!r}"
             )
-        for name in ("max_worker_restarts", "max_request_retries"):
+        for name in ("max_worker_restarts", "max_request_retries", "decode_fill_seqs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing.process
 import subprocess
 import time
+from collections import Counter
 
 import pytest
 
@@ -21,6 +22,7 @@ from splitwiser.errors import KVCacheTooSmallError, SplitwiserError, WorkerCrash
 from splitwiser.handoff import select_handoff
 from splitwiser.models.default import build_tokenizer
 from splitwiser.roles import make_roles
+from splitwiser.roles.token import pick_token_worker
 from splitwiser.runtime.supervisor import Supervisor
 from splitwiser.sampling import SamplingParams
 
@@ -146,8 +148,8 @@ def test_eos_ends_a_request_unless_ignore_eos(make_core, tokenizer):
     assert not b.handle.done() and b.owner == T0
 
 
-def test_token_workers_share_load_by_live_requests(make_core):
-    core = make_core()
+def test_token_workers_share_load_by_live_requests_with_no_fill(make_core):
+    core = make_core(decode_fill_seqs=0)
     reqs = [submit(core) for _ in range(3)]
     ((_, prefill),) = of_type(core.schedule({"prompt": [0]}), m.PrefillMsg)
     prefill_done(core, P0, prefill, [100] * 3)
@@ -158,6 +160,41 @@ def test_token_workers_share_load_by_live_requests(make_core):
     done = next(r for r in reqs if r.owner == T0)
     tokens(core, T0, [(done.request_id, 101)], finished=[True])
     assert core.loads("token") == {0: 1, 1: 1}
+
+
+def test_token_workers_fill_one_batch_before_the_next_gets_any(make_core):
+    core = make_core(decode_fill_seqs=2)
+    reqs = [submit(core) for _ in range(5)]
+    ((_, prefill),) = of_type(core.schedule({"prompt": [0]}), m.PrefillMsg)
+    prefill_done(core, P0, prefill, [100] * 5)
+    handoffs = of_type(core.schedule({"token": [0, 1]}), m.HandoffMsg)
+    # worker 0 to 2, worker 1 to 2, then the least loaded (the lower index among equals)
+    assert [k for k, _ in handoffs] == [T0, T0, T1, T1, T0]
+    # one of worker 1's requests ends: worker 1, at 1, is the one under the fill
+    r = next(r for r in reqs if r.owner == T1)
+    tokens(core, T1, [(r.request_id, 101)], finished=[True])
+    late = submit(core)
+    ((_, prefill),) = of_type(core.schedule({"prompt": [0]}), m.PrefillMsg)
+    prefill_done(core, P0, prefill, [100])
+    ((key, _),) = of_type(core.schedule({"token": [0, 1]}), m.HandoffMsg)
+    assert key == T1 and late.owner == T1
+
+
+@pytest.mark.parametrize(
+    "ready, loads, fill, picked",
+    [
+        ([0, 1], {}, 16, 0),  # all idle: the first
+        ([0, 1], {1: 3}, 16, 1),  # the fullest under the fill
+        ([0, 1], {0: 16, 1: 3}, 16, 1),  # worker 0 is full
+        ([0, 1], {0: 16, 1: 16}, 16, 0),  # both full: the least loaded, lower index first
+        ([0, 1], {0: 17, 1: 16}, 16, 1),
+        ([1], {0: 0, 1: 20}, 16, 1),  # only ready workers count
+        ([0, 1], {0: 3, 1: 2}, 0, 1),  # no fill: the least loaded
+        ([0, 1, 2], {0: 5, 1: 9, 2: 1}, 8, 0),  # 1 is past the fill: 0 is the fullest under
+    ],
+)
+def test_pick_token_worker(ready, loads, fill, picked):
+    assert pick_token_worker(ready, Counter(loads), fill) == picked
 
 
 def test_abort_while_waiting(make_core):

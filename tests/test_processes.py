@@ -277,6 +277,27 @@ def test_phase_priority_sets_the_yielding_workers_niceness(model_dirs, reference
     leftovers.assert_clean()
 
 
+@pytest.mark.parametrize("fill, workers", [(16, {("token", 0)}), (0, {("token", 0), ("token", 1)})])
+def test_decoding_requests_fill_one_token_worker_first(
+    fill, workers, model_dirs, reference_models, leftovers
+):
+    """With ``decode_fill_seqs`` at 16 six requests decode in token worker 0's batch and worker 1
+    runs no step; at 0 they are spread. Tokens equal ``generate()``'s either way."""
+    prompts = [[5, 9, 200 + i, 31, 7] for i in range(6)]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    with SplitwiserPipeline(
+        model_dirs["llama"], device="cpu", num_token_workers=2, decode_fill_seqs=fill
+    ) as pipe:
+        outs = pipe.generate(prompts, params)
+        steps = [r for r in pipe.phase_log() if r.kind == "decode"]
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(reference_models["llama"], prompt, 24)
+    assert {r.worker for r in steps} == workers
+    if fill:
+        assert max(r.num_tokens for r in steps) == 6  # every request in one step
+    leftovers.assert_clean()
+
+
 def test_phase_priority_must_be_known():
     with pytest.raises(ConfigError, match="phase_priority must be one of prefill, equal, decode"):
         SplitwiserPipeline(device="cpu", phase_priority="tokens")

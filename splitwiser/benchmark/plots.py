@@ -81,7 +81,8 @@ def telemetry_plot(path: Path, runs) -> None:
             if key in ("cpu_percent", "pss_mib"):
                 totals: dict[float, float] = {}
                 for row in run.telemetry.samples:
-                    totals[row["time_s"]] = totals.get(row["time_s"], 0.0) + (row[key] or 0.0)
+                    if row[key] is not None:  # PSS: only the samples that read it
+                        totals[row["time_s"]] = totals.get(row["time_s"], 0.0) + row[key]
                 xs = sorted(totals)
                 ys = [totals[x] for x in xs]
             else:

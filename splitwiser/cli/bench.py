@@ -12,6 +12,7 @@ from splitwiser.benchmark.workloads import WORKLOADS
 from splitwiser.cli.common import (
     ENGINE_DEFAULTS,
     command_line,
+    decode_fill_seqs_option,
     device_option,
     dtype_option,
     enforce_eager_option,
@@ -53,6 +54,7 @@ _SHARED = (
     kv_memory_options,
     model_impl_option(),
     phase_priority_option(),
+    decode_fill_seqs_option(),
     enforce_eager_option(
         "CUDA: run decode without CUDA graphs; vLLM systems: no compilation either."
     ),

@@ -69,6 +69,16 @@ def phase_priority_option():
     )  # fmt: skip
 
 
+def decode_fill_seqs_option():
+    return click.option(
+        "--decode-fill-seqs", type=click.IntRange(min=0),
+        default=ENGINE_DEFAULTS["decode_fill_seqs"], show_default=True,
+        help="A prefilled request joins the fullest token worker with fewer than this many "
+        "requests (one batch at low load, as one engine's), then the least loaded; 0: always "
+        "the least loaded.",
+    )  # fmt: skip
+
+
 def enforce_eager_option(help: str = "CUDA: decode without CUDA graphs."):
     return click.option("--enforce-eager", is_flag=True, help=help)
 

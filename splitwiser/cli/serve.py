@@ -9,6 +9,7 @@ import click
 
 from splitwiser.cli.common import (
     ENGINE_DEFAULTS,
+    decode_fill_seqs_option,
     device_option,
     dtype_option,
     enforce_eager_option,
@@ -116,6 +117,7 @@ def _mps_pipe_dir(mode: str, device: str) -> str | None:
 @kv_memory_options
 @model_impl_option()
 @phase_priority_option()
+@decode_fill_seqs_option()
 @enforce_eager_option()
 @max_num_batched_tokens_option("Colocated: the token budget of one step. [default: as vLLM]")
 @click.option(
