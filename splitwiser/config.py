@@ -12,6 +12,7 @@ from splitwiser.errors import ConfigError
 KV_HANDOFF_MODES = ("shared", "copy")
 MODEL_IMPLS = ("auto", "splitwiser", "transformers")
 PHASE_PRIORITIES = ("prefill", "equal", "decode")
+PHASE_CONTROLS = ("static", "slo")  # EngineConfig.phase_control
 # the niceness given to the workers of the phase that yields (the most a process can take)
 _YIELDING_NICE = 19
 _DTYPES = {
@@ -148,6 +149,14 @@ class EngineConfig:
     # prompt workers yield instead; "equal": neither. CUDA: no effect (the GPU is shared
     # through MPS, see mps_thread_percentage)
     phase_priority: str = "prefill"
+    # "static": the prompt workers' share stays as configured; "slo": once per
+    # phase_control_window_s, it moves toward the phase whose SLO the window's p90 misses
+    # (splitwiser.core.phase_control: how many prompt workers run a batch at once, and the
+    # prefill budget). Split only
+    phase_control: str = "static"
+    ttft_slo_ms: float | None = None  # phase_control "slo": the SLOs (None: that phase has none)
+    tpot_slo_ms: float | None = None
+    phase_control_window_s: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("num_prompt_workers", "num_token_workers"):
@@ -217,6 +226,22 @@ class EngineConfig:
             raise ConfigError(
                 f"phase_priority must be one of {', '.join(PHASE_PRIORITIES)}, "
                 f"got {self.phase_priority!r}"
+            )
+        if self.phase_control not in PHASE_CONTROLS:
+            raise ConfigError(
+                f"phase_control must be one of {', '.join(PHASE_CONTROLS)}, "
+                f"got {self.phase_control!r}"
+            )
+        for name in ("ttft_slo_ms", "tpot_slo_ms", "phase_control_window_s"):
+            value = getattr(self, name)
+            if (value is not None or name == "phase_control_window_s") and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            ):
+                raise ConfigError(f"{name} must be positive, got {value!r}")
+        if self.phase_control == "slo" and self.colocated:
+            raise ConfigError(
+                "phase_control='slo' moves work between prompt and token workers: the colocated "
+                "engine has neither (use phase_control='static')"
             )
         if self.model_impl not in MODEL_IMPLS:
             raise ConfigError(

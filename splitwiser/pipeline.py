@@ -51,6 +51,12 @@ class _EnginePipeline:
         figures of ``splitwiser sweep`` are computed from."""
         return self._engine.phase_log(since_s)
 
+    def set_phase_slo(self, ttft_ms: float | None = None, tpot_ms: float | None = None) -> None:
+        """The SLOs ``phase_control="slo"`` steers by, from now on (None: that phase has none);
+        they start as ``ttft_slo_ms`` and ``tpot_slo_ms``. ``SplitwiserError`` under static
+        control."""
+        self._engine.set_phase_slo(ttft_ms, tpot_ms)
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block (benchmarks that must start cold). Returns False,
         and does nothing, while any request holds blocks (as vLLM's)."""
@@ -62,8 +68,11 @@ class _EnginePipeline:
         among them, ``num_used_blocks``), the prefix cache's ``prefix_cache_queries`` and
         ``prefix_cache_hits`` (prompt tokens since the start), ``num_preemptions``,
         ``num_unfinished`` (counted from ``submit()``), ``num_retried``,
-        ``phases``, and the pipeline's health: ``health`` ("ok", "degraded" while a worker
-        restarts, "failed" once a role crashed past the restart rate, "closed"), ``error``, and
+        ``phases``, ``phase_control`` (``mode``; with "slo" its current ``level``,
+        ``prefill_concurrency`` and ``max_prefill_tokens``, the SLOs, and every step it took
+        in ``decisions``: time, level, what and why), and the pipeline's health: ``health``
+        ("ok", "degraded" while a worker restarts, "failed" once a role crashed past the restart
+        rate, "closed"), ``error``, and
         per role in ``workers`` the workers configured, ready, starting and vacant, with their
         restarts over the pipeline's life and within the restart window."""
         return self._engine.stats()

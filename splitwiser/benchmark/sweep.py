@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
@@ -71,6 +71,9 @@ class SweepJob:
     system: SystemJob  # what to build and warm up: its name picks the pipeline
     points: tuple[tuple[float, tuple[BenchRequest, ...]], ...]  # (rate, schedule), increasing
     unloaded_index: int  # the request timed alone (median prompt length)
+    # --slo multiples (key -> factor): phase control steers by these times the system's own
+    # single request (the sweep's reference system runs in another process)
+    slo_multiples: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -82,6 +85,9 @@ class PointRun:
     phase_log: list | None  # PhaseRecords, seconds after the point began; None: not an engine
     phases: dict | None  # phase_summary of the point's counters
     kv_cache: dict  # prefix cache hits and preemptions over the point (kv_cache_facts)
+    # phase control: its level at the point's end and its steps during the point (seconds
+    # after the point began); None: the system has none
+    phase_control: dict | None = None
 
 
 @dataclass
@@ -131,6 +137,7 @@ def run_points(job: SweepJob) -> SweepRun:
     with build_system(spec, device, dtype) as system:
         warm_up(spec, system)
         unloaded = _time_alone(job, system)
+        _steer_by_slo(job, system, unloaded)
         first = system.phase_counters()
         bar = tqdm(total=total, desc=f"{job.name:>10}", unit="req", disable=not spec.show)
         with bar:
@@ -150,10 +157,34 @@ def run_points(job: SweepJob) -> SweepRun:
                     now = system.phase_counters()
                     phases = phase_summary({k: v - before[k] for k, v in now.items()})
                 points.append(PointRun(rate, records, duration_s, telemetry, log, phases,
-                                       kv_cache_facts(system, start)))  # fmt: skip
+                                       kv_cache_facts(system, start),
+                                       _control_during(system, since)))  # fmt: skip
         records = [r for p in points for r in p.records]
         extra = system.facts(spec.config, records, first)
     return SweepRun(job.name, points, unloaded, extra, os.getpid(), device_info(device))
+
+
+def _steer_by_slo(job: SweepJob, system: BenchSystem, unloaded: dict) -> None:
+    """Phase control's SLOs: those given in ms (already in the engine's config) and the
+    multiples of this system's single request."""
+    engine = job.system.config.engine
+    slo = {"ttft_ms": engine.ttft_slo_ms, "tpot_ms": engine.tpot_slo_ms}
+    for key, factor in job.slo_multiples.items():
+        if key in slo and unloaded.get(key) is not None:
+            slo[key] = factor * unloaded[key]
+    system.set_phase_slo(slo["ttft_ms"], slo["tpot_ms"])
+
+
+def _control_during(system: BenchSystem, since: float) -> dict | None:
+    state = system.phase_control()
+    if state is None or state["mode"] != "slo":
+        return None
+    steps = [{**d, "time_s": d["time_s"] - since} for d in state["decisions"]
+             if d["time_s"] >= since]  # fmt: skip
+    return {"level": state["level"], "prefill_concurrency": state["prefill_concurrency"],
+            "max_prefill_tokens": state["max_prefill_tokens"],
+            "ttft_slo_ms": state["ttft_slo_ms"], "tpot_slo_ms": state["tpot_slo_ms"],
+            "steps": steps}  # fmt: skip
 
 
 def _schedules(config: SweepConfig, workload: Workload) -> tuple:
@@ -207,6 +238,8 @@ def point_summary(
     out["telemetry"] = point.telemetry.summary(metrics["total_output_tokens"])
     out["joules_per_output_token"] = (out["telemetry"]["gpu"] or {}).get("joules_per_output_token")
     out["kv_cache"] = point.kv_cache
+    if point.phase_control is not None:
+        out["phase_control"] = point.phase_control
     if point.phase_log is not None:
         out |= decode_step_stats(point.phase_log, mixed_steps)
         out["interference"] = interference(point.phase_log, mixed_steps)
@@ -273,7 +306,8 @@ def run_sweep(config: SweepConfig, *, command: str | None = None, show: bool = T
         for name, (kind, system_config) in config.systems.items():
             system = SystemJob(kind, system_config, str(device), mps_env,
                                list(workload.requests), prompts, show)  # fmt: skip
-            job = SweepJob(name, system, schedules, _unloaded_index(workload))
+            job = SweepJob(name, system, schedules, _unloaded_index(workload),
+                           dict(config.slo_multiples or {}))  # fmt: skip
             runs[name] = run_in_child(job, target=run_points)
     slo, slo_reference = resolve_slo(config, runs)
     systems = summarize_systems(config, runs, slo)

@@ -23,6 +23,7 @@ from splitwiser.cli.common import (
     model_option,
     mps_options,
     mps_split_option,
+    phase_control_option,
     phase_priority_option,
     procs_options,
     resolve_mps,
@@ -55,6 +56,7 @@ _SHARED = (
     model_impl_option(),
     phase_priority_option(),
     decode_fill_seqs_option(),
+    phase_control_option(),
     enforce_eager_option(
         "CUDA: run decode without CUDA graphs; vLLM systems: no compilation either."
     ),
@@ -143,6 +145,10 @@ def bench_config(ctx, *, no_mps, mps_mode, procs, prompt_procs, no_plots, **opti
             raise ConfigError(f"--kv-cache-tokens must be a positive multiple of the block size "
                               f"({block_size}), got {kv_cache_tokens}")  # fmt: skip
         engine["num_kv_blocks"] = kv_cache_tokens // block_size
+    if engine.get("phase_control") == "slo":  # it steers by the run's SLOs; a sweep's
+        # multiples are resolved against the system's own single request once it is timed
+        slo = options.get("slo") or {}
+        engine["ttft_slo_ms"], engine["tpot_slo_ms"] = slo.get("ttft_ms"), slo.get("tpot_ms")
     return BenchConfig(
         engine=EngineConfig(**split_procs(procs, prompt_procs), **engine),
         mps=resolve_mps(ctx, mps_mode, no_mps),

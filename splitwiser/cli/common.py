@@ -8,7 +8,13 @@ from dataclasses import fields
 
 import click
 
-from splitwiser.config import KV_HANDOFF_MODES, MODEL_IMPLS, PHASE_PRIORITIES, EngineConfig
+from splitwiser.config import (
+    KV_HANDOFF_MODES,
+    MODEL_IMPLS,
+    PHASE_CONTROLS,
+    PHASE_PRIORITIES,
+    EngineConfig,
+)
 
 ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
 MODEL_HELP = "HF directory, hub id or random:<preset>. [default: embedded model]"
@@ -66,6 +72,16 @@ def phase_priority_option():
         default=ENGINE_DEFAULTS["phase_priority"], show_default=True,
         help="CPU: whose workers the OS favours on shared cores; prefill: token workers yield "
         "(prompts first, full decode batches), decode: prompt workers yield.",
+    )  # fmt: skip
+
+
+def phase_control_option():
+    return click.option(
+        "--phase-control", type=click.Choice(PHASE_CONTROLS),
+        default=ENGINE_DEFAULTS["phase_control"], show_default=True,
+        help="slo: once per window, move the prompt workers' share (how many prefill at once, "
+        "the prefill budget) toward the phase whose SLO (--slo) the window's p90 misses; "
+        "static: as configured.",
     )  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from splitwiser.cli.common import (
     model_option,
     mps_options,
     mps_split_option,
+    phase_control_option,
     phase_priority_option,
     procs_options,
     resolve_mps,
@@ -118,6 +119,11 @@ def _mps_pipe_dir(mode: str, device: str) -> str | None:
 @model_impl_option()
 @phase_priority_option()
 @decode_fill_seqs_option()
+@phase_control_option()
+@click.option(
+    "--slo", default=None, metavar="ttft_ms=..,tpot_ms=..",
+    help="The latency SLOs --phase-control slo steers by (milliseconds).",
+)  # fmt: skip
 @enforce_eager_option()
 @max_num_batched_tokens_option("Colocated: the token budget of one step. [default: as vLLM]")
 @click.option(
@@ -144,7 +150,7 @@ def _mps_pipe_dir(mode: str, device: str) -> str | None:
 @click.pass_context
 def serve(ctx, model, host, port, api_key, served_model_name, chat_template, procs,
           prompt_procs, colocated, mps_mode, no_mps, mps_split, shutdown_timeout, max_body_bytes,
-          log_level, no_access_log, **engine) -> int:  # fmt: skip
+          log_level, no_access_log, slo, **engine) -> int:  # fmt: skip
     """Serve the model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions,
     /v1/models), plus /health, /version, /metrics, /tokenize, /detokenize and
     /reset_prefix_cache.
@@ -153,6 +159,7 @@ def serve(ctx, model, host, port, api_key, served_model_name, chat_template, pro
     cancel the rest, close the workers; exit 0 (143 on SIGTERM).
     """
     from splitwiser.benchmark.config import split_procs
+    from splitwiser.benchmark.metrics import parse_slo
     from splitwiser.errors import ConfigError
 
     try:
@@ -187,6 +194,10 @@ def serve(ctx, model, host, port, api_key, served_model_name, chat_template, pro
             if colocated
             else ENGINE_DEFAULTS["max_num_seqs"]
         )
+    slos = parse_slo(slo)
+    if set(slos) - {"ttft_ms", "tpot_ms"}:
+        raise ConfigError("--slo: phase control steers by ttft_ms and tpot_ms only")
+    engine["ttft_slo_ms"], engine["tpot_slo_ms"] = slos.get("ttft_ms"), slos.get("tpot_ms")
     config = EngineConfig(
         model=spec, colocated=colocated, mps_pipe_dir=pipe_dir,
         mps_thread_percentage=split if pipe_dir else None, **workers, **engine,

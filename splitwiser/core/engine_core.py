@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from splitwiser.config import EngineConfig
 from splitwiser.core import messages as m
+from splitwiser.core.phase_control import SloPhaseController, ladder
 from splitwiser.core.prompts import PromptChecker
 from splitwiser.core.request import Request, RequestStatus, WorkerKey
 from splitwiser.core.scheduler import Scheduler
@@ -95,6 +96,13 @@ class EngineCore:
         self.stop_matchers: dict[int, StopStringMatcher] = {}
         self._request_ids = itertools.count()  # next() is atomic: callers on any thread
         self._batch_ids = itertools.count()
+        self.phase_control: SloPhaseController | None = None
+        if config.phase_control == "slo":
+            self.phase_control = SloPhaseController(
+                _seconds(config.ttft_slo_ms), _seconds(config.tpot_slo_ms),
+                ladder(config.num_prompt_workers, config.max_prefill_tokens),
+                config.phase_control_window_s, time.monotonic(),
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ inputs
 
@@ -176,7 +184,13 @@ class EngineCore:
         self._retry(orphans, f"{worker_name(worker)} {reason}")
 
     def schedule(self, ready: dict[str, Iterable[int]]) -> list[Send]:
-        """Work for the ready workers (``ready``: role -> indices), role by role."""
+        """Work for the ready workers (``ready``: role -> indices), role by role; first, once
+        per window, the phase control's step."""
+        if self.phase_control is not None:
+            level = self.phase_control.tick(time.monotonic())
+            if level is not None:
+                self.scheduler.prefill_concurrency = level.prefill_concurrency
+                self.scheduler.max_prefill_tokens = level.max_prefill_tokens
         sends: list[Send] = []
         for name, role in self.roles.items():
             indices = list(ready.get(name, ()))
@@ -231,6 +245,9 @@ class EngineCore:
             "num_unfinished": sum(not r.is_finished for r in self.requests.values()),
             "num_retried": self.num_retried,
             "phases": dict(self.phase_counters),
+            "phase_control": (
+                {"mode": "static"} if self.phase_control is None else self.phase_control.snapshot()
+            ),
         }
 
     # ------------------------------------------------------------------ what roles call
@@ -265,6 +282,12 @@ class EngineCore:
 
     def admit_next(self) -> Request | None:
         return self.scheduler.admit_next(self.pool.num_used > 0)
+
+    def set_phase_slo(self, ttft_ms: float | None, tpot_ms: float | None) -> None:
+        """The SLOs phase control steers by (``phase_control="slo"`` only)."""
+        if self.phase_control is None:
+            raise SplitwiserError("set_phase_slo needs phase_control='slo'")
+        self.phase_control.set_slo(_seconds(ttft_ms), _seconds(tpot_ms))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block; False while a request holds blocks (nothing done)."""
@@ -370,6 +393,8 @@ class EngineCore:
         asked for them); the stop rule decides its end."""
         req.output_token_ids.append(token)
         req.metrics.token_times.append(now)
+        if self.phase_control is not None and len(req.metrics.token_times) == 1:
+            self.phase_control.observe_ttft(now - req.metrics.arrival_time)
         if req.params.logprobs is not None:
             req.output_logprobs.append(logprobs)
         req.handle._push(token, logprobs)
@@ -397,6 +422,10 @@ class EngineCore:
         if text is None:
             text = self.checker.decode(req.output_token_ids) if matcher is None else matcher.text
         req.finish(reason, now, text)
+        if self.phase_control is not None and reason is not None:
+            tpot = req.metrics.tpot_s
+            if tpot is not None:
+                self.phase_control.observe_tpot(tpot)
         if req.owner is None:
             self.release(req)
             return []
@@ -440,6 +469,10 @@ class EngineCore:
             again.append(req)
         self.num_retried += len(again)
         self.scheduler.requeue_front(again)
+
+
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1e3
 
 
 def worker_name(worker: WorkerKey) -> str:

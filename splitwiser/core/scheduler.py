@@ -39,6 +39,9 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_batches_per_prompt_worker = max_batches_per_prompt_worker
         self.chunked = chunked  # a prompt over max_prefill_tokens is prefilled in chunks
+        # prompt workers running a batch at once (None: all of them); phase control sets it,
+        # and max_prefill_tokens, between ticks
+        self.prefill_concurrency: int | None = None
         self.waiting: deque[Request] = deque()
 
     def add(self, req: Request) -> None:
@@ -184,10 +187,17 @@ class Scheduler:
         self, prompt_worker_loads: dict[int, int], others_running: bool = True
     ) -> list[tuple[int, list[tuple[Request, int]]]]:
         """Batches for the prompt workers with room, least loaded first: ``[(worker, batch)]``.
-        ``prompt_worker_loads``: each ready prompt worker's batches in flight."""
+        ``prompt_worker_loads``: each ready prompt worker's batches in flight. An idle worker
+        gets one only while fewer than ``prefill_concurrency`` workers are busy (a busy one may
+        queue its next batch: that adds no concurrency)."""
         out = []
         workers = [w for w in sorted(prompt_worker_loads, key=prompt_worker_loads.get)
                    if prompt_worker_loads[w] < self.max_batches_per_prompt_worker]  # fmt: skip
+        if self.prefill_concurrency is not None:
+            busy = sum(n > 0 for n in prompt_worker_loads.values())
+            idle = [w for w in workers if prompt_worker_loads[w] == 0]
+            allowed = set(idle[: max(0, self.prefill_concurrency - busy)])
+            workers = [w for w in workers if prompt_worker_loads[w] > 0 or w in allowed]
         # NOTE: what waits is dealt out among the idle workers, not one batch filled to the
         # budget while another worker has nothing (a few prompts after a shared prefix)
         idle = sum(prompt_worker_loads[w] == 0 for w in workers)

@@ -195,6 +195,10 @@ class Engine:
         with self._lock:
             return not self._closed and self.core.reset_prefix_cache()
 
+    def set_phase_slo(self, ttft_ms: float | None, tpot_ms: float | None) -> None:
+        with self._lock:
+            self.core.set_phase_slo(ttft_ms, tpot_ms)
+
     def phase_log(self, since_s: float = 0.0) -> list:
         """The prefill batches and decode steps that began at or after ``since_s``
         (``time.monotonic()``), as ``PhaseRecord``s, oldest first (at most the latest 65,536)."""

@@ -73,6 +73,14 @@ class BenchSystem:
         system without one."""
         return None
 
+    def set_phase_slo(self, ttft_ms: float | None, tpot_ms: float | None) -> bool:
+        """Give phase control its SLOs; False: this system has none."""
+        return False
+
+    def phase_control(self) -> dict | None:
+        """The phase control's state and decisions (``stats()["phase_control"]``); None: none."""
+        return None
+
     def kv_pool_tokens(self) -> int | None:
         """Tokens the KV pool holds (all engines together); None: not known."""
         return None

@@ -22,6 +22,6 @@ class ColocatedSystem(EngineSystem):
         seqs = engine.max_num_seqs * engine.num_token_workers
         return cls(spec, pipeline_from_config(replace(
             engine, device=str(device), dtype=dtype, mps_pipe_dir=mps_pipe_dir,
-            mps_thread_percentage=None, colocated=True,
+            mps_thread_percentage=None, colocated=True, phase_control="static",
             max_num_seqs=min(seqs, engine.max_num_batched_tokens or seqs),
         )))  # fmt: skip

@@ -28,6 +28,16 @@ class EngineSystem(BenchSystem):
         reset = getattr(self.pipe, "reset_prefix_cache", None)
         return None if reset is None else reset()
 
+    def set_phase_slo(self, ttft_ms: float | None, tpot_ms: float | None) -> bool:
+        """Give phase control its SLOs; False where the system has none (static control)."""
+        if self.pipe.config.phase_control != "slo":
+            return False
+        self.pipe.set_phase_slo(ttft_ms, tpot_ms)
+        return True
+
+    def phase_control(self) -> dict:
+        return self.pipe.stats()["phase_control"]
+
     def kv_pool_tokens(self) -> int | None:
         return self.pipe.num_kv_blocks * self.pipe.config.block_size
 
