@@ -81,6 +81,10 @@ def test_too_few_observations_extend_the_window_and_a_missing_slo_is_never_misse
     ctl = _controller()
     assert _window(ctl, 1.0, ttft_ms=50, tpot_ms=30, n=MIN_OBSERVATIONS - 1) is None
     assert _window(ctl, 1.2, ttft_ms=50, tpot_ms=30, n=1) == Level(1, 4096)
+    ctl = _controller()  # TPOTs alone (the TTFTs of a window's requests came before it)
+    for _ in range(MIN_OBSERVATIONS):
+        ctl.observe_tpot(0.1)
+    assert ctl.tick(1.0) is None and ctl.level == 0
     ctl = _controller(ttft_ms=None)
     assert _window(ctl, 1.0, ttft_ms=10_000, tpot_ms=30) == Level(1, 4096)
     ctl = _controller(tpot_ms=None)

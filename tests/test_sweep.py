@@ -247,10 +247,11 @@ def test_a_bad_option_is_one_line_from_the_real_command(tmp_path):
 def test_short_sweep_of_splitwiser_colocated_and_sequential(tmp_path, leftovers):
     """Each system up once for both rates: every request completes, greedy tokens agree with
     splitwiser's and with the sequential baseline's (``generate()``), and the files are written.
-    The SLOs are generous: everything meets them."""
+    The SLOs are generous: everything meets them, and Splitwiser's phase control (given the
+    absolute TTFT and the TPOT multiple of its own single request) never steps."""
     proc = subprocess.run(
         [sys.executable, "-m", "splitwiser", "sweep", "--procs", "2", "--num-requests", "6",
-         "--baseline", "colocated,sequential",
+         "--baseline", "colocated,sequential", "--phase-control", "slo",
          "--input-len", "24", "--output-len", "6", "--rate", "4,16", "--num-warmup", "1",
          "--slo", "ttft_ms=60000,tpot_ms=100x", "--out", str(tmp_path), "--run-id", "s"],
         capture_output=True, text=True, timeout=300,
@@ -293,6 +294,13 @@ def test_short_sweep_of_splitwiser_colocated_and_sequential(tmp_path, leftovers)
     assert summary["goodput_ratio_to_colocated"] == {
         "splitwiser": 1.0, "colocated": 1.0, "sequential": 1.0
     }  # fmt: skip
+    own_tpot = systems["splitwiser"]["single_request"]["tpot_ms"]
+    for point in systems["splitwiser"]["points"]:
+        control = point["phase_control"]
+        assert (control["start_level"], control["level"], control["steps"]) == (0, 0, [])
+        assert control["ttft_slo_ms"] == 60000 and control["prefill_concurrency"] == 1
+        assert control["tpot_slo_ms"] == pytest.approx(100 * own_tpot)
+    assert not any("phase_control" in p for p in systems["colocated"]["points"])
     assert systems["colocated"]["phases"]["mixed_steps"] > 0
     assert systems["colocated"]["kv_bytes_per_token"] == systems["splitwiser"]["kv_bytes_per_token"]
     with open(run / "points.csv") as f:
@@ -305,7 +313,8 @@ def test_short_sweep_of_splitwiser_colocated_and_sequential(tmp_path, leftovers)
     with open(run / "requests.csv") as f:
         requests = list(csv.DictReader(f))
     assert len(requests) == 36 and all(int(r["num_output_tokens"]) == 6 for r in requests)
-    for png in ("attainment.png", "latency_vs_rate.png", "throughput_vs_rate.png"):
+    for png in ("attainment.png", "latency_vs_rate.png", "throughput_vs_rate.png",
+                "phase_control.png"):  # fmt: skip
         assert (run / png).read_bytes().startswith(PNG_MAGIC)
     assert set(summary["files"]) == {p.name for p in run.iterdir()}
     leftovers.assert_clean()

@@ -152,4 +152,37 @@ def write_sweep_plots(run_dir: Path, summary: dict) -> list[str]:
     _against_rate(ax, summary, "output_throughput")
     ax.set_ylabel("output tokens/s")
     _save(fig, run_dir / "throughput_vs_rate.png", "Output throughput against offered load")
-    return ["attainment.png", "latency_vs_rate.png", "throughput_vs_rate.png"]
+    files = ["attainment.png", "latency_vs_rate.png", "throughput_vs_rate.png"]
+    if any("phase_control" in p for s in summary["systems"].values() for p in s["points"]):
+        phase_control_plot(run_dir / "phase_control.png", summary)
+        files.append("phase_control.png")
+    return files
+
+
+def phase_control_plot(path: Path, summary: dict) -> None:
+    """Each SLO-controlled system's level over the sweep's points, laid end to end (0: the
+    prefill's largest share; higher: decode's), each point's rate at its start."""
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for name, system in summary["systems"].items():
+        t0, xs, ys = 0.0, [], []
+        for point in system["points"]:
+            control = point.get("phase_control")
+            if control is None:
+                continue
+            xs.append(t0)
+            ys.append(control["start_level"])
+            for step in control["steps"]:
+                xs.append(t0 + step["time_s"])
+                ys.append(step["level"])
+            ax.axvline(t0, color="gray", linewidth=0.5)
+            ax.annotate(f"{point['rate']:g}/s", (t0, 0), fontsize=8, color="gray")
+            t0 += point["duration"]
+        if xs:
+            xs.append(t0)
+            ys.append(ys[-1])
+            ax.step(xs, ys, where="post", label=name, color=plot_color(name))
+    ax.set_xlabel("seconds of measured load (the points end to end)")
+    ax.set_ylabel("level (0: prefill's largest share)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    _save(fig, path, "Phase control: its level over the sweep")

@@ -145,6 +145,7 @@ def run_points(job: SweepJob) -> SweepRun:
                 bar.set_postfix_str(f"{rate:g} req/s")
                 before = system.phase_counters()
                 start = start_measuring(system)
+                control = system.phase_control()
                 # NOTE: the replay's clock starts right after this: the log's times and the
                 # requests' differ by the microseconds between the two calls
                 since = time.monotonic()
@@ -158,7 +159,7 @@ def run_points(job: SweepJob) -> SweepRun:
                     phases = phase_summary({k: v - before[k] for k, v in now.items()})
                 points.append(PointRun(rate, records, duration_s, telemetry, log, phases,
                                        kv_cache_facts(system, start),
-                                       _control_during(system, since)))  # fmt: skip
+                                       _control_during(system, since, control)))  # fmt: skip
         records = [r for p in points for r in p.records]
         extra = system.facts(spec.config, records, first)
     return SweepRun(job.name, points, unloaded, extra, os.getpid(), device_info(device))
@@ -175,13 +176,15 @@ def _steer_by_slo(job: SweepJob, system: BenchSystem, unloaded: dict) -> None:
     system.set_phase_slo(slo["ttft_ms"], slo["tpot_ms"])
 
 
-def _control_during(system: BenchSystem, since: float) -> dict | None:
+def _control_during(system: BenchSystem, since: float, before: dict | None) -> dict | None:
+    """Phase control over one point: its level at the start and end, and its steps."""
     state = system.phase_control()
     if state is None or state["mode"] != "slo":
         return None
     steps = [{**d, "time_s": d["time_s"] - since} for d in state["decisions"]
              if d["time_s"] >= since]  # fmt: skip
-    return {"level": state["level"], "prefill_concurrency": state["prefill_concurrency"],
+    return {"start_level": before["level"], "level": state["level"],
+            "prefill_concurrency": state["prefill_concurrency"],
             "max_prefill_tokens": state["max_prefill_tokens"],
             "ttft_slo_ms": state["ttft_slo_ms"], "tpot_slo_ms": state["tpot_slo_ms"],
             "steps": steps}  # fmt: skip

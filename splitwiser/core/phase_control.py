@@ -106,7 +106,7 @@ class SloPhaseController:
         self.tpots.append(tpot_s)
 
     def _ratio(self, values: list[float], slo_s: float | None) -> float | None:
-        """The window's p90 over the SLO; None where nothing can be said."""
+        """The window's p90 over the SLO (0 without an SLO); None: too few observations."""
         if slo_s is None:
             return 0.0
         if len(values) < MIN_OBSERVATIONS:
@@ -118,9 +118,8 @@ class SloPhaseController:
             return None
         ttft_r = self._ratio(self.ttfts, self.ttft_slo_s)
         tpot_r = self._ratio(self.tpots, self.tpot_slo_s)
-        if ttft_r is None and tpot_r is None:
-            return None  # too few finished: the window goes on
-        ttft_r, tpot_r = ttft_r or 0.0, tpot_r or 0.0
+        if ttft_r is None or tpot_r is None:
+            return None  # too few of either to compare them: the window goes on
         self.window_start = now
         self.ttfts, self.tpots = [], []
         step = 0
