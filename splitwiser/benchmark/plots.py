@@ -8,7 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
 from splitwiser.systems import SEQUENTIAL, plot_color  # noqa: E402
 
@@ -183,6 +183,7 @@ def phase_control_plot(path: Path, summary: dict) -> None:
             ax.step(xs, ys, where="post", label=name, color=plot_color(name))
     ax.set_xlabel("seconds of measured load (the points end to end)")
     ax.set_ylabel("level (0: prefill's largest share)")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.legend()
     _save(fig, path, "Phase control: its level over the sweep")
