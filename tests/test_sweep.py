@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -318,3 +319,25 @@ def test_short_sweep_of_splitwiser_colocated_and_sequential(tmp_path, leftovers)
         assert (run / png).read_bytes().startswith(PNG_MAGIC)
     assert set(summary["files"]) == {p.name for p in run.iterdir()}
     leftovers.assert_clean()
+
+
+def test_rejudging_a_committed_sweep_at_its_own_slos_gives_its_goodput():
+    """``bench/rejudge_slo.py`` on a committed run, at the SLOs the run resolved: the same
+    attainment per point and goodput per system as the run's ``sweep.json``."""
+    run = Path(__file__).parent.parent / "results" / "20261208-azure-conv-cpu"
+    summary = json.loads((run / "sweep.json").read_text())
+    slo = ",".join(f"{k}={v!r}" for k, v in summary["slo"].items())
+    proc = subprocess.run(
+        [sys.executable, "bench/rejudge_slo.py", str(run / "requests.csv"), "--slo", slo],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()}
+    assert set(lines) == set(summary["systems"])
+    for name, system in summary["systems"].items():
+        goodput = system["goodput_rps"]
+        assert f"goodput {'-' if goodput is None else f'{goodput:.2f}'}" in " ".join(
+            lines[name].split()
+        ), name
+        for point in system["points"]:
+            assert f"{point['rate']:g}:{100 * point['slo_attainment']:.0f}%" in lines[name]
