@@ -14,32 +14,29 @@ import argparse
 import csv
 import sys
 from collections import defaultdict
+from types import SimpleNamespace
 
-from splitwiser.benchmark.goodput import ATTAINMENT_TARGET, goodput_rps
+from splitwiser.benchmark.goodput import ATTAINMENT_TARGET, goodput_rps, slo_attainment
 from splitwiser.benchmark.metrics import parse_slo
 
-COLUMNS = {"ttft_ms": "ttft_ms", "tpot_ms": "tpot_ms", "e2el_ms": "e2el_ms"}
 
-
-def meets(row: dict, slo: dict[str, float]) -> bool:
-    if row["error"]:
-        return False
-    for key, limit in slo.items():
-        value = row[COLUMNS[key]]
-        if value != "" and float(value) > limit:  # no TPOT: a single token, nothing to miss
-            return False
-    return True
+def _record(row: dict) -> SimpleNamespace:
+    """What the sweep's ``slo_attainment`` reads of a request, from its ``requests.csv`` row."""
+    seconds = {k: None if row[f"{k}_ms"] == "" else float(row[f"{k}_ms"]) / 1e3
+               for k in ("ttft", "tpot", "e2el")}  # fmt: skip
+    return SimpleNamespace(ok=not row["error"], ttft_s=seconds["ttft"], tpot_s=seconds["tpot"],
+                           e2el_s=seconds["e2el"])  # fmt: skip
 
 
 def rejudge(rows: list[dict], slo: dict[str, float]) -> dict[str, dict]:
     """Per system: ``{"attainment": {rate: share}, **goodput_rps(...)}``, in the file's order."""
-    met: dict[str, dict[float, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    records: dict[str, dict[float, list]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        met[row["system"]][float(row["rate"])].append(meets(row, slo))
+        records[row["system"]][float(row["rate"])].append(_record(row))
     out = {}
-    for system, by_rate in met.items():
+    for system, by_rate in records.items():
         rates = sorted(by_rate)
-        shares = [sum(by_rate[r]) / len(by_rate[r]) for r in rates]
+        shares = [slo_attainment(by_rate[r], slo) for r in rates]
         out[system] = {"attainment": dict(zip(rates, shares)),
                        **goodput_rps(rates, shares, ATTAINMENT_TARGET)}  # fmt: skip
     return out

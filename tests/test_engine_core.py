@@ -97,6 +97,15 @@ def run_to_decode(core, req, first=100):
     return key, handoff
 
 
+def hand_off_new(core, n: int) -> tuple[list, list]:
+    """Submit ``n`` requests, prefill them in one batch on prompt worker 0, offer both token
+    workers: -> (the requests, the token worker each handoff went to, in order)."""
+    reqs = [submit(core) for _ in range(n)]
+    ((_, prefill),) = of_type(core.schedule({"prompt": [0]}), m.PrefillMsg)
+    prefill_done(core, P0, prefill, [100] * n)
+    return reqs, [k for k, _ in of_type(core.schedule({"token": [0, 1]}), m.HandoffMsg)]
+
+
 def test_no_process_can_start():
     with pytest.raises(AssertionError, match="tried to start a process"):
         multiprocessing.get_context("spawn").Process(target=print).start()
@@ -150,11 +159,8 @@ def test_eos_ends_a_request_unless_ignore_eos(make_core, tokenizer):
 
 def test_token_workers_share_load_by_live_requests_with_no_fill(make_core):
     core = make_core(decode_fill_seqs=0)
-    reqs = [submit(core) for _ in range(3)]
-    ((_, prefill),) = of_type(core.schedule({"prompt": [0]}), m.PrefillMsg)
-    prefill_done(core, P0, prefill, [100] * 3)
-    handoffs = of_type(core.schedule({"token": [0, 1]}), m.HandoffMsg)
-    assert sorted(k for k, _ in handoffs) == [T0, T0, T1]
+    reqs, workers = hand_off_new(core, 3)
+    assert sorted(workers) == [T0, T0, T1]
     assert core.loads("token") == {0: 2, 1: 1}
     # one of worker 0's requests ends: the next one goes to either, both now own one
     done = next(r for r in reqs if r.owner == T0)
@@ -164,20 +170,14 @@ def test_token_workers_share_load_by_live_requests_with_no_fill(make_core):
 
 def test_token_workers_fill_one_batch_before_the_next_gets_any(make_core):
     core = make_core(decode_fill_seqs=2)
-    reqs = [submit(core) for _ in range(5)]
-    ((_, prefill),) = of_type(core.schedule({"prompt": [0]}), m.PrefillMsg)
-    prefill_done(core, P0, prefill, [100] * 5)
-    handoffs = of_type(core.schedule({"token": [0, 1]}), m.HandoffMsg)
+    reqs, workers = hand_off_new(core, 5)
     # worker 0 to 2, worker 1 to 2, then the least loaded (the lower index among equals)
-    assert [k for k, _ in handoffs] == [T0, T0, T1, T1, T0]
+    assert workers == [T0, T0, T1, T1, T0]
     # one of worker 1's requests ends: worker 1, at 1, is the one under the fill
     r = next(r for r in reqs if r.owner == T1)
     tokens(core, T1, [(r.request_id, 101)], finished=[True])
-    late = submit(core)
-    ((_, prefill),) = of_type(core.schedule({"prompt": [0]}), m.PrefillMsg)
-    prefill_done(core, P0, prefill, [100])
-    ((key, _),) = of_type(core.schedule({"token": [0, 1]}), m.HandoffMsg)
-    assert key == T1 and late.owner == T1
+    (late,), workers = hand_off_new(core, 1)
+    assert workers == [T1] and late.owner == T1
 
 
 @pytest.mark.parametrize(

@@ -168,6 +168,8 @@ def run_points(job: SweepJob) -> SweepRun:
 def _steer_by_slo(job: SweepJob, system: BenchSystem, unloaded: dict) -> None:
     """Phase control's SLOs: those given in ms (already in the engine's config) and the
     multiples of this system's single request."""
+    if not job.slo_multiples:
+        return
     engine = job.system.config.engine
     slo = {"ttft_ms": engine.ttft_slo_ms, "tpot_ms": engine.tpot_slo_ms}
     for key, factor in job.slo_multiples.items():
@@ -183,11 +185,8 @@ def _control_during(system: BenchSystem, since: float, before: dict | None) -> d
         return None
     steps = [{**d, "time_s": d["time_s"] - since} for d in state["decisions"]
              if d["time_s"] >= since]  # fmt: skip
-    return {"start_level": before["level"], "level": state["level"],
-            "prefill_concurrency": state["prefill_concurrency"],
-            "max_prefill_tokens": state["max_prefill_tokens"],
-            "ttft_slo_ms": state["ttft_slo_ms"], "tpot_slo_ms": state["tpot_slo_ms"],
-            "steps": steps}  # fmt: skip
+    kept = ("level", "prefill_concurrency", "max_prefill_tokens", "ttft_slo_ms", "tpot_slo_ms")
+    return {"start_level": before["level"], **{k: state[k] for k in kept}, "steps": steps}
 
 
 def _schedules(config: SweepConfig, workload: Workload) -> tuple:

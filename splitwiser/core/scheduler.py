@@ -195,8 +195,8 @@ class Scheduler:
                    if prompt_worker_loads[w] < self.max_batches_per_prompt_worker]  # fmt: skip
         if self.prefill_concurrency is not None:
             busy = sum(n > 0 for n in prompt_worker_loads.values())
-            idle = [w for w in workers if prompt_worker_loads[w] == 0]
-            allowed = set(idle[: max(0, self.prefill_concurrency - busy)])
+            idle_workers = [w for w in workers if prompt_worker_loads[w] == 0]
+            allowed = set(idle_workers[: max(0, self.prefill_concurrency - busy)])
             workers = [w for w in workers if prompt_worker_loads[w] > 0 or w in allowed]
         # NOTE: what waits is dealt out among the idle workers, not one batch filled to the
         # budget while another worker has nothing (a few prompts after a shared prefix)
